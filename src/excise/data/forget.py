@@ -1,0 +1,215 @@
+"""What to forget: ForgetSpec → index splits (forget / retain / validation / test), with a split file.
+
+Indices are positions in the training dataset (and, for the test splits, in the test dataset). The
+validation split is held out of training: the model is trained on D = train \\ val, and the forget set
+is a subset of D.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from ..types import atomic_write_bytes
+
+KINDS = ("class", "subclass", "random", "indices")
+
+
+@dataclasses.dataclass(frozen=True)
+class ForgetSpec:
+    """A forgetting request on a dataset.
+
+    kind: ``class`` (every training sample of one or more classes), ``subclass`` (one fine class while
+    the model predicts coarse labels), ``random`` (a seeded fraction of D), ``indices`` (explicit positions
+    in the training dataset). ``classes`` are names or integer ids. ``val_fraction`` of the training data
+    is held out (seeded) as the validation split.
+    """
+
+    kind: str
+    classes: Tuple[Any, ...] = ()
+    fraction: float = 0.0
+    indices: Tuple[int, ...] = ()
+    seed: int = 0
+    val_fraction: float = 0.1
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"unknown forget kind {self.kind!r}; expected one of {KINDS}")
+        if self.kind in ("class", "subclass") and not self.classes:
+            raise ValueError(f"a {self.kind} forget spec needs at least one class")
+        if self.kind == "random" and not (0.0 < float(self.fraction) < 1.0):
+            raise ValueError(f"random forgetting needs 0 < fraction < 1, got {self.fraction}")
+        if self.kind == "indices":
+            if len(self.indices) == 0:
+                raise ValueError("empty forget set: explicit indices list is empty")
+            if len(set(self.indices)) != len(self.indices):
+                dup = sorted({i for i in self.indices if self.indices.count(i) > 1})[:10]
+                raise ValueError(f"duplicate forget indices: {dup}")
+        if not (0.0 <= float(self.val_fraction) < 1.0):
+            raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+
+    @classmethod
+    def parse(cls, text: str, seed: int = 0, val_fraction: float = 0.1) -> "ForgetSpec":
+        """``class:9``, ``class:Ankle boot``, ``subclass:Shirt``, ``random:0.1``, ``indices:3,17,42``."""
+        if ":" not in text:
+            raise ValueError(f"forget spec {text!r} should look like KIND:VALUE, e.g. class:9 or random:0.1")
+        kind, value = text.split(":", 1)
+        kind = kind.strip()
+        if kind in ("class", "subclass"):
+            classes = tuple(int(v) if v.strip().lstrip("-").isdigit() else v.strip() for v in value.split(","))
+            return cls(kind, classes=classes, seed=seed, val_fraction=val_fraction)
+        if kind == "random":
+            try:
+                frac = float(value)
+            except ValueError:
+                raise ValueError(f"random:{value} — the fraction must be a number") from None
+            return cls("random", fraction=frac, seed=seed, val_fraction=val_fraction)
+        if kind == "indices":
+            try:
+                idx = tuple(int(v) for v in value.split(",") if v.strip())
+            except ValueError:
+                raise ValueError(f"indices:{value} — expected comma-separated integers") from None
+            return cls("indices", indices=idx, seed=seed, val_fraction=val_fraction)
+        raise ValueError(f"unknown forget kind {kind!r}; expected one of {KINDS}")
+
+    def to_dict(self) -> Dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["classes"], d["indices"] = list(self.classes), list(self.indices)
+        return d
+
+    def label(self) -> str:
+        if self.kind in ("class", "subclass"):
+            return f"{self.kind}:{','.join(map(str, self.classes))}"
+        if self.kind == "random":
+            return f"random:{self.fraction:g}"
+        return f"indices:{len(self.indices)}"
+
+
+def _class_ids(names: Sequence[Any], classes: Sequence[str]) -> List[int]:
+    ids = []
+    for c in names:
+        if isinstance(c, int):
+            if not 0 <= c < len(classes):
+                raise ValueError(f"unknown class id {c}: the dataset has classes 0..{len(classes) - 1}")
+            ids.append(c)
+        elif c in classes:
+            ids.append(classes.index(c))
+        else:
+            raise ValueError(f"unknown class {c!r}; known: {list(classes)}")
+    return ids
+
+
+@dataclasses.dataclass
+class Splits:
+    """Index splits for one forgetting request, with a content hash."""
+
+    spec: Dict[str, Any]
+    train_fingerprint: str
+    test_fingerprint: Optional[str]
+    train: List[int]  # D: what the original model is trained on (forget included)
+    forget: List[int]
+    retain: List[int]
+    val: List[int]
+    test: List[int]
+    test_forget: Optional[List[int]] = None  # test samples of the forgotten (sub)class, if any
+    test_retain: Optional[List[int]] = None
+    hash: str = ""
+
+    def __post_init__(self):
+        if not self.hash:
+            self.hash = self.content_hash()
+
+    def content_hash(self) -> str:
+        body = {k: v for k, v in dataclasses.asdict(self).items() if k != "hash"}
+        return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+    def save(self, path: str | os.PathLike) -> None:
+        atomic_write_bytes(path, json.dumps(dataclasses.asdict(self), indent=1).encode())
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Splits":
+        with open(path) as f:
+            d = json.load(f)
+        stored = d.pop("hash", "")
+        s = cls(**d, hash="")
+        if stored and stored != s.hash:
+            raise ValueError(f"split file {path} is corrupt or edited: stored hash {stored[:12]} != content {s.hash[:12]}")
+        return s
+
+    def check_dataset(self, train, test=None) -> None:
+        """Raise if the datasets are not the ones these splits were made for."""
+        if train.fingerprint() != self.train_fingerprint:
+            raise ValueError("these splits were made for a different training dataset (fingerprint mismatch)")
+        if test is not None and self.test_fingerprint is not None and test.fingerprint() != self.test_fingerprint:
+            raise ValueError("these splits were made for a different test dataset (fingerprint mismatch)")
+
+    def sizes(self) -> Dict[str, int]:
+        return {k: len(getattr(self, k)) for k in ("train", "forget", "retain", "val", "test")}
+
+
+def make_splits(spec: ForgetSpec, train, test=None) -> Splits:
+    """Turn a spec into index splits over ``train`` (and ``test``), both ArrayDatasets."""
+    n = len(train)
+    g = torch.Generator().manual_seed(spec.seed)
+    explicit = set()
+    if spec.kind == "indices":
+        bad = [i for i in spec.indices if not 0 <= i < n]
+        if bad:
+            raise ValueError(f"forget indices out of range [0, {n}): {bad[:10]}")
+        explicit = set(spec.indices)
+    # validation held out of training, drawn from samples not explicitly named for forgetting
+    candidates = torch.tensor([i for i in range(n) if i not in explicit]) if explicit else torch.arange(n)
+    n_val = int(round(spec.val_fraction * n))
+    perm = candidates[torch.randperm(len(candidates), generator=g)]
+    val = perm[:n_val].sort().values
+    in_val = torch.zeros(n, dtype=torch.bool)
+    in_val[val] = True
+    d_idx = (~in_val).nonzero().flatten()
+
+    test_forget = test_retain = None
+    if spec.kind == "class":
+        ids = _class_ids(spec.classes, train.classes)
+        sel = torch.isin(train.targets[d_idx], torch.tensor(ids))
+        forget = d_idx[sel]
+        if test is not None:
+            tsel = torch.isin(test.targets, torch.tensor(ids))
+            test_forget, test_retain = tsel.nonzero().flatten().tolist(), (~tsel).nonzero().flatten().tolist()
+    elif spec.kind == "subclass":
+        if train.fine_classes == train.classes:
+            raise ValueError("sub-class forgetting needs a dataset with coarse labels (e.g. fashion-mnist-coarse)")
+        ids = _class_ids(spec.classes, train.fine_classes)
+        for i in ids:
+            coarse = train.targets[train.fine_targets == i].unique()
+            others = train.fine_targets[torch.isin(train.targets, coarse) & (train.fine_targets != i)]
+            if len(others) == 0:
+                raise ValueError(f"class {train.fine_classes[i]!r} is alone in its coarse class: that is full-class forgetting")
+        sel = torch.isin(train.fine_targets[d_idx], torch.tensor(ids))
+        forget = d_idx[sel]
+        if test is not None:
+            tsel = torch.isin(test.fine_targets, torch.tensor(ids))
+            test_forget, test_retain = tsel.nonzero().flatten().tolist(), (~tsel).nonzero().flatten().tolist()
+    elif spec.kind == "random":
+        k = int(round(spec.fraction * len(d_idx)))
+        forget = d_idx[torch.randperm(len(d_idx), generator=g)[:k]].sort().values
+    else:
+        forget = torch.tensor(sorted(spec.indices))
+    if len(forget) == 0:
+        raise ValueError(f"empty forget set: {spec.label()} selects no training sample")
+    if len(forget) >= len(d_idx):
+        raise ValueError(f"the forget set ({spec.label()}) covers the whole training set: nothing would remain")
+    in_forget = torch.zeros(n, dtype=torch.bool)
+    in_forget[forget] = True
+    retain = d_idx[~in_forget[d_idx]]
+    return Splits(
+        spec=spec.to_dict(),
+        train_fingerprint=train.fingerprint(),
+        test_fingerprint=test.fingerprint() if test is not None else None,
+        train=d_idx.tolist(), forget=forget.tolist(), retain=retain.tolist(), val=val.tolist(),
+        test=list(range(len(test))) if test is not None else [],
+        test_forget=test_forget, test_retain=test_retain,
+    )

@@ -1,0 +1,34 @@
+"""Accuracy metrics (pure functions: evaluation never trains and never subsamples)."""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import nn
+
+from ..importance._common import eval_mode
+from ..tasks import ClassificationTask, Task, model_device
+
+
+@torch.no_grad()
+def predict(model: nn.Module, loader, task: Optional[Task] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Softmax probabilities and labels for every sample of ``loader`` (eval mode, no grad)."""
+    task = task or ClassificationTask()
+    device = model_device(model)
+    probs, labels = [], []
+    with eval_mode(model):
+        for batch in loader:
+            batch = task.to(batch, device)
+            probs.append(torch.softmax(task.output(model, batch).float(), dim=-1).cpu())
+            labels.append(task.targets(batch).cpu())
+    if not probs:
+        raise ValueError("the loader yielded no batch")
+    return torch.cat(probs), torch.cat(labels)
+
+
+def accuracy(model: nn.Module, loader, task: Optional[Task] = None) -> float:
+    """Top-1 accuracy in percent over every sample of ``loader``. Higher is better; ideal for the
+    forget set is the retrain oracle's value, not 0."""
+    probs, labels = predict(model, loader, task)
+    return 100.0 * float((probs.argmax(-1) == labels).float().mean())

@@ -1,0 +1,73 @@
+"""Shared mechanics of importance passes: which parameters, eval mode, one pass over a loader."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+from ..tasks import Task, model_device
+from ..types import Counters, Scores
+
+
+def trainable(model: nn.Module) -> List[Tuple[str, nn.Parameter]]:
+    """Parameters that require grad, with their names (BatchNorm affine and biases included)."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not named:
+        raise ValueError("the model has no parameter that requires grad: nothing to score")
+    return named
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Put the model in eval mode for the block and restore each module's own mode afterwards."""
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, was in modes.items():
+            m.training = was
+
+
+def progress(iterable, enabled: bool, desc: str):
+    if not enabled:
+        return iterable
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, desc=desc, unit="batch", leave=False)
+
+
+def accumulate_grads(model: nn.Module, loader, task: Task, batch_loss: Callable, reduce: Callable,
+                     counters: Optional[Counters], show: bool, desc: str) -> Scores:
+    """Σ over batches of ``reduce(grad)`` for ``grad = ∇θ batch_loss(model, batch)``, divided by #batches.
+
+    Gradients come from ``torch.autograd.grad``, so the model's ``.grad`` fields are left alone.
+    """
+    named = trainable(model)
+    params = [p for _, p in named]
+    acc = [torch.zeros_like(p, dtype=torch.float32) for p in params]
+    device = model_device(model)
+    n_batches = 0
+    with eval_mode(model):
+        for batch in progress(loader, show, desc):
+            batch = task.to(batch, device)
+            loss = batch_loss(model, batch)
+            grads = torch.autograd.grad(loss, params, allow_unused=True)
+            for a, g in zip(acc, grads):
+                if g is not None:
+                    a.add_(reduce(g.float()))
+            n_batches += 1
+            if counters is not None:
+                counters.forward_passes += 1
+                counters.backward_passes += 1
+                counters.samples_seen += task.batch_size(batch)
+    if n_batches == 0:
+        raise ValueError(f"{desc}: the loader yielded no batch")
+    return Scores({n: a.div_(n_batches) for (n, _), a in zip(named, acc)})
+
+
+def as_dict(scores: Dict[str, torch.Tensor]) -> Scores:
+    return scores if isinstance(scores, Scores) else Scores(scores)

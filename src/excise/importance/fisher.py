@@ -1,0 +1,76 @@
+"""Diagonal Fisher importance (SSD) and its label-free variant (LFSSD)."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ..tasks import Task, get_task, model_device
+from ..types import Counters, Scores
+from ._common import accumulate_grads, eval_mode, progress, trainable
+
+
+def fisher(model: nn.Module, loader, task: Optional[Task] = None, mode: str = "batch",
+           counters: Optional[Counters] = None, progress_bar: bool = False, chunk_size: int = 64) -> Scores:
+    """Diagonal Fisher importance of every parameter that requires grad, in eval mode.
+
+    ``mode="batch"`` (the SSD paper's estimator): I = (1/#batches) Σ_b (∇θ L_b)², L_b the batch-mean loss.
+    It depends on the batch size. ``mode="per_sample"``: the exact empirical Fisher diagonal,
+    (1/N) Σ_i (∇θ ℓ_i)², from per-sample gradients (torch.func), independent of the batching.
+    """
+    task = get_task(task)
+    if mode == "batch":
+        return accumulate_grads(model, loader, task, lambda m, b: task.loss(m, b), lambda g: g.pow(2),
+                                counters, progress_bar, "fisher (batch)")
+    if mode == "per_sample":
+        return _per_sample_fisher(model, loader, task, counters, progress_bar, chunk_size)
+    raise ValueError(f"unknown Fisher mode {mode!r}; expected 'batch' or 'per_sample'")
+
+
+def _per_sample_fisher(model, loader, task, counters, show, chunk_size) -> Scores:
+    from torch.func import functional_call, grad, vmap
+
+    named = trainable(model)
+    names = [n for n, _ in named]
+    params = {n: p.detach() for n, p in named}
+    frozen = {n: p.detach() for n, p in model.named_parameters() if not p.requires_grad}
+    buffers = {n: b.detach() for n, b in model.named_buffers()}
+    device = model_device(model)
+
+    def sample_loss(p, x, y):
+        out = functional_call(model, {**p, **frozen, **buffers}, (x.unsqueeze(0),))
+        return task.loss_from_output(out, y.unsqueeze(0))
+
+    per_sample_grad = vmap(grad(sample_loss), in_dims=(None, 0, 0))
+    acc = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
+    total = 0
+    with eval_mode(model):
+        for batch in progress(loader, show, "fisher (per-sample)"):
+            batch = task.to(batch, device)
+            x, y = task.inputs(batch), task.targets(batch)
+            for s in range(0, len(x), chunk_size):
+                g = per_sample_grad(params, x[s:s + chunk_size], y[s:s + chunk_size])
+                for n in names:
+                    acc[n].add_(g[n].float().pow(2).sum(0))
+            total += len(x)
+            if counters is not None:
+                counters.forward_passes += 1
+                counters.backward_passes += 1
+                counters.samples_seen += len(x)
+    if total == 0:
+        raise ValueError("fisher (per-sample): the loader yielded no sample")
+    return Scores({n: a.div_(total) for n, a in acc.items()})
+
+
+def label_free(model: nn.Module, loader, task: Optional[Task] = None, counters: Optional[Counters] = None,
+               progress_bar: bool = False) -> Scores:
+    """LFSSD importance: loss = batch mean of ‖f(x)‖₂², accumulate |∇θ| over batches (no labels used)."""
+    task = get_task(task)
+
+    def output_energy(m, b):
+        out = task.output(m, b)
+        return out.float().pow(2).flatten(1).sum(1).mean()
+
+    return accumulate_grads(model, loader, task, output_energy, torch.abs, counters, progress_bar, "label-free")

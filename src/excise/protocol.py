@@ -1,0 +1,108 @@
+"""A forgetting setup end to end: data → splits → loaders → original model and retrain oracle (cached).
+
+Used by ``excise demo``, ``excise unlearn`` and the benchmarks; everything is keyed by content so that
+runs are repeatable and a second run loads instead of training.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from typing import Any, Dict, Optional
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from .data import ForgetSpec, Splits, load_dataset, make_splits
+from .models import build_model
+from .training import CheckpointCache, TrainRecipe, seeded_loader, train
+from .types import UnlearningRequest
+
+EVAL_BATCH = 512
+
+
+@dataclasses.dataclass
+class Setup:
+    """Dataset, architecture, training recipe, forgetting spec and seed."""
+
+    dataset: str = "fashion-mnist"
+    arch: str = "smallcnn"
+    arch_kwargs: Dict[str, Any] = dataclasses.field(default_factory=dict)
+    recipe: TrainRecipe = dataclasses.field(default_factory=TrainRecipe)
+    forget: ForgetSpec = dataclasses.field(default_factory=lambda: ForgetSpec("class", classes=(9,)))
+    seed: int = 0
+    data_root: Optional[str] = None
+    importance_batch: int = 256  # batch size of the importance passes (batch-mode Fisher depends on it)
+
+
+@dataclasses.dataclass
+class Prepared:
+    setup: Setup
+    train_ds: Any
+    test_ds: Any
+    splits: Splits
+    loaders: Dict[str, DataLoader]
+    original: nn.Module
+    oracle: Optional[nn.Module]
+    original_meta: Dict[str, Any]
+    oracle_meta: Optional[Dict[str, Any]]
+    cache_hits: Dict[str, bool]
+
+    def request(self) -> UnlearningRequest:
+        """The unlearning request: forget, retain and the full training set D, batched for importance passes."""
+        ds, b = self.train_ds, self.setup.importance_batch
+        return UnlearningRequest(
+            forget=seeded_loader(ds, self.splits.forget, b),
+            retain=seeded_loader(ds, self.splits.retain, b),
+            train=seeded_loader(ds, self.splits.train, b),
+        )
+
+    def build(self) -> nn.Module:
+        return build_model(self.setup.arch, self.train_ds.input_shape, self.train_ds.num_classes,
+                           **self.setup.arch_kwargs)
+
+
+def _digest(indices) -> str:
+    return hashlib.sha256(json.dumps(list(indices)).encode()).hexdigest()[:16]
+
+
+def prepare(setup: Setup, cache: Optional[CheckpointCache] = None, with_oracle: bool = True,
+            progress: bool = True, device: Optional[torch.device] = None) -> Prepared:
+    cache = cache or CheckpointCache()
+    device = device or torch.device("cpu")
+    train_ds = load_dataset(setup.dataset, "train", setup.data_root)
+    test_ds = load_dataset(setup.dataset, "test", setup.data_root)
+    splits = make_splits(setup.forget, train_ds, test_ds)
+    loaders = {
+        "forget": seeded_loader(train_ds, splits.forget, EVAL_BATCH),
+        "retain": seeded_loader(train_ds, splits.retain, EVAL_BATCH),
+        "val": seeded_loader(train_ds, splits.val, EVAL_BATCH),
+        "test": seeded_loader(test_ds, splits.test, EVAL_BATCH),
+    }
+    if splits.test_forget:
+        loaders["test_forget"] = seeded_loader(test_ds, splits.test_forget, EVAL_BATCH)
+
+    def build():
+        torch.manual_seed(setup.seed)
+        return build_model(setup.arch, train_ds.input_shape, train_ds.num_classes, **setup.arch_kwargs).to(device)
+
+    def key(role: str, indices) -> Dict[str, Any]:
+        return {"role": role, "data": train_ds.fingerprint(), "indices": _digest(indices), "arch": setup.arch,
+                "arch_kwargs": setup.arch_kwargs, "recipe": setup.recipe.to_dict(), "seed": setup.seed}
+
+    def fitter(indices, desc):
+        def fit(model):
+            loader = seeded_loader(train_ds, indices, setup.recipe.batch_size, shuffle=True, seed=setup.seed)
+            return train(model, loader, setup.recipe, seed=setup.seed, progress=progress, desc=desc)
+        return fit
+
+    original, ometa, ohit = cache.get_or_train(key("original", splits.train), build, fitter(splits.train, "original"))
+    oracle = rmeta = None
+    rhit = False
+    if with_oracle:
+        oracle, rmeta, rhit = cache.get_or_train(key("retrain", splits.retain), build,
+                                                 fitter(splits.retain, "retrain oracle"))
+    return Prepared(setup, train_ds, test_ds, splits, loaders, original, oracle, ometa, rmeta,
+                    {"original": ohit, "oracle": rhit})

@@ -1,0 +1,168 @@
+"""Seeded SGD training recipes and a content-addressed checkpoint cache.
+
+The original model and the retrain oracle come from the same recipe; the oracle simply sees the
+retain set only. A trained model is stored under a key derived from recipe + architecture + data
+fingerprint + split hash + seed + role, in safetensors, so later runs load instead of training.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, Optional, Sequence
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Subset
+
+from .tasks import ClassificationTask, Task, model_device
+from .types import atomic_write_bytes, load_tensors, save_tensors
+
+CACHE_ENV = "EXCISE_CACHE"
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "excise")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainRecipe:
+    """Plain SGD with momentum, weight decay and an optional cosine schedule."""
+
+    epochs: int = 3
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    batch_size: int = 128
+    schedule: str = "cosine"  # or "constant"
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def seeded_loader(dataset, indices: Optional[Sequence[int]], batch_size: int, shuffle: bool = False,
+                  seed: int = 0, drop_last: bool = False) -> DataLoader:
+    """A DataLoader over ``dataset[indices]`` whose shuffling is fixed by ``seed``."""
+    ds = dataset if indices is None else Subset(dataset, list(indices))
+    g = torch.Generator().manual_seed(seed) if shuffle else None
+    return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, generator=g, drop_last=drop_last)
+
+
+def _progress(iterable, enabled: bool, **kw):
+    if not enabled:
+        return iterable
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, **kw)
+
+
+def train(model: nn.Module, loader: DataLoader, recipe: TrainRecipe, task: Optional[Task] = None,
+          seed: int = 0, progress: bool = True, desc: str = "train") -> nn.Module:
+    """Train ``model`` in place with ``recipe`` and return it. Deterministic for a given seed on CPU."""
+    task = task or ClassificationTask()
+    torch.manual_seed(seed)
+    device = model_device(model)
+    opt = torch.optim.SGD(model.parameters(), lr=recipe.lr, momentum=recipe.momentum,
+                          weight_decay=recipe.weight_decay)
+    steps = recipe.epochs * len(loader)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(steps, 1)) if recipe.schedule == "cosine" else None
+    model.train()
+    bar = _progress(range(recipe.epochs), progress, desc=desc, unit="epoch", leave=False)
+    for _ in bar:
+        total, n = 0.0, 0
+        for batch in loader:
+            batch = task.to(batch, device)
+            loss = task.loss(model, batch)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if sched is not None:
+                sched.step()
+            total += float(loss) * task.batch_size(batch)
+            n += task.batch_size(batch)
+        if progress and hasattr(bar, "set_postfix"):
+            bar.set_postfix(loss=f"{total / max(n, 1):.3f}")
+    model.eval()
+    return model
+
+
+def state_hash(model: nn.Module) -> str:
+    """SHA-256 of a model's parameters and buffers (names, shapes, dtypes, values)."""
+    h = hashlib.sha256()
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        h.update(name.encode())
+        h.update(str((tuple(t.shape), str(t.dtype))).encode())
+        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def cache_key(**parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+class CheckpointCache:
+    """Trained models on disk, addressed by the hash of what produced them."""
+
+    def __init__(self, root: Optional[str | os.PathLike] = None):
+        self.root = Path(root) if root is not None else default_cache_dir()
+        self.hits = 0
+        self.misses = 0
+
+    def path(self, key: str) -> Path:
+        return self.root / "models" / f"{key}.safetensors"
+
+    def load_into(self, model: nn.Module, key: str) -> Optional[Dict[str, Any]]:
+        """Load a cached state into ``model``; returns the stored metadata or None on a miss."""
+        p = self.path(key)
+        if not p.exists():
+            return None
+        load_state(model, p)
+        meta_path = p.with_suffix(".json")
+        return json.loads(meta_path.read_text()) if meta_path.exists() else {}
+
+    def store(self, model: nn.Module, key: str, meta: Dict[str, Any]) -> None:
+        p = self.path(key)
+        save_state(model, p)
+        atomic_write_bytes(p.with_suffix(".json"), json.dumps(meta, indent=1, default=str).encode())
+
+    def get_or_train(self, key_parts: Dict[str, Any], build: Callable[[], nn.Module],
+                     fit: Callable[[nn.Module], nn.Module]) -> tuple:
+        """Return ``(model, meta, hit)``: a cached model for these key parts, or a freshly trained one."""
+        key = cache_key(**key_parts)
+        model = build()
+        meta = self.load_into(model, key)
+        if meta is not None:
+            self.hits += 1
+            model.eval()
+            return model, meta, True
+        self.misses += 1
+        t0 = time.perf_counter()
+        fit(model)
+        meta = {"key_parts": key_parts, "train_seconds": time.perf_counter() - t0}
+        self.store(model, key, meta)
+        return model, meta, False
+
+
+def save_state(model: nn.Module, path: str | os.PathLike) -> None:
+    """Save parameters and buffers with safetensors (atomic)."""
+    save_tensors(model.state_dict(), path)
+
+
+def load_state(model: nn.Module, path: str | os.PathLike, strict: bool = True) -> nn.Module:
+    """Load a safetensors file or a plain state dict (``torch.load(weights_only=True)``) into ``model``."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        state = load_tensors(path)
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+            state = state["state_dict"]
+        if not isinstance(state, dict):
+            raise ValueError(f"{path} does not hold a state dict (got {type(state).__name__})")
+    device = model_device(model)
+    model.load_state_dict({k: v.to(device) for k, v in state.items()}, strict=strict)
+    return model
