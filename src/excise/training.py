@@ -82,7 +82,7 @@ def train(model: nn.Module, loader: DataLoader, recipe: TrainRecipe, task: Optio
             opt.step()
             if sched is not None:
                 sched.step()
-            total += float(loss) * task.batch_size(batch)
+            total += float(loss.detach()) * task.batch_size(batch)
             n += task.batch_size(batch)
         if progress and hasattr(bar, "set_postfix"):
             bar.set_postfix(loss=f"{total / max(n, 1):.3f}")

@@ -114,9 +114,10 @@ _DEFAULT: Optional[ImportanceCache] = None
 
 
 def default_cache() -> ImportanceCache:
-    """The process-wide cache (memory, plus disk under $EXCISE_CACHE when that is set)."""
+    """The process-wide cache: memory, plus disk under the cache folder ($EXCISE_CACHE or ~/.cache/excise)."""
     global _DEFAULT
-    if _DEFAULT is None:
-        root = os.environ.get("EXCISE_CACHE")
-        _DEFAULT = ImportanceCache(root=root)
+    from ..training import default_cache_dir
+
+    if _DEFAULT is None or _DEFAULT.root != default_cache_dir():
+        _DEFAULT = ImportanceCache(root=default_cache_dir())
     return _DEFAULT

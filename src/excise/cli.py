@@ -1,0 +1,206 @@
+"""The ``excise`` command: a thin layer over the Python API."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+DEMO_METHODS = ("ssd", "lfssd", "assd")
+
+
+def _parse_hparams(items: Optional[List[str]]) -> Dict[str, Any]:
+    out: Dict[str, Any] = {}
+    for item in items or []:
+        if "=" not in item:
+            raise SystemExit(f"error: --hp takes NAME=VALUE, got {item!r}")
+        k, v = item.split("=", 1)
+        try:
+            out[k] = json.loads(v)
+        except json.JSONDecodeError:
+            out[k] = v
+    return out
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "—"
+    if isinstance(v, float):
+        return f"{v:.2f}"
+    return str(v)
+
+
+COLUMNS = [("method", "method"), ("UA", "UA"), ("RA", "RA"), ("TA", "TA"), ("MIA", "MIA (lr-entropy)"),
+           ("selected_pct", "selected %"), ("seconds", "seconds"), ("speedup", "speed-up")]
+
+
+def render_table(rows: List[Dict[str, Any]]) -> str:
+    """Markdown table of demo / unlearn rows."""
+    head = "| " + " | ".join(title for _, title in COLUMNS) + " |"
+    sep = "|" + "|".join("---" if k == "method" else "---:" for k, _ in COLUMNS) + "|"
+    body = ["| " + " | ".join(_fmt(r.get(k)) for k, _ in COLUMNS) + " |" for r in rows]
+    return "\n".join([head, sep, *body])
+
+
+def write_outputs(out: Path, rows: List[Dict[str, Any]], meta: Dict[str, Any], title: str) -> None:
+    from .types import atomic_write_bytes
+
+    atomic_write_bytes(out / "results.json", json.dumps({"meta": meta, "rows": rows}, indent=1, default=str).encode())
+    md = [f"# {title}", "", render_table(rows), "",
+          "UA = 100 − forget accuracy; RA / TA = retain / test accuracy (%); MIA = % of the forget set that the",
+          "SSD paper's attack (logistic regression on softmax entropy, retain vs test) calls member;",
+          "seconds = the unlearning step alone (retrain: its training time); speed-up = retrain seconds / seconds.",
+          "", "```", json.dumps(meta, indent=1, default=str), "```", ""]
+    atomic_write_bytes(out / "results.md", "\n".join(md).encode())
+
+
+def _row(name: str, metrics: Dict[str, float], seconds: Optional[float], retrain_s: Optional[float],
+         selected: Optional[float] = None) -> Dict[str, Any]:
+    r = {"method": name, **metrics, "seconds": seconds,
+         "selected_pct": None if selected is None else 100.0 * selected}
+    r["speedup"] = (retrain_s / seconds) if (seconds and retrain_s) else None
+    return r
+
+
+def _setup_from_args(args) -> "Any":
+    from .data import ForgetSpec
+    from .protocol import Setup
+    from .training import TrainRecipe
+
+    spec = ForgetSpec.parse(args.forget, seed=args.seed)
+    dataset = args.data
+    if spec.kind == "subclass" and dataset == "fashion-mnist":
+        dataset = "fashion-mnist-coarse"
+    arch_kwargs = {"width": args.width} if args.arch == "resnet18" else {}
+    return Setup(dataset=dataset, arch=args.arch, arch_kwargs=arch_kwargs, recipe=TrainRecipe(epochs=args.epochs),
+                 forget=spec, seed=args.seed, data_root=args.data_root)
+
+
+def cmd_demo(args) -> int:
+    from . import unlearn
+    from .evaluation.summary import basic_metrics
+    from .protocol import prepare
+
+    setup = _setup_from_args(args)
+    print(f"excise demo: {setup.dataset}, {setup.arch}, forget {setup.forget.label()}, seed {setup.seed}", flush=True)
+    prep = prepare(setup, progress=not args.quiet)
+    print(f"  original model: {'cache' if prep.cache_hits['original'] else 'trained'}; retrain oracle: "
+          f"{'cache' if prep.cache_hits['oracle'] else 'trained'} ({prep.oracle_meta['train_seconds']:.1f} s to train)",
+          flush=True)
+    L = prep.loaders
+
+    def metrics(model):
+        return basic_metrics(model, L["forget"], L["retain"], L["test"], test_forget=L.get("test_forget"))
+
+    retrain_s = float(prep.oracle_meta["train_seconds"])
+    rows = [_row("original", metrics(prep.original), None, None),
+            _row("retrain (oracle)", metrics(prep.oracle), retrain_s, retrain_s)]
+    request = prep.request()
+    hp = _parse_hparams(args.hp)
+    for name in args.methods:
+        res = unlearn(prep.original, request, name, preset=args.preset, progress=not args.quiet,
+                      **{k: v for k, v in hp.items()})
+        row = _row(name, metrics(res.model), res.seconds, retrain_s, res.info.get("selected_fraction"))
+        row["ref_importance_cache"] = res.info.get("ref_importance_cache")
+        rows.append(row)
+    print()
+    print(render_table(rows))
+    out = Path(args.out)
+    meta = {"setup": {"dataset": setup.dataset, "arch": setup.arch, "forget": setup.forget.to_dict(),
+                      "recipe": setup.recipe.to_dict(), "seed": setup.seed},
+            "split_hash": prep.splits.hash, "sizes": prep.splits.sizes(), "preset": args.preset, "hparams": hp}
+    write_outputs(out, rows, meta, "excise demo")
+    prep.splits.save(out / "splits.json")
+    print(f"\nwrote {out / 'results.md'}, {out / 'results.json'} and {out / 'splits.json'}")
+    return 0
+
+
+def cmd_unlearn(args) -> int:
+    from . import unlearn
+    from .evaluation.summary import basic_metrics
+    from .protocol import prepare
+    from .training import load_state, save_state
+
+    setup = _setup_from_args(args)
+    prep = prepare(setup, with_oracle=False, progress=not args.quiet)
+    model = prep.build()
+    try:
+        load_state(model, args.model)
+    except RuntimeError as e:
+        raise SystemExit(f"error: {args.model} does not fit --arch {args.arch}: {e}") from None
+    model.eval()
+    res = unlearn(model, prep.request(), args.method, preset=args.preset, progress=not args.quiet,
+                  **_parse_hparams(args.hp))
+    out = Path(args.out)
+    save_state(res.model, out / "model.safetensors")
+    if res.mask is not None:
+        res.mask.save(out / "mask.safetensors")
+    prep.splits.save(out / "splits.json")
+    L = prep.loaders
+    rows = [_row("before", basic_metrics(model, L["forget"], L["retain"], L["test"]), None, None),
+            _row(args.method, basic_metrics(res.model, L["forget"], L["retain"], L["test"]), res.seconds, None,
+                 res.info.get("selected_fraction"))]
+    print(render_table(rows))
+    write_outputs(out, rows, {"model": str(args.model), "result": res.summary(), "split_hash": prep.splits.hash},
+                  f"excise unlearn {args.method}")
+    print(f"\nwrote {out / 'model.safetensors'} (the input checkpoint is unchanged) and results in {out}")
+    return 0
+
+
+def cmd_methods(args) -> int:
+    from .methods import available, get_method
+
+    for name, summary in available().items():
+        spec = get_method(name)
+        presets = f"  presets: {', '.join(spec.presets)}" if spec.presets else ""
+        print(f"{name:10s} {summary}\n{'':10s} defaults: {spec.defaults}{presets}")
+    return 0
+
+
+def _common(p: argparse.ArgumentParser, forget_default: str = "class:9") -> None:
+    p.add_argument("--data", default="fashion-mnist",
+                   help="fashion-mnist | fashion-mnist-coarse | digits | cifar10 | cifar100 (cifar needs --data-root)")
+    p.add_argument("--data-root", default=None, help="folder of the dataset's files (default: the Debian package's)")
+    p.add_argument("--arch", default="smallcnn", help="mlp | smallcnn | resnet18")
+    p.add_argument("--width", type=int, default=16, help="ResNet-18 width (64 is the paper's; 16 suits a CPU)")
+    p.add_argument("--epochs", type=int, default=3, help="training epochs of the original and the oracle")
+    p.add_argument("--forget", default=forget_default,
+                   help="class:N | subclass:NAME (coarse labels) | random:FRACTION | indices:I,J,...")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--preset", default=None, help="named hyperparameters, e.g. 'paper' for the published ones")
+    p.add_argument("--hp", action="append", metavar="NAME=VALUE", help="override a hyperparameter (repeatable)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="excise", description="Machine unlearning for PyTorch.")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    d = sub.add_parser("demo", help="Fashion-MNIST small CNN: forget a class with ssd / lfssd / assd vs retraining")
+    _common(d)
+    d.add_argument("--methods", nargs="+", default=list(DEMO_METHODS))
+    d.add_argument("--out", default="excise-out/demo")
+    d.set_defaults(func=cmd_demo)
+    u = sub.add_parser("unlearn", help="unlearn from a user's checkpoint (safetensors or a state dict)")
+    _common(u)
+    u.add_argument("--model", required=True, help="checkpoint: .safetensors, or a state dict (.pt, weights only)")
+    u.add_argument("--method", default="ssd")
+    u.add_argument("--out", required=True)
+    u.set_defaults(func=cmd_unlearn)
+    m = sub.add_parser("methods", help="list the registered methods with their defaults and presets")
+    m.set_defaults(func=cmd_methods)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
