@@ -69,11 +69,18 @@ def _digest(indices) -> str:
 
 
 def prepare(setup: Setup, cache: Optional[CheckpointCache] = None, with_oracle: bool = True,
-            progress: bool = True, device: Optional[torch.device] = None) -> Prepared:
+            progress: bool = True, device: Optional[torch.device] = None, datasets: Optional[tuple] = None) -> Prepared:
+    """Load the data, make the splits, and train (or load from the cache) the original and the oracle.
+
+    ``datasets``: an explicit ``(train, test)`` pair of ArrayDatasets instead of ``setup.dataset``.
+    """
     cache = cache or CheckpointCache()
     device = device or torch.device("cpu")
-    train_ds = load_dataset(setup.dataset, "train", setup.data_root)
-    test_ds = load_dataset(setup.dataset, "test", setup.data_root)
+    if datasets is not None:
+        train_ds, test_ds = datasets
+    else:
+        train_ds = load_dataset(setup.dataset, "train", setup.data_root)
+        test_ds = load_dataset(setup.dataset, "test", setup.data_root)
     splits = make_splits(setup.forget, train_ds, test_ds)
     loaders = {
         "forget": seeded_loader(train_ds, splits.forget, EVAL_BATCH),

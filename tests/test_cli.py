@@ -1,0 +1,58 @@
+import json
+
+import pytest
+import torch
+
+from excise.cli import main
+from excise.models import build_model
+from excise.training import save_state
+
+
+def test_demo_on_digits_writes_tables(tmp_path, capsys):
+    out = tmp_path / "demo"
+    rc = main(["demo", "--data", "digits", "--arch", "mlp", "--epochs", "8", "--forget", "class:3", "--quiet",
+               "--out", str(out)])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "retrain (oracle)" in printed and "assd" in printed
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert [r["method"] for r in rows] == ["original", "retrain (oracle)", "ssd", "lfssd", "assd"]
+    assert all(r["seconds"] > 0 and r["speedup"] > 0 for r in rows[1:])
+    assert "| method |" in (out / "results.md").read_text()
+    assert (out / "splits.json").exists()
+    # a second run comes from the caches: reference importance hit
+    main(["demo", "--data", "digits", "--arch", "mlp", "--epochs", "8", "--forget", "class:3", "--quiet",
+          "--out", str(out)])
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert rows[2]["ref_importance_cache"] == "hit"
+
+
+def test_unlearn_command_on_a_user_checkpoint(tmp_path, capsys):
+    model = build_model("mlp", (1, 8, 8), 10)
+    torch.save(model.state_dict(), tmp_path / "user.pt")
+    before = (tmp_path / "user.pt").read_bytes()
+    rc = main(["unlearn", "--model", str(tmp_path / "user.pt"), "--arch", "mlp", "--data", "digits",
+               "--forget", "random:0.1", "--method", "ssd", "--hp", "alpha=2", "--quiet", "--out", str(tmp_path / "o")])
+    assert rc == 0
+    assert (tmp_path / "user.pt").read_bytes() == before  # never modified in place
+    for f in ("model.safetensors", "mask.safetensors", "splits.json", "results.json", "results.md"):
+        assert (tmp_path / "o" / f).exists()
+    res = json.loads((tmp_path / "o" / "results.json").read_text())
+    assert res["meta"]["result"]["hparams"]["alpha"] == 2
+
+
+def test_unlearn_command_errors(tmp_path, capsys):
+    model = build_model("smallcnn", (1, 8, 8), 10)
+    save_state(model, tmp_path / "m.safetensors")
+    with pytest.raises(SystemExit, match="does not fit"):
+        main(["unlearn", "--model", str(tmp_path / "m.safetensors"), "--arch", "mlp", "--data", "digits",
+              "--quiet", "--out", str(tmp_path / "o")])
+    assert main(["unlearn", "--model", str(tmp_path / "m.safetensors"), "--arch", "smallcnn", "--data", "digits",
+                 "--forget", "class:42", "--quiet", "--out", str(tmp_path / "o")]) == 2
+    assert "unknown class id" in capsys.readouterr().err
+
+
+def test_methods_lists_presets(capsys):
+    assert main(["methods"]) == 0
+    out = capsys.readouterr().out
+    assert "ssd" in out and "assd" in out and "paper" in out
