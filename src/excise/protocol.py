@@ -20,7 +20,7 @@ from .models import build_model
 from .training import CheckpointCache, TrainRecipe, seeded_loader, train
 from .types import UnlearningRequest
 
-EVAL_BATCH = 512
+EVAL_BATCH = 256
 
 
 @dataclasses.dataclass

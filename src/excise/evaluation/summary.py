@@ -7,24 +7,28 @@ from typing import Dict, Optional
 from torch import nn
 
 from ..tasks import Task
-from .accuracy import accuracy
-from .mia import mia_lr_entropy
+from .accuracy import predict
+from .mia import entropy, mia_lr_entropy_scores
 
 
 def basic_metrics(model: nn.Module, forget, retain, test, task: Optional[Task] = None,
                   test_forget=None) -> Dict[str, float]:
     """Forget / retain / test accuracy (%), UA = 100 − forget accuracy, and ``mia_lr_entropy`` (%).
 
-    Every sample of every loader is used. ``test_forget``: the test samples of the forgotten (sub)class, if any.
+    One prediction pass per loader; every sample of every loader is used. ``test_forget``: the test
+    samples of the forgotten (sub)class, if any.
     """
-    fa = accuracy(model, forget, task)
+    preds = {k: predict(model, ld, task) for k, ld in
+             (("forget", forget), ("retain", retain), ("test", test), ("test_forget", test_forget)) if ld is not None}
+    acc = {k: 100.0 * float((p.argmax(-1) == y).float().mean()) for k, (p, y) in preds.items()}
+    ent = {k: entropy(p).numpy() for k, (p, _) in preds.items()}
     out = {
-        "UA": 100.0 - fa,
-        "forget_acc": fa,
-        "RA": accuracy(model, retain, task),
-        "TA": accuracy(model, test, task),
-        "MIA": 100.0 * mia_lr_entropy(model, retain, test, forget, task),
+        "UA": 100.0 - acc["forget"],
+        "forget_acc": acc["forget"],
+        "RA": acc["retain"],
+        "TA": acc["test"],
+        "MIA": 100.0 * mia_lr_entropy_scores(ent["retain"], ent["test"], ent["forget"]),
     }
-    if test_forget is not None:
-        out["test_forget_acc"] = accuracy(model, test_forget, task)
+    if "test_forget" in acc:
+        out["test_forget_acc"] = acc["test_forget"]
     return out
