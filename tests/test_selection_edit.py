@@ -145,3 +145,11 @@ def test_paper_preset_is_available():
 
     spec = get_method("ssd")
     assert spec.presets["paper"] == {"alpha": 10.0, "lam": 1.0}
+
+
+def test_lfssd_runs_without_labels():
+    model = tiny_cnn()
+    req = UnlearningRequest(forget=toy_loader(n=16, seed=1, labels=False), retain=toy_loader(seed=2, labels=False))
+    res = unlearn(model, req, "lfssd", alpha=1.0)
+    assert res.mask.count() > 0
+    assert not torch.equal(res.model[4].weight, model[4].weight)
