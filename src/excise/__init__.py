@@ -28,9 +28,11 @@ _LAZY = {
     "make_splits": ("excise.data.forget", "make_splits"),
     "build_model": ("excise.models", "build_model"),
     "Scope": ("excise.selection", "Scope"),
+    "evaluate": ("excise.bench.runner", "evaluate"),
+    "Report": ("excise.evaluation.report", "Report"),
 }
 _SUBMODULES = {"data", "models", "importance", "selection", "edit", "methods", "evaluation", "training", "tasks",
-               "types", "protocol"}
+               "types", "protocol", "bench"}
 
 __all__ = sorted(_LAZY) + sorted(_SUBMODULES)
 

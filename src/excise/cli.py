@@ -160,6 +160,41 @@ def cmd_unlearn(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from .bench import list_protocols, run_bench
+
+    if args.protocol == "list":
+        print("\n".join(list_protocols()))
+        return 0
+    report = run_bench(args.protocol, methods=args.methods, seeds=args.seeds, progress=not args.quiet, out=args.out)
+    print(report.to_markdown())
+    cached = sum(1 for r in report.rows if r.get("from_cache"))
+    print(f"{cached} of {len(report.rows)} rows came from the cache; wrote {args.out}/report.(md|json|csv) and plots")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from .bench import evaluate, load_protocol
+    from .bench.runner import _setup
+    from .models import build_model
+    from .data import load_dataset
+    from .training import load_state
+
+    proto = load_protocol(args.protocol)
+    setup = _setup(proto, proto["seeds"][0] if args.seed is None else args.seed)
+    train = load_dataset(setup.dataset, "train", setup.data_root)
+    model = build_model(setup.arch, train.input_shape, train.num_classes, **setup.arch_kwargs)
+    try:
+        load_state(model, args.model)
+    except RuntimeError as e:
+        raise SystemExit(f"error: {args.model} does not fit the protocol's architecture {setup.arch}: {e}") from None
+    report = evaluate(model, proto, seed=setup.seed, name=args.name, progress=not args.quiet)
+    report.save(args.out)
+    print(report.to_markdown())
+    print(f"wrote {args.out}/report.(md|json|csv)")
+    return 0
+
+
 def cmd_methods(args) -> int:
     from .methods import available, get_method
 
@@ -199,6 +234,21 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--method", default="ssd")
     u.add_argument("--out", required=True)
     u.set_defaults(func=cmd_unlearn)
+    b = sub.add_parser("bench", help="run a protocol (shipped name or TOML path; 'list' lists them) and write a report")
+    b.add_argument("protocol")
+    b.add_argument("--methods", nargs="+", default=None, help="method labels of the protocol, or registered names")
+    b.add_argument("--seeds", type=int, default=None, help="use the protocol's first N seeds")
+    b.add_argument("--out", default="excise-out/bench")
+    b.add_argument("--quiet", action="store_true")
+    b.set_defaults(func=cmd_bench)
+    e = sub.add_parser("evaluate", help="score your own unlearned checkpoint against a protocol's retrain oracle")
+    e.add_argument("--model", required=True)
+    e.add_argument("--protocol", required=True)
+    e.add_argument("--seed", type=int, default=None)
+    e.add_argument("--name", default="model")
+    e.add_argument("--out", default="excise-out/evaluate")
+    e.add_argument("--quiet", action="store_true")
+    e.set_defaults(func=cmd_evaluate)
     m = sub.add_parser("methods", help="list the registered methods with their defaults and presets")
     m.set_defaults(func=cmd_methods)
     return parser

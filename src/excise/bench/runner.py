@@ -1,0 +1,179 @@
+"""Run methods on a protocol over seeds and collect a Report; everything expensive is cached.
+
+A protocol (TOML): dataset, arch (+ [arch_kwargs]), [recipe], forget (a ForgetSpec string), val_fraction,
+seeds, importance_batch, and [methods.LABEL] tables (optional ``method`` and ``preset`` keys, the rest
+hyperparameters). Originals and oracles come from the checkpoint cache; each method's row is cached under
+the hash of (original weights, split, method, hyperparameters, excise version), so re-running an unchanged
+protocol finishes from cache.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+from .. import __version__
+from ..data import ForgetSpec
+from ..evaluation.evaluate import metrics_from_predictions, model_predictions
+from ..evaluation.report import ORACLE, Report
+from ..training import TrainRecipe, cache_key, default_cache_dir, state_hash
+from ..types import atomic_write_bytes
+
+PROTOCOL_DIR = Path(__file__).parent / "protocols"
+_KEYS = {"name", "dataset", "arch", "arch_kwargs", "recipe", "forget", "val_fraction", "seeds", "importance_batch",
+         "methods", "data_root", "description"}
+
+
+def list_protocols() -> List[str]:
+    return sorted(p.stem for p in PROTOCOL_DIR.glob("*.toml"))
+
+
+def load_protocol(name_or_path: str | Path) -> Dict[str, Any]:
+    """A shipped protocol by name, or a TOML file by path."""
+    p = Path(name_or_path)
+    if not p.suffix == ".toml" or not p.exists():
+        shipped = PROTOCOL_DIR / f"{name_or_path}.toml"
+        if not shipped.exists():
+            raise ValueError(f"unknown protocol {name_or_path!r}: not a .toml file; shipped: {list_protocols()}")
+        p = shipped
+    with open(p, "rb") as f:
+        proto = tomllib.load(f)
+    unknown = set(proto) - _KEYS
+    if unknown:
+        raise ValueError(f"{p}: unknown protocol keys {sorted(unknown)}; allowed: {sorted(_KEYS)}")
+    for need in ("dataset", "arch", "forget"):
+        if need not in proto:
+            raise ValueError(f"{p}: protocol needs '{need}'")
+    proto.setdefault("name", p.stem)
+    proto.setdefault("seeds", [0])
+    proto.setdefault("methods", {})
+    ForgetSpec.parse(proto["forget"])  # fail early on a bad spec
+    return proto
+
+
+def _setup(proto: Dict[str, Any], seed: int):
+    from ..protocol import Setup
+
+    return Setup(dataset=proto["dataset"], arch=proto["arch"], arch_kwargs=dict(proto.get("arch_kwargs", {})),
+                 recipe=TrainRecipe(**proto.get("recipe", {})),
+                 forget=ForgetSpec.parse(proto["forget"], seed=seed, val_fraction=proto.get("val_fraction", 0.1)),
+                 seed=seed, data_root=proto.get("data_root"), importance_batch=proto.get("importance_batch", 256))
+
+
+def _protocol_identity(proto: Dict[str, Any], seeds: Sequence[int], split_hashes: Dict[int, str], data_fp: str):
+    body = {k: v for k, v in proto.items() if k not in ("methods", "description", "seeds", "data_root")}
+    return {**body, "seeds": list(seeds), "split_hashes": {str(k): v for k, v in split_hashes.items()},
+            "data_fingerprint": data_fp}
+
+
+def _loaders(prep) -> Dict[str, Any]:
+    return {k: prep.loaders[k] for k in ("forget", "retain", "val", "test", "test_forget") if k in prep.loaders}
+
+
+def _row_cache(key: str) -> Path:
+    return default_cache_dir() / "bench" / f"{key}.json"
+
+
+def _cached_row(key: str, compute) -> Dict[str, Any]:
+    path = _row_cache(key)
+    if path.exists():
+        row = json.loads(path.read_text())
+        row["from_cache"] = True
+        return row
+    row = compute()
+    atomic_write_bytes(path, json.dumps(row, default=str).encode())
+    row["from_cache"] = False
+    return row
+
+
+def run_bench(protocol: str | Dict[str, Any], methods: Optional[Sequence[str]] = None, seeds: Optional[int] = None,
+              progress: bool = True, out: Optional[str | Path] = None) -> Report:
+    """Run the protocol's methods (or ``methods``, labels of the protocol or registered names) on its first
+    ``seeds`` seeds and return the finalized Report (also saved to ``out`` when given)."""
+    from .. import unlearn
+    from ..protocol import prepare
+
+    proto = load_protocol(protocol) if not isinstance(protocol, dict) else protocol
+    seed_list = list(proto["seeds"])[: seeds] if seeds else list(proto["seeds"])
+    table = proto["methods"] or {}
+    labels = list(methods) if methods else list(table)
+    rows_by_seed, split_hashes, fp = {}, {}, ""
+    for seed in seed_list:
+        prep = prepare(_setup(proto, seed), progress=progress)
+        split_hashes[seed], fp = prep.splits.hash, prep.train_ds.fingerprint()
+        loaders = _loaders(prep)
+        o_hash = state_hash(prep.original)
+        r_hash = state_hash(prep.oracle)
+        oracle_preds = model_predictions(prep.oracle, loaders)
+
+        def eval_row(model_preds):
+            return metrics_from_predictions(model_preds, oracle_preds, seed=seed)
+
+        rows = [
+            {"method": "original", "seed": seed, **_cached_row(
+                cache_key(kind="eval", model=o_hash, oracle=r_hash, split=prep.splits.hash, v=__version__),
+                lambda: {**eval_row(model_predictions(prep.original, loaders)), "seconds": None})},
+            {"method": ORACLE, "seed": seed, **_cached_row(
+                cache_key(kind="eval", model=r_hash, oracle=r_hash, split=prep.splits.hash, v=__version__),
+                lambda: {**eval_row(oracle_preds), "seconds": prep.oracle_meta["train_seconds"]})},
+        ]
+        request = prep.request()
+        for label in labels:
+            entry = dict(table.get(label, {}))
+            name = entry.pop("method", label)
+            preset = entry.pop("preset", None)
+
+            def compute(name=name, preset=preset, entry=entry):
+                res = unlearn(prep.original, request, name, preset=preset, progress=progress, **entry)
+                row = eval_row(model_predictions(res.model, loaders))
+                row.update(seconds=res.seconds, timings=res.timings, counters=res.counters.as_dict(),
+                           hparams=res.hparams, info={k: v for k, v in res.info.items() if not isinstance(v, dict)})
+                if res.mask is not None:
+                    row["selected_fraction"] = res.mask.fraction(prep.original)
+                    row["selected_per_layer"] = {k: float(v.float().mean()) for k, v in res.mask.items()}
+                return row
+
+            key = cache_key(kind="method", model=o_hash, split=prep.splits.hash, method=name, preset=preset,
+                            hparams=entry, v=__version__)
+            rows.append({"method": label, "seed": seed, **_cached_row(key, compute)})
+        rows_by_seed[seed] = rows
+    report = Report(_protocol_identity(proto, seed_list, split_hashes, fp))
+    for seed in seed_list:
+        for r in rows_by_seed[seed]:
+            report.rows.append(r)
+    if len(seed_list) < len(proto["seeds"]):
+        report.notes.append(f"run on {len(seed_list)} of the protocol's {len(proto['seeds'])} seeds")
+    report.notes.append("mia_svc_confidence fits its SVC on a seeded random subset of the retain set as large as "
+                        "the test set (the attack's definition); mia_loss_cv subsamples the larger of forget / test "
+                        "to the smaller (seeded). Every other number uses every sample.")
+    report.finalize()
+    if out is not None:
+        report.save(out)
+    return report
+
+
+def evaluate(model, protocol: str | Dict[str, Any], seed: Optional[int] = None, name: str = "model",
+             progress: bool = True) -> Report:
+    """Score a user's model against the protocol's retrain oracle (fetched from the training cache, trained
+    with a progress bar if missing) for the same split and seed. Returns a finalized Report with the
+    ``original``, ``retrain`` and ``name`` rows."""
+    from ..protocol import prepare
+
+    proto = load_protocol(protocol) if not isinstance(protocol, dict) else protocol
+    seed = proto["seeds"][0] if seed is None else seed
+    prep = prepare(_setup(proto, seed), progress=progress)
+    loaders = _loaders(prep)
+    oracle_preds = model_predictions(prep.oracle, loaders)
+    report = Report(_protocol_identity(proto, [seed], {seed: prep.splits.hash}, prep.train_ds.fingerprint()))
+    report.add("original", seed, metrics_from_predictions(model_predictions(prep.original, loaders), oracle_preds, seed))
+    report.add(ORACLE, seed, metrics_from_predictions(oracle_preds, oracle_preds, seed),
+               seconds=prep.oracle_meta["train_seconds"])
+    report.add(name, seed, metrics_from_predictions(model_predictions(model, loaders), oracle_preds, seed))
+    return report.finalize()

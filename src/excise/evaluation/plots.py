@@ -1,0 +1,51 @@
+"""Plots of a Report (matplotlib, the ``plots`` extra): per-class test accuracy and where the selective
+methods edited."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Dict
+
+
+def save_plots(report, out: Path) -> Dict[str, Path]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return {}
+    files: Dict[str, Path] = {}
+    seed = min(r["seed"] for r in report.rows)
+    rows = [r for r in report.rows if r["seed"] == seed and r.get("per_class_test_acc")]
+    if rows:
+        fig, ax = plt.subplots(figsize=(max(6, len(rows[0]["per_class_test_acc"]) * 0.8), 3.5))
+        n = len(rows)
+        width = 0.8 / n
+        for i, r in enumerate(rows):
+            vals = [v if v is not None else 0 for v in r["per_class_test_acc"]]
+            ax.bar([c + i * width for c in range(len(vals))], vals, width, label=r["method"])
+        ax.set_xlabel("class")
+        ax.set_ylabel("test accuracy (%)")
+        ax.set_title(f"per-class test accuracy (seed {seed})")
+        ax.legend(fontsize=7, ncol=2)
+        fig.tight_layout()
+        files["per_class"] = out / "per_class_accuracy.png"
+        fig.savefig(files["per_class"], dpi=110)
+        plt.close(fig)
+    sel = [r for r in report.rows if r["seed"] == seed and r.get("selected_per_layer")]
+    if sel:
+        fig, ax = plt.subplots(figsize=(8, 3.5))
+        for r in sel:
+            layers = list(r["selected_per_layer"])
+            ax.plot(range(len(layers)), [100.0 * r["selected_per_layer"][k] for k in layers], marker="o", label=r["method"])
+        ax.set_xticks(range(len(layers)))
+        ax.set_xticklabels(layers, rotation=60, ha="right", fontsize=6)
+        ax.set_ylabel("% of the tensor selected")
+        ax.set_title(f"selected parameters per tensor (seed {seed})")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        files["selected"] = out / "selected_per_layer.png"
+        fig.savefig(files["selected"], dpi=110)
+        plt.close(fig)
+    return files

@@ -1,0 +1,160 @@
+"""Reports: rows of (method, seed, metrics, cost) under one protocol hash; JSON, CSV, Markdown and plots."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import hashlib
+import io
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from ..types import atomic_write_bytes
+from .evaluate import METRICS, gaps
+
+ORACLE = "retrain"
+TABLE_COLUMNS = [("UA", "UA"), ("RA", "RA"), ("TA", "TA"), ("mia_svc_confidence", "MIA (svc)"),
+                 ("avg_gap", "Avg Gap"), ("seconds", "seconds"), ("speedup", "speed-up")]
+
+
+def protocol_hash(protocol: Dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(protocol, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+@dataclasses.dataclass
+class Report:
+    """Results of methods on one protocol (data, split, architecture, recipe, seeds), hashed.
+
+    Each row: ``method``, ``seed``, the metrics of :func:`evaluate_metrics`, ``seconds`` (the unlearning step
+    alone; for ``retrain`` the oracle's training time), ``timings``, ``counters``, ``hparams``.
+    """
+
+    protocol: Dict[str, Any]
+    rows: List[Dict[str, Any]] = dataclasses.field(default_factory=list)
+    notes: List[str] = dataclasses.field(default_factory=list)
+    protocol_hash: str = ""
+
+    def __post_init__(self):
+        if not self.protocol_hash:
+            self.protocol_hash = protocol_hash(self.protocol)
+
+    # ---- building -------------------------------------------------------------------------------
+    def add(self, method: str, seed: int, metrics: Dict[str, Any], **extra: Any) -> Dict[str, Any]:
+        row = {"method": method, "seed": seed, **metrics, **extra}
+        self.rows.append(row)
+        return row
+
+    def finalize(self) -> "Report":
+        """Fill gaps to the oracle (same seed), Avg Gap, speed-up and RTE (minutes)."""
+        oracles = {r["seed"]: r for r in self.rows if r["method"] == ORACLE}
+        for r in self.rows:
+            o = oracles.get(r["seed"])
+            if o is not None:
+                r.update(gaps(r, o))
+                if r.get("seconds") and o.get("seconds"):
+                    r["speedup"] = o["seconds"] / r["seconds"]
+            if r.get("seconds") is not None:
+                r["rte_min"] = r["seconds"] / 60.0
+        return self
+
+    def merge(self, other: "Report") -> "Report":
+        """Rows of two reports on the same protocol; refuses different protocols."""
+        self.check_comparable(other)
+        return Report(self.protocol, self.rows + other.rows, self.notes + [n for n in other.notes if n not in self.notes],
+                      self.protocol_hash)
+
+    def check_comparable(self, other: "Report") -> None:
+        if other.protocol_hash != self.protocol_hash:
+            raise ValueError(f"reports come from different protocols ({self.protocol_hash} vs {other.protocol_hash}): "
+                             "their numbers are not comparable")
+
+    # ---- summaries ------------------------------------------------------------------------------
+    def methods(self) -> List[str]:
+        seen: List[str] = []
+        for r in self.rows:
+            if r["method"] not in seen:
+                seen.append(r["method"])
+        return seen
+
+    def summary(self) -> Dict[str, Dict[str, tuple]]:
+        """method → column → (mean, std, n) over seeds."""
+        out: Dict[str, Dict[str, tuple]] = {}
+        for m in self.methods():
+            rows = [r for r in self.rows if r["method"] == m]
+            cols = {}
+            for key in {k for r in rows for k, v in r.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}:
+                vals = [float(r[key]) for r in rows if isinstance(r.get(key), (int, float)) and r.get(key) is not None]
+                if vals:
+                    mean = sum(vals) / len(vals)
+                    std = math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) if len(vals) > 1 else 0.0
+                    cols[key] = (mean, std, len(vals))
+            out[m] = cols
+        return out
+
+    # ---- output ---------------------------------------------------------------------------------
+    def to_markdown(self, title: Optional[str] = None) -> str:
+        """SalUn Table 1 layout: one row per method, mean ± std over seeds."""
+        summ = self.summary()
+        seeds = sorted({r["seed"] for r in self.rows})
+        lines = [f"## {title or self.protocol.get('name', 'report')}", "",
+                 f"protocol hash `{self.protocol_hash}`, seeds {seeds}", "",
+                 "| method | " + " | ".join(t for _, t in TABLE_COLUMNS) + " |",
+                 "|---|" + "---:|" * len(TABLE_COLUMNS)]
+        for m in self.methods():
+            cells = []
+            for key, _ in TABLE_COLUMNS:
+                v = summ[m].get(key)
+                if v is None:
+                    cells.append("—")
+                elif key == "speedup":
+                    cells.append(f"{v[0]:.0f}×")
+                else:
+                    cells.append(f"{v[0]:.2f} ± {v[1]:.2f}" if v[2] > 1 else f"{v[0]:.2f}")
+            lines.append(f"| {m} | " + " | ".join(cells) + " |")
+        lines += ["", "UA = 100 − forget accuracy; RA / TA = retain / test accuracy (%). MIA (svc) = SalUn's "
+                  "MIA-Efficacy: % of the forget set an SVC on the true-class confidence calls non-member (ideal: "
+                  "the oracle's). Avg Gap = mean |Δ to the retrain oracle| over UA, RA, TA and MIA (svc), same seed. "
+                  "seconds = the unlearning step alone (retrain: its training time); speed-up = retrain seconds / seconds."]
+        lines += [f"- {n}" for n in self.notes]
+        return "\n".join(lines) + "\n"
+
+    def to_csv(self) -> str:
+        keys: List[str] = []
+        for r in self.rows:
+            for k, v in r.items():
+                if k not in keys and not isinstance(v, (dict, list)):
+                    keys.append(k)
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=keys, extrasaction="ignore")
+        w.writeheader()
+        for r in self.rows:
+            w.writerow(r)
+        return buf.getvalue()
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {"protocol": self.protocol, "protocol_hash": self.protocol_hash, "notes": self.notes, "rows": self.rows,
+                "metrics": {k: {"direction": d, "ideal": i} for k, (d, i) in METRICS.items()}}
+
+    def save(self, out: str | os.PathLike, plots: bool = True) -> Dict[str, Path]:
+        """Write report.json, report.csv, report.md (and PNG plots when matplotlib is installed)."""
+        out = Path(out)
+        files = {"json": out / "report.json", "csv": out / "report.csv", "md": out / "report.md"}
+        atomic_write_bytes(files["json"], json.dumps(self.to_dict(), indent=1, default=str).encode())
+        atomic_write_bytes(files["csv"], self.to_csv().encode())
+        atomic_write_bytes(files["md"], self.to_markdown().encode())
+        if plots:
+            from .plots import save_plots
+
+            files.update(save_plots(self, out))
+        return files
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Report":
+        d = json.loads(Path(path).read_text())
+        rep = cls(d["protocol"], d["rows"], d.get("notes", []), "")
+        if rep.protocol_hash != d["protocol_hash"]:
+            raise ValueError(f"{path}: protocol hash does not match its protocol (edited file?)")
+        return rep

@@ -1,0 +1,109 @@
+import json
+
+import pytest
+import torch
+
+from excise.bench import evaluate, list_protocols, load_protocol, run_bench
+from excise.cli import main
+from excise.training import save_state
+
+TINY = """
+name = "digits-mlp-class"
+dataset = "digits"
+arch = "mlp"
+forget = "class:3"
+val_fraction = 0.1
+seeds = [0, 1]
+importance_batch = 64
+
+[recipe]
+epochs = 8
+batch_size = 64
+
+[methods.ssd]
+alpha = 5.0
+[methods.ssd-paper]
+method = "ssd"
+preset = "paper"
+[methods.assd]
+"""
+
+
+@pytest.fixture()
+def tiny(tmp_path):
+    p = tmp_path / "tiny.toml"
+    p.write_text(TINY)
+    return p
+
+
+def test_shipped_protocols_load():
+    names = list_protocols()
+    for kind in ("class", "subclass", "random10"):
+        assert f"fmnist-smallcnn-{kind}" in names and f"fmnist-resnet18w16-{kind}" in names
+    for n in names:
+        proto = load_protocol(n)
+        assert proto["seeds"] == [0, 1, 2] and set(proto["methods"]) >= {"ssd", "lfssd", "assd"}
+
+
+def test_bad_protocols(tmp_path):
+    with pytest.raises(ValueError, match="unknown protocol"):
+        load_protocol("nope")
+    bad = tmp_path / "bad.toml"
+    bad.write_text('dataset = "digits"\narch = "mlp"\nforget = "class:3"\ncolour = "red"\n')
+    with pytest.raises(ValueError, match="unknown protocol keys"):
+        load_protocol(bad)
+    bad.write_text('dataset = "digits"\narch = "mlp"\nforget = "klass:3"\n')
+    with pytest.raises(ValueError, match="unknown forget kind"):
+        load_protocol(bad)
+
+
+def test_cli_bench_end_to_end_and_from_cache(tiny, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["bench", str(tiny), "--out", str(out), "--quiet"]) == 0
+    rep = json.loads((out / "report.json").read_text())
+    methods = [r["method"] for r in rep["rows"]]
+    assert methods == ["original", "retrain", "ssd", "ssd-paper", "assd"] * 2
+    ssd = [r for r in rep["rows"] if r["method"] == "ssd"]
+    assert all("avg_gap" in r and r["speedup"] > 0 and r["seconds"] > 0 for r in ssd)
+    assert all(r["hparams"]["alpha"] == 5.0 for r in ssd)
+    assert [r for r in rep["rows"] if r["method"] == "ssd-paper"][0]["hparams"]["alpha"] == 10.0
+    assert all(r["from_cache"] is False for r in rep["rows"])
+    for f in ("report.md", "report.csv", "per_class_accuracy.png", "selected_per_layer.png"):
+        assert (out / f).exists(), f
+    md = (out / "report.md").read_text()
+    assert "| method | UA | RA | TA | MIA (svc) | Avg Gap" in md and "seeds [0, 1]" in md
+    # unchanged protocol: everything from cache, identical numbers
+    assert main(["bench", str(tiny), "--out", str(out), "--quiet"]) == 0
+    again = json.loads((out / "report.json").read_text())
+    assert all(r["from_cache"] for r in again["rows"])
+    assert [r["UA"] for r in again["rows"]] == [r["UA"] for r in rep["rows"]]
+    assert again["protocol_hash"] == rep["protocol_hash"]
+    # one seed and one method
+    one = run_bench(str(tiny), methods=["assd"], seeds=1, progress=False)
+    assert [r["method"] for r in one.rows] == ["original", "retrain", "assd"]
+    assert one.protocol_hash != rep["protocol_hash"] and "1 of the protocol's 2 seeds" in one.notes[0]
+
+
+def test_retrain_oracle_is_its_own_ideal_and_original_is_not(tiny):
+    rep = run_bench(str(tiny), methods=["ssd"], seeds=1, progress=False)
+    rows = {r["method"]: r for r in rep.rows}
+    assert rows["retrain"]["avg_gap"] == 0.0 and rows["retrain"]["agree_test"] == 100.0
+    assert rows["original"]["avg_gap"] > 10  # the original still knows class 3
+    assert rows["ssd"]["avg_gap"] < rows["original"]["avg_gap"]
+
+
+def test_evaluate_a_user_checkpoint(tiny, tmp_path):
+    rep = run_bench(str(tiny), methods=["ssd"], seeds=1, progress=False)
+    from excise.bench.runner import _setup
+    from excise.protocol import prepare
+
+    prep = prepare(_setup(load_protocol(tiny), 0), progress=False)
+    save_state(prep.oracle, tmp_path / "mine.safetensors")
+    out = tmp_path / "ev"
+    assert main(["evaluate", "--model", str(tmp_path / "mine.safetensors"), "--protocol", str(tiny),
+                 "--name", "mine", "--out", str(out), "--quiet"]) == 0
+    d = json.loads((out / "report.json").read_text())
+    mine = [r for r in d["rows"] if r["method"] == "mine"][0]
+    assert mine["avg_gap"] == pytest.approx(0.0) and mine["agree_forget"] == 100.0
+    rep2 = evaluate(prep.original, str(tiny), progress=False)
+    assert rep2.protocol_hash == rep.protocol_hash  # same protocol, same seed → comparable

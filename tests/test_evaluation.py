@@ -1,0 +1,108 @@
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from excise.evaluation.agreement import js_divergence, kl_divergence, prediction_agreement
+from excise.evaluation.evaluate import gaps
+from excise.evaluation.mia import (features, mia_loss_cv_scores, mia_lr_entropy_scores, mia_svc_scores,
+                                   modified_entropy)
+from excise.evaluation.report import Report
+
+
+def test_svc_attack_separable_and_identical():
+    rng = np.random.default_rng(0)
+    members, nonmembers = rng.uniform(0.9, 1.0, 400), rng.uniform(0.0, 0.1, 300)
+    # targets that look like members are never called non-member; like non-members, always
+    assert mia_svc_scores(members, nonmembers, rng.uniform(0.9, 1.0, 50))["value"] == 0.0
+    assert mia_svc_scores(members, nonmembers, rng.uniform(0.0, 0.1, 50))["value"] == 100.0
+    # members are subsampled to the number of non-members (the attack's definition), and the row says so
+    assert mia_svc_scores(members, nonmembers, members[:5])["members_used"] == 300
+    same = mia_svc_scores(rng.uniform(size=2000), rng.uniform(size=2000), rng.uniform(size=2000))["value"]
+    assert 20 < same < 80
+
+
+def test_lr_entropy_attack_separable_and_identical():
+    rng = np.random.default_rng(1)
+    m, n = rng.uniform(0, 0.1, 500), rng.uniform(1.0, 2.0, 500)
+    assert mia_lr_entropy_scores(m, n, rng.uniform(0, 0.1, 100)) == 1.0
+    assert mia_lr_entropy_scores(m, n, rng.uniform(1.0, 2.0, 100)) == 0.0
+    same = mia_lr_entropy_scores(rng.normal(size=3000), rng.normal(size=3000), rng.normal(size=3000))
+    assert 0.2 < same < 0.8
+
+
+def test_loss_cv_attack():
+    rng = np.random.default_rng(2)
+    assert mia_loss_cv_scores(rng.uniform(0, 0.1, 200), rng.uniform(1, 2, 500))["value"] == 1.0
+    res = mia_loss_cv_scores(rng.normal(size=2000), rng.normal(size=800))
+    assert abs(res["value"] - 0.5) < 0.06 and res["per_class"] == 800
+    with pytest.raises(ValueError, match="at least"):
+        mia_loss_cv_scores(np.ones(3), np.ones(100))
+
+
+def test_modified_entropy_hand_value():
+    p = torch.tensor([[0.7, 0.2, 0.1]])
+    y = torch.tensor([0])
+    expected = -(1 - 0.7) * math.log(0.7) - (0.2 * math.log(0.8) + 0.1 * math.log(0.9))
+    assert modified_entropy(p, y).item() == pytest.approx(expected, rel=1e-6)
+    y1 = torch.tensor([1])
+    expected1 = -(1 - 0.2) * math.log(0.2) - (0.7 * math.log(0.3) + 0.1 * math.log(0.9))
+    assert features(p, y1, "modified_entropy")[0] == pytest.approx(expected1, rel=1e-6)
+    with pytest.raises(ValueError, match="unknown attack feature"):
+        features(p, y, "vibes")
+
+
+def test_agreement_and_divergences():
+    p = torch.tensor([[0.9, 0.1], [0.2, 0.8]])
+    q = torch.tensor([[0.6, 0.4], [0.7, 0.3]])
+    assert prediction_agreement(p, q) == 50.0
+    assert kl_divergence(p, p) == pytest.approx(0.0, abs=1e-12)
+    kl = 0.9 * math.log(0.9 / 0.6) + 0.1 * math.log(0.1 / 0.4)
+    kl2 = 0.2 * math.log(0.2 / 0.7) + 0.8 * math.log(0.8 / 0.3)
+    assert kl_divergence(p, q) == pytest.approx((kl + kl2) / 2)
+    assert 0 < js_divergence(p, q) <= math.log(2)
+    assert js_divergence(p, q) == pytest.approx(js_divergence(q, p))
+
+
+def test_avg_gap_on_a_hand_made_pair():
+    oracle = {"UA": 100.0, "RA": 92.0, "TA": 81.0, "mia_svc_confidence": 60.0}
+    row = {"UA": 96.0, "RA": 90.0, "TA": 80.0, "mia_svc_confidence": 40.0}
+    g = gaps(row, oracle)
+    assert g["gap_UA"] == 4.0 and g["gap_mia_svc_confidence"] == 20.0
+    assert g["avg_gap"] == pytest.approx((4 + 2 + 1 + 20) / 4)
+
+
+def _report(seed_rows, protocol=None):
+    rep = Report(protocol or {"dataset": "x", "seeds": [0, 1]})
+    for method, seed, m, s in seed_rows:
+        rep.add(method, seed, m, seconds=s)
+    return rep.finalize()
+
+
+def test_report_summary_gaps_round_trip_and_refusal(tmp_path):
+    base = {"UA": 100.0, "RA": 90.0, "TA": 80.0, "mia_svc_confidence": 50.0}
+    rows = [("retrain", 0, base, 100.0), ("retrain", 1, base, 120.0),
+            ("ssd", 0, {**base, "UA": 90.0}, 2.0), ("ssd", 1, {**base, "UA": 94.0}, 3.0)]
+    rep = _report(rows)
+    ssd = [r for r in rep.rows if r["method"] == "ssd"]
+    assert [r["avg_gap"] for r in ssd] == [2.5, 1.5]
+    assert [r["speedup"] for r in ssd] == [50.0, 40.0]
+    mean, std, n = rep.summary()["ssd"]["UA"]
+    assert (mean, n) == (92.0, 2) and std == pytest.approx(math.sqrt(8))
+    md = rep.to_markdown()
+    assert "| ssd | 92.00 ± 2.83" in md and "45×" in md
+    files = rep.save(tmp_path, plots=True)
+    back = Report.load(files["json"])
+    assert back.rows == json.loads(json.dumps(rep.rows)) and back.protocol_hash == rep.protocol_hash
+    assert "method,seed,UA" in (tmp_path / "report.csv").read_text().splitlines()[0]
+    other = _report(rows, protocol={"dataset": "y", "seeds": [0, 1]})
+    with pytest.raises(ValueError, match="different protocols"):
+        rep.merge(other)
+    assert len(rep.merge(back).rows) == 8
+    d = json.loads(files["json"].read_text())
+    d["protocol"]["dataset"] = "tampered"
+    files["json"].write_text(json.dumps(d))
+    with pytest.raises(ValueError, match="does not match"):
+        Report.load(files["json"])
