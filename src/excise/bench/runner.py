@@ -160,15 +160,17 @@ def run_bench(protocol: str | Dict[str, Any], methods: Optional[Sequence[str]] =
 
 
 def evaluate(model, protocol: str | Dict[str, Any], seed: Optional[int] = None, name: str = "model",
-             progress: bool = True) -> Report:
-    """Score a user's model against the protocol's retrain oracle (fetched from the training cache, trained
-    with a progress bar if missing) for the same split and seed. Returns a finalized Report with the
-    ``original``, ``retrain`` and ``name`` rows."""
+             progress: bool = True, oracle=None) -> Report:
+    """Score a user's model against the protocol's retrain oracle for the same split and seed. The oracle is
+    fetched from the training cache (trained, with a progress bar, if missing) unless ``oracle`` is given.
+    Returns a finalized Report with the ``original``, ``retrain`` and ``name`` rows."""
     from ..protocol import prepare
 
     proto = load_protocol(protocol) if not isinstance(protocol, dict) else protocol
     seed = proto["seeds"][0] if seed is None else seed
-    prep = prepare(_setup(proto, seed), progress=progress)
+    prep = prepare(_setup(proto, seed), progress=progress, with_oracle=oracle is None)
+    if oracle is not None:
+        prep.oracle, prep.oracle_meta = oracle, {"train_seconds": None}
     loaders = _loaders(prep)
     oracle_preds = model_predictions(prep.oracle, loaders)
     report = Report(_protocol_identity(proto, [seed], {seed: prep.splits.hash}, prep.train_ds.fingerprint()))

@@ -24,7 +24,8 @@ def save_plots(report, out: Path) -> Dict[str, Path]:
         width = 0.8 / n
         for i, r in enumerate(rows):
             vals = [v if v is not None else 0 for v in r["per_class_test_acc"]]
-            ax.bar([c + i * width for c in range(len(vals))], vals, width, label=r["method"])
+            ax.bar([c - 0.4 + (i + 0.5) * width for c in range(len(vals))], vals, width, label=r["method"])
+        ax.set_xticks(range(len(rows[0]["per_class_test_acc"])))
         ax.set_xlabel("class")
         ax.set_ylabel("test accuracy (%)")
         ax.set_title(f"per-class test accuracy (seed {seed})")

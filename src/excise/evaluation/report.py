@@ -110,7 +110,7 @@ class Report:
                 if v is None:
                     cells.append("—")
                 elif key == "speedup":
-                    cells.append(f"{v[0]:.0f}×")
+                    cells.append(f"{v[0]:.0f}×" if v[0] >= 10 else f"{v[0]:.2g}×")
                 else:
                     cells.append(f"{v[0]:.2f} ± {v[1]:.2f}" if v[2] > 1 else f"{v[0]:.2f}")
             lines.append(f"| {m} | " + " | ".join(cells) + " |")
