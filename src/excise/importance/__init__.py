@@ -1,6 +1,6 @@
 """Importance: a score per parameter entry (Scores), from a pass over a loader."""
 
 from .cache import ImportanceCache, dataset_fingerprint, default_cache, loader_fingerprint
-from .fisher import fisher, label_free
+from .fisher import fisher, label_free, sensitivity
 
-__all__ = ["fisher", "label_free", "ImportanceCache", "default_cache", "loader_fingerprint", "dataset_fingerprint"]
+__all__ = ["fisher", "label_free", "sensitivity", "ImportanceCache", "default_cache", "loader_fingerprint", "dataset_fingerprint"]

@@ -41,8 +41,9 @@ def progress(iterable, enabled: bool, desc: str):
 
 
 def accumulate_grads(model: nn.Module, loader, task: Task, batch_loss: Callable, reduce: Callable,
-                     counters: Optional[Counters], show: bool, desc: str) -> Scores:
-    """Σ over batches of ``reduce(grad)`` for ``grad = ∇θ batch_loss(model, batch)``, divided by #batches.
+                     counters: Optional[Counters], show: bool, desc: str, average: bool = True) -> Scores:
+    """Σ over batches of ``reduce(grad)`` for ``grad = ∇θ batch_loss(model, batch)``, divided by #batches
+    when ``average``.
 
     Gradients come from ``torch.autograd.grad``, so the model's ``.grad`` fields are left alone.
     """
@@ -66,7 +67,7 @@ def accumulate_grads(model: nn.Module, loader, task: Task, batch_loss: Callable,
                 counters.samples_seen += task.batch_size(batch)
     if n_batches == 0:
         raise ValueError(f"{desc}: the loader yielded no batch")
-    return Scores({n: a.div_(n_batches) for (n, _), a in zip(named, acc)})
+    return Scores({n: a.div_(n_batches) if average else a for (n, _), a in zip(named, acc)})
 
 
 def as_dict(scores: Dict[str, torch.Tensor]) -> Scores:

@@ -74,3 +74,17 @@ def label_free(model: nn.Module, loader, task: Optional[Task] = None, counters: 
         return out.float().pow(2).flatten(1).sum(1).mean()
 
     return accumulate_grads(model, loader, task, output_energy, torch.abs, counters, progress_bar, "label-free")
+
+
+def sensitivity(model: nn.Module, loader, task: Optional[Task] = None, n_batches: Optional[int] = 1,
+                counters: Optional[Counters] = None, progress_bar: bool = False) -> Scores:
+    """Connection sensitivity (Scissorhands): s = |θ| ⊙ Σ_b |∇θ L_b| over the first ``n_batches`` batches
+    (true labels, batch-mean loss; all batches when None), in eval mode. Unnormalised: only the ranking matters."""
+    from itertools import islice
+
+    task = get_task(task)
+    batches = loader if n_batches is None else list(islice(iter(loader), n_batches))
+    summed = accumulate_grads(model, batches, task, lambda m, b: task.loss(m, b), torch.abs, counters,
+                              progress_bar, "sensitivity", average=False)
+    params = dict(model.named_parameters())
+    return Scores({k: v.mul_(params[k].detach().abs().float()) for k, v in summed.items()})

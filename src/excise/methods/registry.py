@@ -50,7 +50,7 @@ def available() -> Dict[str, str]:
 
 
 def _load_builtin() -> None:
-    from . import ssd  # noqa: F401  (registers ssd, lfssd, assd)
+    from . import scissorhands, ssd  # noqa: F401  (registers the built-in methods)
 
 
 class Timer:

@@ -1,0 +1,102 @@
+"""Scissorhands (Wu & Harandi, ECCV 2024): trim the connections most sensitive to D_f, then repair.
+
+Algorithm box:
+  1. s = |θ| ⊙ Σ_b |∇θ L(D_f batch b)| over ``n_batches`` forget batches; one global top-k % over the scope
+     (default: every parameter outside normalisation layers);
+  2. trim: re-initialise the selected entries (layer's own initialiser, zero biases);
+  3. repair for ``epochs``: at each epoch's start g_o = ∇(−L_f) on a fresh forget batch (eval mode, one per
+     memory); each step on a retain batch paired with a forget batch takes g = ∇(L_r − λ·L_f), projected so
+     that ⟨g̃, g_o⟩ ≥ 0 (margin m); once forget batches run out, plain L_r steps. SGD (momentum 0.9, weight
+     decay 5e-4, constant lr).
+"""
+
+from __future__ import annotations
+
+from itertools import cycle
+
+import torch
+from torch.utils.data import DataLoader
+
+from .. import importance, selection
+from ..edit import reinit, train_mode
+from ..edit.project import flat_grad, project, write_flat_grad
+from ..importance._common import eval_mode, progress
+from ..selection import Scope
+from ..tasks import model_device
+from ..types import UnlearningResult
+from .registry import register
+
+PAPER = dict(k=0.03, lam=0.05, lr=5e-3, epochs=10, batch_size=256)
+DEFAULTS = dict(k=0.03, lam=0.05, lr=5e-3, epochs=10, batch_size=256, n_batches=1, margin=0.5, memories=1,
+                momentum=0.9, weight_decay=5e-4, scope="no-norm", projection=True, norm_stats="update", seed=0)
+
+
+def _shuffled(loader, batch_size: int, seed: int) -> DataLoader:
+    if not isinstance(loader, DataLoader):
+        raise ValueError("scissorhands needs DataLoaders (it reshuffles the forget and retain data)")
+    g = torch.Generator().manual_seed(seed)
+    return DataLoader(loader.dataset, batch_size=batch_size, shuffle=True, generator=g, drop_last=False)
+
+
+def _grad_of(model, params, loss) -> torch.Tensor:
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
+    return torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, params)])
+
+
+@register("scissorhands", defaults=DEFAULTS, presets={"paper": PAPER},
+          summary="Scissorhands: re-initialise the top-k % by |θ·∇L_f|, repair on retain under a projection")
+def scissorhands(model, request, ctx, k, lam, lr, epochs, batch_size, n_batches, margin, memories, momentum,
+                 weight_decay, scope, projection, norm_stats, seed):
+    if request.retain is None:
+        raise ValueError("scissorhands needs a retain loader for the repair phase")
+    task, device = request.task, model_device(model)
+    forget = _shuffled(request.forget, batch_size, seed)
+    with ctx.timer.phase("importance_forget"):
+        scores = importance.sensitivity(model, forget, task, n_batches, ctx.counters, ctx.progress)
+    with ctx.timer.phase("select"):
+        eligible = (scope if isinstance(scope, Scope) else Scope.parse(scope)).names(model)
+        mask = selection.topk(scores, k, eligible)
+    with ctx.timer.phase("edit"):
+        reinit(model, mask, seed=seed, inplace=True)
+    ctx.counters.params_touched += sum(p.numel() for p in model.parameters() if p.requires_grad)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    retain = _shuffled(request.retain, batch_size, seed + 1)
+    reference = cycle(_shuffled(request.forget, batch_size, seed + 2))
+    projections = 0
+    with ctx.timer.phase("repair"):
+        for epoch in range(epochs):
+            g_mem = None
+            if projection:
+                with eval_mode(model):
+                    refs = []
+                    for _ in range(memories):
+                        b = task.to(next(reference), device)
+                        refs.append(_grad_of(model, params, -task.loss(model, b)))
+                        ctx.counters.forward_passes += 1
+                        ctx.counters.backward_passes += 1
+                    g_mem = torch.stack(refs)
+            train_mode(model, norm_stats)
+            forget_iter = iter(forget)
+            for rb in progress(retain, ctx.progress, f"repair {epoch + 1}/{epochs}"):
+                rb = task.to(rb, device)
+                fb = next(forget_iter, None)
+                opt.zero_grad(set_to_none=True)
+                loss = task.loss(model, rb)
+                if fb is not None:
+                    fb = task.to(fb, device)
+                    loss = loss - lam * task.loss(model, fb)
+                    ctx.counters.forward_passes += 1
+                loss.backward()
+                ctx.counters.forward_passes += 1
+                ctx.counters.backward_passes += 1
+                if fb is not None and g_mem is not None:
+                    g = flat_grad(params)
+                    g_new = project(g, g_mem, margin)
+                    if g_new is not g:
+                        projections += 1
+                        write_flat_grad(params, g_new)
+                opt.step()
+            model.eval()
+    return UnlearningResult(model=model, method="", hparams={}, mask=mask,
+                            info={"selected_fraction": mask.fraction(model), "projections": projections})
