@@ -153,3 +153,14 @@ def test_lfssd_runs_without_labels():
     res = unlearn(model, req, "lfssd", alpha=1.0)
     assert res.mask.count() > 0
     assert not torch.equal(res.model[4].weight, model[4].weight)
+
+
+def test_ssd_auto_alpha_uses_the_percentile_rule_on_d():
+    model = tiny_cnn()
+    forget, train = toy_loader(n=10, seed=1), toy_loader(n=100, seed=3)
+    res = unlearn(model, UnlearningRequest(forget=forget, train=train), "ssd", alpha="auto")
+    p = 100 - math.log(1 + 100 * 10 / 100)  # |D| = the reference D itself (it already holds D_f)
+    assert res.info["percentile"] == pytest.approx(p)
+    assert res.hparams["alpha"] == "auto" and res.info["alpha"] > 0
+    with pytest.raises(ValueError, match="'auto'"):
+        unlearn(model, UnlearningRequest(forget=forget, train=train), "ssd", alpha="big")

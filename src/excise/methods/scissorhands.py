@@ -26,8 +26,8 @@ from ..tasks import model_device
 from ..types import UnlearningResult
 from .registry import register
 
-PAPER = dict(k=0.03, lam=0.05, lr=5e-3, epochs=10, batch_size=256)
-DEFAULTS = dict(k=0.03, lam=0.05, lr=5e-3, epochs=10, batch_size=256, n_batches=1, margin=0.5, memories=1,
+PAPER = dict(k=0.03, lam=0.05, lr=5e-3, epochs=10, max_steps=None, batch_size=256)
+DEFAULTS = dict(k=0.03, lam=0.05, lr=5e-3, epochs=1, max_steps=None, batch_size=256, n_batches=1, margin=0.5, memories=1,
                 momentum=0.9, weight_decay=5e-4, scope="no-norm", projection=True, norm_stats="update", seed=0)
 
 
@@ -45,7 +45,7 @@ def _grad_of(model, params, loss) -> torch.Tensor:
 
 @register("scissorhands", defaults=DEFAULTS, presets={"paper": PAPER},
           summary="Scissorhands: re-initialise the top-k % by |θ·∇L_f|, repair on retain under a projection")
-def scissorhands(model, request, ctx, k, lam, lr, epochs, batch_size, n_batches, margin, memories, momentum,
+def scissorhands(model, request, ctx, k, lam, lr, epochs, max_steps, batch_size, n_batches, margin, memories, momentum,
                  weight_decay, scope, projection, norm_stats, seed):
     if request.retain is None:
         raise ValueError("scissorhands needs a retain loader for the repair phase")
@@ -63,7 +63,7 @@ def scissorhands(model, request, ctx, k, lam, lr, epochs, batch_size, n_batches,
     opt = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
     retain = _shuffled(request.retain, batch_size, seed + 1)
     reference = cycle(_shuffled(request.forget, batch_size, seed + 2))
-    projections = 0
+    projections = steps = 0
     with ctx.timer.phase("repair"):
         for epoch in range(epochs):
             g_mem = None
@@ -79,6 +79,8 @@ def scissorhands(model, request, ctx, k, lam, lr, epochs, batch_size, n_batches,
             train_mode(model, norm_stats)
             forget_iter = iter(forget)
             for rb in progress(retain, ctx.progress, f"repair {epoch + 1}/{epochs}"):
+                if max_steps is not None and steps >= max_steps:
+                    break
                 rb = task.to(rb, device)
                 fb = next(forget_iter, None)
                 opt.zero_grad(set_to_none=True)
@@ -87,6 +89,9 @@ def scissorhands(model, request, ctx, k, lam, lr, epochs, batch_size, n_batches,
                     fb = task.to(fb, device)
                     loss = loss - lam * task.loss(model, fb)
                     ctx.counters.forward_passes += 1
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"scissorhands repair diverged at step {steps} (loss {float(loss)}); "
+                                             "lower lr or lam")
                 loss.backward()
                 ctx.counters.forward_passes += 1
                 ctx.counters.backward_passes += 1
@@ -97,6 +102,8 @@ def scissorhands(model, request, ctx, k, lam, lr, epochs, batch_size, n_batches,
                         projections += 1
                         write_flat_grad(params, g_new)
                 opt.step()
+                steps += 1
             model.eval()
     return UnlearningResult(model=model, method="", hparams={}, mask=mask,
-                            info={"selected_fraction": mask.fraction(model), "projections": projections})
+                            info={"selected_fraction": mask.fraction(model), "projections": projections,
+                                  "repair_steps": steps})

@@ -3,8 +3,8 @@
 Algorithm box:
   1. I_ref ← importance on the reference data (D for SSD/LFSSD, the retain set for ASSD) — cached per model;
   2. I_f   ← importance on D_f;
-  3. select θ_i with I_f,i > α·I_ref,i (α given, or for ASSD the percentile p = 100 − ln(1 + 100·|D_f|/|D|)
-     of the pooled finite ratios I_f/I_ref);
+  3. select θ_i with I_f,i > α·I_ref,i (α given, or ``alpha="auto"`` — always for ASSD — the percentile
+     p = 100 − ln(1 + 100·|D_f|/|D|) of the pooled finite ratios I_f/I_ref);
   4. dampen θ_i ← min(λ·I_ref,i / I_f,i, 1)·θ_i.
 """
 
@@ -74,8 +74,10 @@ def _scores(model, loader, ctx, task, label_free: bool, fisher_mode: str, cache:
     return scores, status
 
 
-def _run(model, request, ctx, *, alpha, lam, fisher_mode, scope, label_free: bool, auto_alpha: bool):
-    ref_loader = _reference_loader(request, "retain" if auto_alpha else "train")
+def _run(model, request, ctx, *, alpha, lam, fisher_mode, scope, label_free: bool, reference: str):
+    if isinstance(alpha, str) and alpha != "auto":
+        raise ValueError(f"alpha must be a positive number or 'auto', got {alpha!r}")
+    ref_loader = _reference_loader(request, reference)
     key = request.train_key if (request.train is not None and ref_loader is request.train) else None
     with ctx.timer.phase("importance_ref"):
         i_ref, status = _scores(model, ref_loader, ctx, request.task, label_free, fisher_mode, cache=True, data_key=key)
@@ -84,9 +86,10 @@ def _run(model, request, ctx, *, alpha, lam, fisher_mode, scope, label_free: boo
     with ctx.timer.phase("select"):
         eligible = _eligible(model, scope)
         info = {"ref_importance_cache": status}
-        if auto_alpha:
+        if alpha == "auto":
             n_f, n_ref = _n_samples(request.forget), _n_samples(ref_loader)
-            p = 100.0 - math.log(1.0 + 100.0 * n_f / (n_f + n_ref))
+            n_d = n_ref + n_f if reference == "retain" else n_ref  # |D|: the reference D already holds D_f
+            p = 100.0 - math.log(1.0 + 100.0 * n_f / n_d)
             alpha = selection.ratio_percentile(i_f, i_ref, p, eligible)
             info.update(percentile=p, alpha=alpha)
         mask = selection.ratio(i_f, i_ref, alpha, eligible)
@@ -102,7 +105,7 @@ def _run(model, request, ctx, *, alpha, lam, fisher_mode, scope, label_free: boo
 def ssd(model, request, ctx, alpha, lam, fisher_mode, scope):
     """SSD: I_D = Fisher on the full training data, I_f on D_f; select I_f > α·I_D; dampen."""
     return _run(model, request, ctx, alpha=alpha, lam=lam, fisher_mode=fisher_mode, scope=scope,
-                label_free=False, auto_alpha=False)
+                label_free=False, reference="train")
 
 
 @register("lfssd", defaults=LFSSD_DEFAULTS, presets={"paper": PAPER},
@@ -110,12 +113,12 @@ def ssd(model, request, ctx, alpha, lam, fisher_mode, scope):
 def lfssd(model, request, ctx, alpha, lam, fisher_mode, scope):
     """LFSSD: SSD with label-free importance (|∇ mean ‖f(x)‖²|); the loaders need no labels."""
     return _run(model, request, ctx, alpha=alpha, lam=lam, fisher_mode=fisher_mode, scope=scope,
-                label_free=True, auto_alpha=False)
+                label_free=True, reference="train")
 
 
 @register("assd", defaults=dict(lam=1.0, fisher_mode="batch", scope=None),
           summary="Automatic SSD: α from a percentile of the I_f/I_retain ratios")
 def assd(model, request, ctx, lam, fisher_mode, scope):
     """ASSD: reference importance on the retain set; α = percentile p = 100 − ln(1 + 100·|D_f|/|D|) of I_f/I_ref."""
-    return _run(model, request, ctx, alpha=None, lam=lam, fisher_mode=fisher_mode, scope=scope,
-                label_free=False, auto_alpha=True)
+    return _run(model, request, ctx, alpha="auto", lam=lam, fisher_mode=fisher_mode, scope=scope,
+                label_free=False, reference="retain")
