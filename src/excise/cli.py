@@ -135,7 +135,7 @@ def cmd_unlearn(args) -> int:
     from .training import load_state, save_state
 
     setup = _setup_from_args(args)
-    prep = prepare(setup, with_oracle=False, progress=not args.quiet)
+    prep = prepare(setup, with_original=False, with_oracle=False, progress=not args.quiet)
     model = prep.build()
     try:
         load_state(model, args.model)
@@ -225,7 +225,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="cmd", required=True)
     d = sub.add_parser("demo", help="Fashion-MNIST small CNN: forget a class with ssd / lfssd / assd vs retraining")
     _common(d)
-    d.add_argument("--methods", nargs="+", default=list(DEMO_METHODS))
+    d.add_argument("--methods", "--method", nargs="+", default=list(DEMO_METHODS),
+                   help="registered method names (see `excise methods`)")
     d.add_argument("--out", default="excise-out/demo")
     d.set_defaults(func=cmd_demo)
     u = sub.add_parser("unlearn", help="unlearn from a user's checkpoint (safetensors or a state dict)")

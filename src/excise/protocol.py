@@ -44,9 +44,9 @@ class Prepared:
     test_ds: Any
     splits: Splits
     loaders: Dict[str, DataLoader]
-    original: nn.Module
+    original: Optional[nn.Module]
     oracle: Optional[nn.Module]
-    original_meta: Dict[str, Any]
+    original_meta: Optional[Dict[str, Any]]
     oracle_meta: Optional[Dict[str, Any]]
     cache_hits: Dict[str, bool]
 
@@ -69,10 +69,12 @@ def _digest(indices) -> str:
 
 
 def prepare(setup: Setup, cache: Optional[CheckpointCache] = None, with_oracle: bool = True,
-            progress: bool = True, device: Optional[torch.device] = None, datasets: Optional[tuple] = None) -> Prepared:
+            progress: bool = True, device: Optional[torch.device] = None, datasets: Optional[tuple] = None,
+            with_original: bool = True) -> Prepared:
     """Load the data, make the splits, and train (or load from the cache) the original and the oracle.
 
     ``datasets``: an explicit ``(train, test)`` pair of ArrayDatasets instead of ``setup.dataset``.
+    ``with_original`` / ``with_oracle``: skip a model that is not needed (e.g. for a user's own checkpoint).
     """
     cache = cache or CheckpointCache()
     device = device or torch.device("cpu")
@@ -105,9 +107,11 @@ def prepare(setup: Setup, cache: Optional[CheckpointCache] = None, with_oracle: 
             return train(model, loader, setup.recipe, seed=setup.seed, progress=progress, desc=desc)
         return fit
 
-    original, ometa, ohit = cache.get_or_train(key("original", splits.train), build, fitter(splits.train, "original"))
-    oracle = rmeta = None
-    rhit = False
+    original = ometa = oracle = rmeta = None
+    ohit = rhit = False
+    if with_original:
+        original, ometa, ohit = cache.get_or_train(key("original", splits.train), build,
+                                                   fitter(splits.train, "original"))
     if with_oracle:
         oracle, rmeta, rhit = cache.get_or_train(key("retrain", splits.retain), build,
                                                  fitter(splits.retain, "retrain oracle"))

@@ -48,6 +48,8 @@ def _reference_loader(request, which: str) -> DataLoader:
     if request.retain is None:
         raise ValueError("SSD needs the full training loader (train=...) or a retain loader to build it from")
     r = request.retain
+    if not (isinstance(r, DataLoader) and isinstance(request.forget, DataLoader)):
+        raise ValueError("SSD needs train=<loader over D>, or DataLoaders for retain and forget to build it from")
     return DataLoader(ConcatDataset([r.dataset, request.forget.dataset]), batch_size=r.batch_size, shuffle=False)
 
 
