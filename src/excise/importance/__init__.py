@@ -2,5 +2,6 @@
 
 from .cache import ImportanceCache, dataset_fingerprint, default_cache, loader_fingerprint
 from .fisher import fisher, label_free, sensitivity
+from .hessian import ESTIMATORS as HESSIAN_ESTIMATORS, hessian_diag
 
-__all__ = ["fisher", "label_free", "sensitivity", "ImportanceCache", "default_cache", "loader_fingerprint", "dataset_fingerprint"]
+__all__ = ["fisher", "label_free", "sensitivity", "hessian_diag", "HESSIAN_ESTIMATORS", "ImportanceCache", "default_cache", "loader_fingerprint", "dataset_fingerprint"]

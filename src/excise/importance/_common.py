@@ -72,3 +72,57 @@ def accumulate_grads(model: nn.Module, loader, task: Task, batch_loss: Callable,
 
 def as_dict(scores: Dict[str, torch.Tensor]) -> Scores:
     return scores if isinstance(scores, Scores) else Scores(scores)
+
+
+def squared_sample_grads(model: nn.Module, loader, task: Task, target_sets: Callable, counters: Optional[Counters],
+                         show: bool, desc: str, chunk_size: int = 64) -> Scores:
+    """(1/N) Σ_i Σ_(t, w) w_i · (∇θ ℓ(x_i, t_i))² over every sample, with per-sample gradients (torch.func).
+
+    ``target_sets(x, y, output)`` returns pairs ``(targets, weights)`` for a chunk: the targets whose loss
+    gradient is squared, and per-sample weights (None = 1). The true labels give the empirical Fisher; labels
+    drawn from the model give a Monte-Carlo GGN; every class weighted by its probability, the exact GGN.
+    """
+    from torch.func import functional_call, grad, vmap
+
+    named = trainable(model)
+    params = {n: p.detach() for n, p in named}
+    frozen = {n: p.detach() for n, p in model.named_parameters() if not p.requires_grad}
+    buffers = {n: b.detach() for n, b in model.named_buffers()}
+    device = model_device(model)
+
+    def sample_loss(p, x, t):
+        out = functional_call(model, {**p, **frozen, **buffers}, (x.unsqueeze(0),))
+        return task.loss_from_output(out, t.unsqueeze(0))
+
+    per_sample_grad = vmap(grad(sample_loss), in_dims=(None, 0, 0))
+    acc = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
+    total = 0
+    with eval_mode(model):
+        for batch in progress(loader, show, desc):
+            batch = task.to(batch, device)
+            x = task.inputs(batch)
+            y = task.targets(batch) if _has_targets(batch) else None
+            for s in range(0, len(x), chunk_size):
+                xs = x[s:s + chunk_size]
+                with torch.no_grad():
+                    out = functional_call(model, {**params, **frozen, **buffers}, (xs,))
+                for targets, weights in target_sets(xs, None if y is None else y[s:s + chunk_size], out):
+                    g = per_sample_grad(params, xs, targets)
+                    if counters is not None:
+                        counters.backward_passes += 1
+                    for n in acc:
+                        sq = g[n].float().pow(2)
+                        if weights is not None:
+                            sq = sq * weights.float().view(-1, *([1] * (sq.dim() - 1)))
+                        acc[n].add_(sq.sum(0))
+            total += len(x)
+            if counters is not None:
+                counters.forward_passes += 1
+                counters.samples_seen += len(x)
+    if total == 0:
+        raise ValueError(f"{desc}: the loader yielded no sample")
+    return Scores({n: a.div_(total) for n, a in acc.items()})
+
+
+def _has_targets(batch) -> bool:
+    return isinstance(batch, (list, tuple)) and len(batch) >= 2

@@ -9,7 +9,7 @@ from torch import nn
 
 from ..tasks import Task, get_task, model_device
 from ..types import Counters, Scores
-from ._common import accumulate_grads, eval_mode, progress, trainable
+from ._common import accumulate_grads, squared_sample_grads
 
 
 def fisher(model: nn.Module, loader, task: Optional[Task] = None, mode: str = "batch",
@@ -30,38 +30,12 @@ def fisher(model: nn.Module, loader, task: Optional[Task] = None, mode: str = "b
 
 
 def _per_sample_fisher(model, loader, task, counters, show, chunk_size) -> Scores:
-    from torch.func import functional_call, grad, vmap
+    def true_labels(x, y, out):
+        if y is None:
+            raise TypeError("the per-sample Fisher needs labelled batches (inputs, labels)")
+        return [(y, None)]
 
-    named = trainable(model)
-    names = [n for n, _ in named]
-    params = {n: p.detach() for n, p in named}
-    frozen = {n: p.detach() for n, p in model.named_parameters() if not p.requires_grad}
-    buffers = {n: b.detach() for n, b in model.named_buffers()}
-    device = model_device(model)
-
-    def sample_loss(p, x, y):
-        out = functional_call(model, {**p, **frozen, **buffers}, (x.unsqueeze(0),))
-        return task.loss_from_output(out, y.unsqueeze(0))
-
-    per_sample_grad = vmap(grad(sample_loss), in_dims=(None, 0, 0))
-    acc = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
-    total = 0
-    with eval_mode(model):
-        for batch in progress(loader, show, "fisher (per-sample)"):
-            batch = task.to(batch, device)
-            x, y = task.inputs(batch), task.targets(batch)
-            for s in range(0, len(x), chunk_size):
-                g = per_sample_grad(params, x[s:s + chunk_size], y[s:s + chunk_size])
-                for n in names:
-                    acc[n].add_(g[n].float().pow(2).sum(0))
-            total += len(x)
-            if counters is not None:
-                counters.forward_passes += 1
-                counters.backward_passes += 1
-                counters.samples_seen += len(x)
-    if total == 0:
-        raise ValueError("fisher (per-sample): the loader yielded no sample")
-    return Scores({n: a.div_(total) for n, a in acc.items()})
+    return squared_sample_grads(model, loader, task, true_labels, counters, show, "fisher (per-sample)", chunk_size)
 
 
 def label_free(model: nn.Module, loader, task: Optional[Task] = None, counters: Optional[Counters] = None,
