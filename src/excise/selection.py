@@ -175,3 +175,23 @@ def topk(scores: Scores, k: float, eligible: Optional[Iterable[str]] = None, per
         out[n] = sel[offset:offset + size].view_as(scores[n])
         offset += size
     return Mask(out)
+
+
+def random_mask(like: Scores, k: float, eligible: Optional[Iterable[str]] = None, seed: int = 0) -> Mask:
+    """A seeded uniformly random k fraction of the eligible entries (the ablation baseline)."""
+    gen = torch.Generator().manual_seed(seed)
+    names = _eligible(like, eligible)
+    return topk(Scores({n: torch.rand(like[n].shape, generator=gen) for n in names}), k)
+
+
+def last_layer(model: nn.Module) -> Set[str]:
+    """Names of the parameters of the last module (in registration order) that owns parameters — found from
+    the model's structure, not from a layer name."""
+    last = None
+    for mod_name, module in model.named_modules():
+        own = [f"{mod_name}.{p}" if mod_name else p for p, t in module.named_parameters(recurse=False) if t.requires_grad]
+        if own:
+            last = own
+    if last is None:
+        raise ValueError("the model has no trainable parameter")
+    return set(last)

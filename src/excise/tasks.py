@@ -81,6 +81,11 @@ class ClassificationTask(Task):
     def loss_from_output(self, output: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
         return F.cross_entropy(output, targets, reduction=reduction)
 
+    def output_hessian_vp(self, output: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """Per-sample Hessian of the loss w.r.t. the logits times ``u``: (diag(p) − p pᵀ) u, for the GGN."""
+        p = torch.softmax(output.float(), dim=-1).to(u.dtype)
+        return p * u - p * (p * u).sum(-1, keepdim=True)
+
     def predict(self, model: nn.Module, batch: Any) -> torch.Tensor:
         return self.output(model, batch).argmax(dim=-1)
 

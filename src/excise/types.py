@@ -116,6 +116,8 @@ class UnlearningRequest:
     task:   how a batch becomes logits and a loss (default: classification with cross-entropy).
     train_key: an optional string identifying the content of ``train`` for the importance cache
             (computed automatically for TensorDataset / excise datasets).
+    corrected: loader over Z̃, the corrected versions of the forget samples (fixed labels, text without the
+            secret), for correction requests (SAPS); None for a plain removal request.
     """
 
     forget: Any
@@ -123,6 +125,7 @@ class UnlearningRequest:
     train: Any = None
     task: Any = None
     train_key: Optional[str] = None
+    corrected: Any = None
 
     def __post_init__(self) -> None:
         if self.forget is None:

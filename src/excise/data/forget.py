@@ -213,3 +213,35 @@ def make_splits(spec: ForgetSpec, train, test=None) -> Splits:
         test=list(range(len(test))) if test is not None else [],
         test_forget=test_forget, test_retain=test_retain,
     )
+
+
+def flip_labels(dataset, n: int, seed: int = 0, source: Optional[int] = None, target: Optional[int] = None,
+                candidates: Optional[Sequence[int]] = None):
+    """A copy of ``dataset`` with ``n`` wrong labels, for label-correction requests.
+
+    Random flips (default): ``n`` seeded samples each get a different random class. Targeted flips:
+    ``source`` → ``target`` relabels ``n`` samples of class ``source``. ``candidates`` restricts which
+    positions may be flipped (e.g. the training part D). Returns ``(flipped_dataset, indices)``; the
+    corrected versions Z̃ are ``dataset`` at those indices.
+    """
+    from .sources import ArrayDataset
+
+    g = torch.Generator().manual_seed(seed)
+    pool = torch.arange(len(dataset)) if candidates is None else torch.tensor(list(candidates))
+    if source is not None:
+        pool = pool[dataset.targets[pool] == source]
+    if not 0 < n <= len(pool):
+        raise ValueError(f"cannot flip {n} labels: {len(pool)} candidate samples")
+    idx = pool[torch.randperm(len(pool), generator=g)[:n]].sort().values
+    y = dataset.targets.clone()
+    k = dataset.num_classes
+    if target is not None:
+        if not 0 <= target < k or target == source:
+            raise ValueError(f"target class must be in [0, {k}) and differ from the source")
+        y[idx] = target
+    else:
+        shift = torch.randint(1, k, (n,), generator=g)
+        y[idx] = (y[idx] + shift) % k
+    flipped = ArrayDataset(dataset.x, y, dataset.classes, f"{dataset.name}-flip{n}-s{seed}-{source}-{target}",
+                           fine_targets=None, fine_classes=None)
+    return flipped, idx.tolist()

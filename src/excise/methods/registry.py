@@ -50,7 +50,7 @@ def available() -> Dict[str, str]:
 
 
 def _load_builtin() -> None:
-    from . import scissorhands, ssd  # noqa: F401  (registers the built-in methods)
+    from . import saps, scissorhands, ssd  # noqa: F401  (registers the built-in methods)
 
 
 class Timer:

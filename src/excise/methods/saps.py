@@ -1,0 +1,259 @@
+"""SAPS (Malekmohammadi, Lee, Xiong 2025): sharpness-aware parameter selection for unlearning features and labels.
+
+Setting (Warnecke et al., NDSS 2023): a group Z of training points must be replaced by corrected versions Z̃
+(``request.forget`` = Z, ``request.corrected`` = Z̃; a plain removal request has no Z̃). Algorithm box:
+  1. G = Σ_{z̃∈Z̃} ∇ℓ(z̃, θ*) − Σ_{z∈Z} ∇ℓ(z, θ*);
+  2. curvature h = diag ∇²L(D̃) at θ* (D̃ = retain ∪ Z̃ by default), by ``estimator``;
+  3. select the top ``k`` entries by h (``selector="hessian"``; ablations: ``all``, ``last_layer``, ``random``,
+     ``grad_magnitude``);
+  4. update only the selected entries S:
+     ``first_order``:  θ_S ← θ_S − τ·G_S;
+     ``diagonal``:     θ_S ← θ_S − (G_S / N) / (h_S + δ);
+     ``second_order``: θ_S ← θ_S − (H_SS + δI)⁻¹ G_S / N, by conjugate gradients with curvature-vector
+                       products restricted to S (H = the GGN of the mean loss over D̃ by default — positive
+                       semi-definite — or its exact Hessian with ``curvature_product="hessian"``; N = |D̃|);
+     ``steps``:        masked fine-tuning on D̃ (masked NegGrad+ on retain vs Z for removal requests).
+No reference code was released: every choice above is a parameter. Defaults are provisional until the SAPS
+benchmark (issue 5) measures them.
+"""
+
+from __future__ import annotations
+
+from itertools import cycle
+
+import torch
+from torch.utils.data import ConcatDataset, DataLoader
+
+from .. import importance, selection
+from ..edit import masked_optimizer, train_mode
+from ..edit.linalg import conjugate_gradient
+from ..importance._common import accumulate_grads, eval_mode, progress, trainable
+from ..selection import Scope
+from ..tasks import model_device
+from ..types import Mask, Scores, UnlearningResult
+from .registry import register
+
+SELECTORS = ("hessian", "all", "last_layer", "random", "grad_magnitude")
+UPDATES = ("first_order", "diagonal", "second_order", "steps")
+DEFAULTS = dict(k=0.01, selector="hessian", largest=True, estimator="ggn_mc", curvature="corrected", probes=10,
+                mc_samples=1, update="second_order", tau=1e-4, delta=0.01, cg_iters=20, curvature_product="ggn", lr=0.01, epochs=1,
+                max_steps=None, beta=0.9, batch_size=128, scope=None, seed=0)
+
+
+def _n(loader) -> int:
+    return len(loader.dataset)
+
+
+def _concat(a: DataLoader, b: DataLoader) -> DataLoader:
+    return DataLoader(ConcatDataset([a.dataset, b.dataset]), batch_size=a.batch_size, shuffle=False)
+
+
+def _curvature_loader(request, which: str) -> DataLoader:
+    if which == "corrected":
+        if request.retain is None:
+            raise ValueError("SAPS needs a retain loader to form the corrected training set D̃")
+        return request.retain if request.corrected is None else _concat(request.retain, request.corrected)
+    if which == "retain":
+        if request.retain is None:
+            raise ValueError("curvature='retain' needs a retain loader")
+        return request.retain
+    if which == "train":
+        if request.train is None:
+            raise ValueError("curvature='train' needs a train loader")
+        return request.train
+    raise ValueError(f"curvature must be 'corrected', 'retain' or 'train', not {which!r}")
+
+
+def summed_gradient(model, loader, task, counters=None) -> Scores:
+    """Σ_i ∇θ ℓ(z_i) over every sample of the loader, at the current weights (eval mode)."""
+    return accumulate_grads(model, loader, task, lambda m, b: task.loss(m, b) * task.batch_size(b), lambda g: g,
+                            counters, False, "gradient", average=False)
+
+
+def correction_gradient(model, request, counters=None) -> Scores:
+    """G = Σ_{Z̃} ∇ℓ − Σ_{Z} ∇ℓ (only the second sum for a removal request)."""
+    g_forget = summed_gradient(model, request.forget, request.task, counters)
+    if request.corrected is None:
+        return Scores({n: -v for n, v in g_forget.items()})
+    g_fixed = summed_gradient(model, request.corrected, request.task, counters)
+    return Scores({n: g_fixed[n] - g_forget[n] for n in g_forget})
+
+
+def hvp(model, loader, task, vec, counters=None):
+    """Hessian-vector product of the mean loss over the loader's samples; ``vec`` a list shaped like the
+    trainable parameters."""
+    named = trainable(model)
+    params = [p for _, p in named]
+    out = [torch.zeros_like(p) for p in params]
+    device, total = model_device(model), 0
+    with eval_mode(model):
+        for batch in loader:
+            batch = task.to(batch, device)
+            n = task.batch_size(batch)
+            grads = torch.autograd.grad(task.loss(model, batch) * n, params, create_graph=True)
+            hv = torch.autograd.grad(grads, params, grad_outputs=vec)
+            for o, h in zip(out, hv):
+                o.add_(h)
+            total += n
+            if counters is not None:
+                counters.forward_passes += 1
+                counters.backward_passes += 2
+    return [o / total for o in out]
+
+
+def ggn_vp(model, loader, task, vec, counters=None):
+    """Generalised Gauss–Newton-vector product Jᵀ H_out J v of the mean loss over the loader's samples
+    (positive semi-definite, so conjugate gradients are safe); ``vec`` shaped like the trainable parameters."""
+    from torch.func import functional_call, jvp, vjp
+
+    named = trainable(model)
+    params = {n: p.detach() for n, p in named}
+    tangent = {n: v.detach() for (n, _), v in zip(named, vec)}
+    rest = {n: p.detach() for n, p in model.named_parameters() if not p.requires_grad}
+    rest.update({n: b.detach() for n, b in model.named_buffers()})
+    out = {n: torch.zeros_like(p) for n, p in params.items()}
+    device, total = model_device(model), 0
+    with eval_mode(model):
+        for batch in loader:
+            batch = task.to(batch, device)
+            x = task.inputs(batch)
+
+            def f(p):
+                return functional_call(model, {**p, **rest}, (x,))
+
+            logits, ju = jvp(f, (params,), (tangent,))
+            _, pullback = vjp(f, params)
+            (gv,) = pullback(task.output_hessian_vp(logits, ju))
+            for n in out:
+                out[n].add_(gv[n])
+            total += task.batch_size(batch)
+            if counters is not None:
+                counters.forward_passes += 1
+                counters.backward_passes += 1
+    return [out[n] / total for n, _ in named]
+
+
+def select(model, selector: str, k: float, g: Scores, curvature_fn, eligible, largest: bool, seed: int) -> Mask:
+    if selector == "hessian":
+        return selection.topk(curvature_fn(), k, eligible, largest=largest)
+    if selector == "grad_magnitude":
+        return selection.topk(Scores({n: v.abs() for n, v in g.items()}), k, eligible)
+    if selector == "random":
+        return selection.random_mask(g, k, eligible, seed)
+    if selector == "all":
+        names = set(eligible) if eligible is not None else set(g)
+        return Mask({n: torch.ones_like(v, dtype=torch.bool) for n, v in g.items() if n in names})
+    if selector == "last_layer":
+        last = selection.last_layer(model)
+        budget = max(1, int(round(k * sum(v.numel() for v in g.values()))))
+        sub = Scores({n: g[n].abs() for n in last})
+        frac = min(1.0, budget / sum(v.numel() for v in sub.values()))
+        mask = selection.topk(sub, frac)
+        return Mask({n: mask.get(n, torch.zeros_like(v, dtype=torch.bool)) for n, v in g.items()})
+    raise ValueError(f"unknown selector {selector!r}; expected one of {SELECTORS}")
+
+
+@register("saps", defaults=DEFAULTS,
+          summary="SAPS: select the largest Hessian-diagonal entries, apply the correction update to them only")
+def saps(model, request, ctx, k, selector, largest, estimator, curvature, probes, mc_samples, update, tau, delta,
+         cg_iters, curvature_product, lr, epochs, max_steps, beta, batch_size, scope, seed):
+    if update not in UPDATES:
+        raise ValueError(f"unknown update {update!r}; expected one of {UPDATES}")
+    task = request.task
+    d_tilde = _curvature_loader(request, curvature)
+    n_tilde = _n(d_tilde)
+    eligible = None if scope is None else (scope if isinstance(scope, Scope) else Scope.parse(scope)).names(model)
+    cache = {}
+
+    def curvature_diag():
+        if "h" not in cache:
+            with ctx.timer.phase("importance_ref"):
+                cache["h"] = importance.hessian_diag(model, d_tilde, task, estimator, probes=probes,
+                                                     mc_samples=mc_samples, seed=seed, counters=ctx.counters,
+                                                     progress_bar=ctx.progress)
+        return cache["h"]
+
+    with ctx.timer.phase("importance_forget"):
+        g = correction_gradient(model, request, ctx.counters)
+    with ctx.timer.phase("select"):
+        mask = select(model, selector, k, g, curvature_diag, eligible, largest, seed)
+    named = dict(trainable(model))
+    with ctx.timer.phase("edit"):
+        if update == "first_order":
+            with torch.no_grad():
+                for n, m in mask.items():
+                    named[n][m] -= tau * g[n][m].to(named[n].dtype)
+        elif update == "diagonal":
+            h = curvature_diag()
+            with torch.no_grad():
+                for n, m in mask.items():
+                    named[n][m] -= (g[n][m] / n_tilde / (h[n][m] + delta)).to(named[n].dtype)
+        elif update == "second_order":
+            info_cg = _newton_step(model, mask, g, d_tilde, task, n_tilde, delta, cg_iters, curvature_product, ctx)
+        else:
+            _masked_steps(model, mask, request, d_tilde, lr, epochs, max_steps, beta, batch_size, seed, ctx)
+    ctx.counters.params_touched += mask.count()
+    info = {"selected_fraction": mask.fraction(model), "curvature_samples": n_tilde}
+    if update == "second_order":
+        info.update(info_cg)
+    return UnlearningResult(model=model, method="", hparams={}, mask=mask, info=info)
+
+
+def _newton_step(model, mask, g, d_tilde, task, n_tilde, delta, cg_iters, curvature_product, ctx):
+    named = trainable(model)
+    sel = [mask.get(n, torch.zeros_like(p, dtype=torch.bool)) for n, p in named]
+
+    def scatter(x):
+        out, off = [], 0
+        for (n, p), m in zip(named, sel):
+            t = torch.zeros_like(p)
+            c = int(m.sum())
+            t[m] = x[off:off + c].to(p.dtype)
+            off += c
+            out.append(t)
+        return out
+
+    def gather(ts):
+        return torch.cat([t[m].reshape(-1) for t, m in zip(ts, sel)])
+
+    b = gather([g.get(n, torch.zeros_like(p)) for n, p in named]).double() / n_tilde
+
+    product = {"ggn": ggn_vp, "hessian": hvp}.get(curvature_product)
+    if product is None:
+        raise ValueError(f"curvature_product must be 'ggn' or 'hessian', not {curvature_product!r}")
+
+    def matvec(x):
+        return gather(product(model, d_tilde, task, scatter(x), ctx.counters)).double() + delta * x
+
+    x, iters, resid = conjugate_gradient(matvec, b, iters=cg_iters)
+    with torch.no_grad():
+        for (n, p), step in zip(named, scatter(x)):
+            p.sub_(step)
+    return {"cg_iterations": iters, "cg_relative_residual": resid}
+
+
+def _masked_steps(model, mask, request, d_tilde, lr, epochs, max_steps, beta, batch_size, seed, ctx):
+    task, device = request.task, model_device(model)
+    gen = torch.Generator().manual_seed(seed)
+    opt = masked_optimizer(model, mask, torch.optim.SGD, lr=lr, momentum=0.9)
+    removal = request.corrected is None
+    data = DataLoader(d_tilde.dataset, batch_size=batch_size, shuffle=True, generator=gen)
+    forget = cycle(DataLoader(request.forget.dataset, batch_size=batch_size, shuffle=True, generator=gen)) \
+        if removal else None
+    steps = 0
+    for epoch in range(epochs):
+        train_mode(model, "freeze")  # a masked edit leaves BatchNorm statistics alone
+        for batch in progress(data, ctx.progress, f"saps steps {epoch + 1}/{epochs}"):
+            if max_steps is not None and steps >= max_steps:
+                break
+            batch = task.to(batch, device)
+            loss = task.loss(model, batch)
+            if removal:
+                loss = beta * loss - (1 - beta) * task.loss(model, task.to(next(forget), device))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            steps += 1
+            ctx.counters.forward_passes += 1
+            ctx.counters.backward_passes += 1
+    model.eval()
