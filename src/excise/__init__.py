@@ -22,6 +22,7 @@ _LAZY = {
     "UnlearningRequest": ("excise.types", "UnlearningRequest"),
     "UnlearningResult": ("excise.types", "UnlearningResult"),
     "ClassificationTask": ("excise.tasks", "ClassificationTask"),
+    "LanguageModelTask": ("excise.tasks", "LanguageModelTask"),
     "Task": ("excise.tasks", "Task"),
     "ForgetSpec": ("excise.data.forget", "ForgetSpec"),
     "Splits": ("excise.data.forget", "Splits"),

@@ -6,7 +6,7 @@ same code serves classification now and language modelling or diffusion later.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -89,11 +89,49 @@ class ClassificationTask(Task):
     def predict(self, model: nn.Module, batch: Any) -> torch.Tensor:
         return self.output(model, batch).argmax(dim=-1)
 
+    def sample_targets(self, output: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """Labels drawn from the model's predictive distribution (for the Monte-Carlo GGN)."""
+        probs = torch.softmax(output.float(), dim=-1)
+        flat = probs.reshape(-1, probs.shape[-1])
+        return torch.multinomial(flat, 1, generator=generator).view(probs.shape[:-1])
+
+    def class_targets(self, output: torch.Tensor):
+        """Every label with its probability, ``[(targets, weights)]`` (for the exact GGN diagonal)."""
+        if output.dim() != 2:
+            raise ValueError("the exact GGN enumerates classes of (batch, classes) outputs only; use ggn_mc")
+        probs = torch.softmax(output.float(), dim=-1)
+        n = output.shape[0]
+        return [(torch.full((n,), c, dtype=torch.long, device=output.device), probs[:, c])
+                for c in range(probs.shape[-1])]
+
+
+class LanguageModelTask(ClassificationTask):
+    """Next-token prediction: batches are ``(tokens, next_tokens)`` of shape (batch, length); the model returns
+    logits (batch, length, vocab); the loss is the mean cross-entropy over positions (per sample for
+    ``reduction="none"``)."""
+
+    name = "language_model"
+
+    def loss_from_output(self, output: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+        per_token = F.cross_entropy(output.flatten(0, -2), targets.flatten(), reduction="none").view(targets.shape)
+        per_sample = per_token.mean(-1)
+        if reduction == "none":
+            return per_sample
+        if reduction == "sum":
+            return per_sample.sum()
+        return per_sample.mean()
+
+    def output_hessian_vp(self, output: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """(1/T)·blockdiag(diag(p_t) − p_t p_tᵀ) u: the loss averages over the T positions."""
+        return super().output_hessian_vp(output, u) / output.shape[-2]
+
 
 def get_task(task: Any) -> Task:
-    """Accept a Task instance, a name, or None (classification)."""
+    """Accept a Task instance, a name (``classification``, ``language_model``), or None (classification)."""
     if task is None or task == "classification":
         return ClassificationTask()
+    if task == "language_model":
+        return LanguageModelTask()
     if isinstance(task, Task):
         return task
     raise ValueError(f"unknown task {task!r}; expected a Task instance or 'classification'")

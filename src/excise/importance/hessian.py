@@ -40,22 +40,16 @@ def hessian_diag(model: nn.Module, loader, task: Optional[Task] = None, method: 
             raise ValueError(f"hutchinson needs at least one probe, got {probes}")
         return _hutchinson(model, loader, task, probes, seed, counters, progress_bar)
     if method == "ggn_exact":
-        def every_class(x, y, out):
-            probs = torch.softmax(out.float(), dim=-1)
-            return [(torch.full((len(x),), c, dtype=torch.long, device=x.device), probs[:, c])
-                    for c in range(probs.shape[-1])]
-
-        return squared_sample_grads(model, loader, task, every_class, counters, progress_bar, "ggn (exact)",
-                                    chunk_size)
+        return squared_sample_grads(model, loader, task, lambda x, y, out: task.class_targets(out), counters,
+                                    progress_bar, "ggn (exact)", chunk_size)
     if method == "ggn_mc":
         if mc_samples < 1:
             raise ValueError(f"ggn_mc needs mc_samples ≥ 1, got {mc_samples}")
         gen = torch.Generator(device=model_device(model)).manual_seed(seed)
 
         def sampled(x, y, out):
-            probs = torch.softmax(out.float(), dim=-1)
             w = torch.full((len(x),), 1.0 / mc_samples, device=x.device)
-            return [(torch.multinomial(probs, 1, generator=gen).squeeze(1), w) for _ in range(mc_samples)]
+            return [(task.sample_targets(out, gen), w) for _ in range(mc_samples)]
 
         return squared_sample_grads(model, loader, task, sampled, counters, progress_bar, "ggn (monte carlo)",
                                     chunk_size)

@@ -78,3 +78,18 @@ class ResNet18(nn.Module):
 
     def forward(self, x):
         return self.head(torch.flatten(self.pool(self.stages(self.stem(x))), 1))
+
+
+class CharLSTM(nn.Module):
+    """Character-level language model: embedding → LSTM → linear head over the vocabulary."""
+
+    def __init__(self, input_shape: Sequence[int], num_classes: int, embed: int = 64, hidden: int = 256,
+                 layers: int = 1):
+        super().__init__()
+        self.embed = nn.Embedding(num_classes, embed)
+        self.lstm = nn.LSTM(embed, hidden, num_layers=layers, batch_first=True)
+        self.head = nn.Linear(hidden, num_classes)
+
+    def forward(self, x):
+        out, _ = self.lstm(self.embed(x))
+        return self.head(out)
