@@ -106,3 +106,21 @@ def test_report_summary_gaps_round_trip_and_refusal(tmp_path):
     files["json"].write_text(json.dumps(d))
     with pytest.raises(ValueError, match="does not match"):
         Report.load(files["json"])
+
+
+def test_relearn_probe_trains_a_copy_and_records_the_curve():
+    from excise.evaluation import accuracy
+    from excise.evaluation.relearn import relearn_probe
+
+    from helpers import tiny_cnn, toy_loader
+
+    model = tiny_cnn()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    loader = toy_loader(n=24, batch_size=8)
+    curve = relearn_probe(model, loader, lambda m: accuracy(m, loader), checkpoints=(0, 30), lr=0.05)
+    assert [c["step"] for c in curve] == [0, 30]
+    assert curve[1]["value"] > curve[0]["value"]  # fitting the probe data raises accuracy on it
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k])
+    with pytest.raises(ValueError, match="checkpoints"):
+        relearn_probe(model, loader, lambda m: 0.0, checkpoints=())
