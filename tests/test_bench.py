@@ -107,3 +107,34 @@ def test_evaluate_a_user_checkpoint(tiny, tmp_path):
     assert mine["avg_gap"] == pytest.approx(0.0) and mine["agree_forget"] == 100.0
     rep2 = evaluate(prep.original, str(tiny), progress=False)
     assert rep2.protocol_hash == rep.protocol_hash  # same protocol, same seed → comparable
+
+
+RELABEL = """
+name = "digits-mlp-relabel"
+dataset = "digits"
+arch = "mlp"
+forget = "relabel:150"
+seeds = [0]
+importance_batch = 64
+[recipe]
+epochs = 40
+batch_size = 32
+[methods.saps]
+update = "steps"
+k = 0.05
+lr = 0.05
+epochs = 5
+"""
+
+
+def test_relabel_protocol_with_saps(tmp_path):
+    p = tmp_path / "relabel.toml"
+    p.write_text(RELABEL)
+    rep = run_bench(str(p), progress=False)
+    rows = {r["method"]: r for r in rep.rows}
+    # the original learnt the wrong labels; the oracle, trained on the corrected data, did not
+    assert rows["original"]["corrected_acc"] < 40 < rows["retrain"]["corrected_acc"]
+    # SAPS moves the corrected samples toward their true labels without hurting test accuracy much
+    assert rows["saps"]["corrected_acc"] > rows["original"]["corrected_acc"] + 25
+    assert rows["saps"]["TA"] > rows["original"]["TA"] - 3
+    assert 0 < rows["saps"]["selected_fraction"] <= 0.06

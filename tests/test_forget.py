@@ -92,3 +92,27 @@ def test_split_file_round_trip_and_tamper(digits, tmp_path):
         Splits.load(tmp_path / "split.json")
     with pytest.raises(ValueError, match="different training dataset"):
         s.check_dataset(te)
+
+
+def test_relabel_specs_and_splits(digits):
+    tr, te = digits
+    spec = ForgetSpec.parse("relabel:100", seed=2)
+    assert spec.flips == 100 and spec.label() == "relabel:100"
+    s = make_splits(spec, tr, te)
+    _check_partition(s, len(tr))
+    assert len(s.forget) == 100 and len(s.wrong_labels) == 100
+    assert all(w != int(tr.targets[i]) for i, w in zip(s.forget, s.wrong_labels))
+    from excise.data import with_wrong_labels
+
+    noisy = with_wrong_labels(tr, s)
+    assert int((noisy.targets != tr.targets).sum()) == 100
+    t = make_splits(ForgetSpec.parse("relabel:20:3->8"), tr, te)
+    assert set(t.wrong_labels) == {8} and {int(tr.targets[i]) for i in t.forget} == {3}
+    with pytest.raises(ValueError, match="flips"):
+        ForgetSpec.parse("relabel:0")
+    with pytest.raises(ValueError, match="relabel:N"):
+        ForgetSpec.parse("relabel:many")
+    with pytest.raises(ValueError, match="SOURCE->TARGET"):
+        ForgetSpec.parse("relabel:5:3to8")
+    with pytest.raises(ValueError, match="not a relabel"):
+        with_wrong_labels(tr, make_splits(ForgetSpec.parse("class:3"), tr, te))

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from .data import ForgetSpec, Splits, load_dataset, make_splits
+from .data import ForgetSpec, Splits, load_dataset, make_splits, with_wrong_labels
 from .models import build_model
 from .training import CheckpointCache, TrainRecipe, seeded_loader, train
 from .types import UnlearningRequest
@@ -49,14 +49,25 @@ class Prepared:
     original_meta: Optional[Dict[str, Any]]
     oracle_meta: Optional[Dict[str, Any]]
     cache_hits: Dict[str, bool]
+    original_ds: Any = None  # what the original was trained on: train_ds, or with wrong labels (relabel)
+
+    def __post_init__(self):
+        if self.original_ds is None:
+            self.original_ds = self.train_ds
+
+    @property
+    def is_correction(self) -> bool:
+        return self.splits.wrong_labels is not None
 
     def request(self) -> UnlearningRequest:
-        """The unlearning request: forget, retain and the full training set D, batched for importance passes."""
-        ds, b = self.train_ds, self.setup.importance_batch
+        """The unlearning request, batched for importance passes: forget (as the original saw it), retain, the
+        full training set D, and for a relabel request the corrected forget samples Z̃."""
+        b = self.setup.importance_batch
         return UnlearningRequest(
-            forget=seeded_loader(ds, self.splits.forget, b),
-            retain=seeded_loader(ds, self.splits.retain, b),
-            train=seeded_loader(ds, self.splits.train, b),
+            forget=seeded_loader(self.original_ds, self.splits.forget, b),
+            retain=seeded_loader(self.train_ds, self.splits.retain, b),
+            train=seeded_loader(self.original_ds, self.splits.train, b),
+            corrected=seeded_loader(self.train_ds, self.splits.forget, b) if self.is_correction else None,
         )
 
     def build(self) -> nn.Module:
@@ -84,36 +95,42 @@ def prepare(setup: Setup, cache: Optional[CheckpointCache] = None, with_oracle: 
         train_ds = load_dataset(setup.dataset, "train", setup.data_root)
         test_ds = load_dataset(setup.dataset, "test", setup.data_root)
     splits = make_splits(setup.forget, train_ds, test_ds)
+    correction = splits.wrong_labels is not None
+    original_ds = with_wrong_labels(train_ds, splits) if correction else train_ds
     loaders = {
-        "forget": seeded_loader(train_ds, splits.forget, EVAL_BATCH),
+        "forget": seeded_loader(original_ds, splits.forget, EVAL_BATCH),
         "retain": seeded_loader(train_ds, splits.retain, EVAL_BATCH),
         "val": seeded_loader(train_ds, splits.val, EVAL_BATCH),
         "test": seeded_loader(test_ds, splits.test, EVAL_BATCH),
     }
     if splits.test_forget:
         loaders["test_forget"] = seeded_loader(test_ds, splits.test_forget, EVAL_BATCH)
+    if correction:  # the forget samples with their true labels
+        loaders["corrected"] = seeded_loader(train_ds, splits.forget, EVAL_BATCH)
 
     def build():
         torch.manual_seed(setup.seed)
         return build_model(setup.arch, train_ds.input_shape, train_ds.num_classes, **setup.arch_kwargs).to(device)
 
-    def key(role: str, indices) -> Dict[str, Any]:
-        return {"role": role, "data": train_ds.fingerprint(), "indices": _digest(indices), "arch": setup.arch,
+    def key(role: str, ds, indices) -> Dict[str, Any]:
+        return {"role": role, "data": ds.fingerprint(), "indices": _digest(indices), "arch": setup.arch,
                 "arch_kwargs": setup.arch_kwargs, "recipe": setup.recipe.to_dict(), "seed": setup.seed}
 
-    def fitter(indices, desc):
+    def fitter(ds, indices, desc):
         def fit(model):
-            loader = seeded_loader(train_ds, indices, setup.recipe.batch_size, shuffle=True, seed=setup.seed)
+            loader = seeded_loader(ds, indices, setup.recipe.batch_size, shuffle=True, seed=setup.seed)
             return train(model, loader, setup.recipe, seed=setup.seed, progress=progress, desc=desc)
         return fit
 
     original = ometa = oracle = rmeta = None
     ohit = rhit = False
     if with_original:
-        original, ometa, ohit = cache.get_or_train(key("original", splits.train), build,
-                                                   fitter(splits.train, "original"))
+        original, ometa, ohit = cache.get_or_train(key("original", original_ds, splits.train), build,
+                                                   fitter(original_ds, splits.train, "original"))
     if with_oracle:
-        oracle, rmeta, rhit = cache.get_or_train(key("retrain", splits.retain), build,
-                                                 fitter(splits.retain, "retrain oracle"))
+        # removal: retrain on the retain set; correction: retrain on D with the true labels (retain ∪ Z̃)
+        oracle_idx = splits.train if correction else splits.retain
+        oracle, rmeta, rhit = cache.get_or_train(key("retrain", train_ds, oracle_idx), build,
+                                                 fitter(train_ds, oracle_idx, "retrain oracle"))
     return Prepared(setup, train_ds, test_ds, splits, loaders, original, oracle, ometa, rmeta,
-                    {"original": ohit, "oracle": rhit})
+                    {"original": ohit, "oracle": rhit}, original_ds)

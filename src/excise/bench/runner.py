@@ -74,7 +74,8 @@ def _protocol_identity(proto: Dict[str, Any], seeds: Sequence[int], split_hashes
 
 
 def _loaders(prep) -> Dict[str, Any]:
-    return {k: prep.loaders[k] for k in ("forget", "retain", "val", "test", "test_forget") if k in prep.loaders}
+    return {k: prep.loaders[k] for k in ("forget", "retain", "val", "test", "test_forget", "corrected")
+            if k in prep.loaders}
 
 
 def _row_cache(key: str) -> Path:

@@ -1,8 +1,8 @@
 """Offline data sources and forgetting splits."""
 
-from .forget import ForgetSpec, Splits, flip_labels, make_splits
+from .forget import ForgetSpec, Splits, flip_labels, make_splits, with_wrong_labels
 from .sources import (FASHION_MNIST_CLASSES, FASHION_MNIST_COARSE, ArrayDataset, load_cifar, load_dataset,
                       load_digits, load_fashion_mnist)
 
-__all__ = ["ForgetSpec", "Splits", "flip_labels", "make_splits", "ArrayDataset", "load_cifar", "load_dataset", "load_digits",
+__all__ = ["ForgetSpec", "Splits", "flip_labels", "make_splits", "with_wrong_labels", "ArrayDataset", "load_cifar", "load_dataset", "load_digits",
            "load_fashion_mnist", "FASHION_MNIST_CLASSES", "FASHION_MNIST_COARSE"]

@@ -17,7 +17,7 @@ import torch
 
 from ..types import atomic_write_bytes
 
-KINDS = ("class", "subclass", "random", "indices")
+KINDS = ("class", "subclass", "random", "indices", "relabel")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,8 +26,10 @@ class ForgetSpec:
 
     kind: ``class`` (every training sample of one or more classes), ``subclass`` (one fine class while
     the model predicts coarse labels), ``random`` (a seeded fraction of D), ``indices`` (explicit positions
-    in the training dataset). ``classes`` are names or integer ids. ``val_fraction`` of the training data
-    is held out (seeded) as the validation split.
+    in the training dataset), ``relabel`` (a label-correction request: ``flips`` samples of D get wrong
+    labels — random ones, or ``classes=(source, target)`` for a targeted flip — the original model is trained
+    on them and the oracle on the corrected data). ``classes`` are names or integer ids. ``val_fraction`` of
+    the training data is held out (seeded) as the validation split.
     """
 
     kind: str
@@ -36,6 +38,7 @@ class ForgetSpec:
     indices: Tuple[int, ...] = ()
     seed: int = 0
     val_fraction: float = 0.1
+    flips: int = 0
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -50,12 +53,18 @@ class ForgetSpec:
             if len(set(self.indices)) != len(self.indices):
                 dup = sorted({i for i in self.indices if self.indices.count(i) > 1})[:10]
                 raise ValueError(f"duplicate forget indices: {dup}")
+        if self.kind == "relabel":
+            if self.flips < 1:
+                raise ValueError(f"a relabel spec needs flips ≥ 1, got {self.flips}")
+            if self.classes and len(self.classes) != 2:
+                raise ValueError("a targeted relabel spec needs classes=(source, target)")
         if not (0.0 <= float(self.val_fraction) < 1.0):
             raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
 
     @classmethod
     def parse(cls, text: str, seed: int = 0, val_fraction: float = 0.1) -> "ForgetSpec":
-        """``class:9``, ``class:Ankle boot``, ``subclass:Shirt``, ``random:0.1``, ``indices:3,17,42``."""
+        """``class:9``, ``class:Ankle boot``, ``subclass:Shirt``, ``random:0.1``, ``indices:3,17,42``,
+        ``relabel:2500`` (random wrong labels), ``relabel:1000:Coat->Shirt`` (targeted)."""
         if ":" not in text:
             raise ValueError(f"forget spec {text!r} should look like KIND:VALUE, e.g. class:9 or random:0.1")
         kind, value = text.split(":", 1)
@@ -75,11 +84,25 @@ class ForgetSpec:
             except ValueError:
                 raise ValueError(f"indices:{value} — expected comma-separated integers") from None
             return cls("indices", indices=idx, seed=seed, val_fraction=val_fraction)
+        if kind == "relabel":
+            count, _, pair = value.partition(":")
+            try:
+                flips = int(count)
+            except ValueError:
+                raise ValueError(f"relabel:{value} — expected relabel:N or relabel:N:SOURCE->TARGET") from None
+            classes: tuple = ()
+            if pair:
+                if "->" not in pair:
+                    raise ValueError(f"relabel:{value} — a targeted flip reads SOURCE->TARGET")
+                classes = tuple(int(v) if v.strip().isdigit() else v.strip() for v in pair.split("->", 1))
+            return cls("relabel", classes=classes, flips=flips, seed=seed, val_fraction=val_fraction)
         raise ValueError(f"unknown forget kind {kind!r}; expected one of {KINDS}")
 
     def to_dict(self) -> Dict[str, Any]:
         d = dataclasses.asdict(self)
         d["classes"], d["indices"] = list(self.classes), list(self.indices)
+        if self.kind != "relabel":
+            d.pop("flips")  # keeps split hashes of the other kinds as they were before relabel existed
         return d
 
     def label(self) -> str:
@@ -87,6 +110,8 @@ class ForgetSpec:
             return f"{self.kind}:{','.join(map(str, self.classes))}"
         if self.kind == "random":
             return f"random:{self.fraction:g}"
+        if self.kind == "relabel":
+            return f"relabel:{self.flips}" + (f":{self.classes[0]}->{self.classes[1]}" if self.classes else "")
         return f"indices:{len(self.indices)}"
 
 
@@ -118,6 +143,7 @@ class Splits:
     test: List[int]
     test_forget: Optional[List[int]] = None  # test samples of the forgotten (sub)class, if any
     test_retain: Optional[List[int]] = None
+    wrong_labels: Optional[List[int]] = None  # relabel requests: the wrong label of each forget sample
     hash: str = ""
 
     def __post_init__(self):
@@ -126,6 +152,8 @@ class Splits:
 
     def content_hash(self) -> str:
         body = {k: v for k, v in dataclasses.asdict(self).items() if k != "hash"}
+        if body.get("wrong_labels") is None:
+            body.pop("wrong_labels", None)  # keeps the hashes of split files written before the field existed
         return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
     def save(self, path: str | os.PathLike) -> None:
@@ -171,8 +199,16 @@ def make_splits(spec: ForgetSpec, train, test=None) -> Splits:
     in_val[val] = True
     d_idx = (~in_val).nonzero().flatten()
 
-    test_forget = test_retain = None
-    if spec.kind == "class":
+    test_forget = test_retain = wrong = None
+    if spec.kind == "relabel":
+        source = target = None
+        if spec.classes:
+            source, target = _class_ids(spec.classes, train.classes)
+        noisy, flipped = flip_labels(train, spec.flips, seed=spec.seed, source=source, target=target,
+                                     candidates=d_idx.tolist())
+        forget = torch.tensor(flipped)
+        wrong = noisy.targets[forget].tolist()
+    elif spec.kind == "class":
         ids = _class_ids(spec.classes, train.classes)
         sel = torch.isin(train.targets[d_idx], torch.tensor(ids))
         forget = d_idx[sel]
@@ -211,7 +247,7 @@ def make_splits(spec: ForgetSpec, train, test=None) -> Splits:
         test_fingerprint=test.fingerprint() if test is not None else None,
         train=d_idx.tolist(), forget=forget.tolist(), retain=retain.tolist(), val=val.tolist(),
         test=list(range(len(test))) if test is not None else [],
-        test_forget=test_forget, test_retain=test_retain,
+        test_forget=test_forget, test_retain=test_retain, wrong_labels=wrong,
     )
 
 
@@ -245,3 +281,14 @@ def flip_labels(dataset, n: int, seed: int = 0, source: Optional[int] = None, ta
     flipped = ArrayDataset(dataset.x, y, dataset.classes, f"{dataset.name}-flip{n}-s{seed}-{source}-{target}",
                            fine_targets=None, fine_classes=None)
     return flipped, idx.tolist()
+
+
+def with_wrong_labels(train, splits: Splits):
+    """The training dataset as the original model of a relabel request saw it (wrong labels on the forget set)."""
+    from .sources import ArrayDataset
+
+    if splits.wrong_labels is None:
+        raise ValueError("these splits are not a relabel request")
+    y = train.targets.clone()
+    y[torch.tensor(splits.forget)] = torch.tensor(splits.wrong_labels)
+    return ArrayDataset(train.x, y, train.classes, f"{train.name}-wrong-{splits.hash[:12]}")

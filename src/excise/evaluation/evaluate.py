@@ -20,6 +20,7 @@ METRICS: Dict[str, tuple] = {
     "TA": ("higher is better", "the oracle's"),
     "VA": ("higher is better", "the oracle's"),
     "forget_acc": ("lower = more forgotten", "the oracle's"),
+    "corrected_acc": ("accuracy on the corrected samples with their true labels (relabel requests)", "the oracle's"),
     "mia_svc_confidence": ("% of D_f called non-member; higher = more forgotten", "the oracle's"),
     "mia_lr_entropy": ("% of D_f called member; lower = more forgotten", "the oracle's"),
     "mia_loss_cv": ("CV accuracy forget vs test", "≈ 0.5"),
@@ -51,6 +52,8 @@ def metrics_from_predictions(preds: Dict[str, tuple], oracle_preds: Optional[Dic
         out["VA"] = acc["val"]
     if "test_forget" in acc:
         out["test_forget_acc"] = acc["test_forget"]
+    if "corrected" in acc:
+        out["corrected_acc"] = acc["corrected"]
     feat = {k: features(p, y, mia_feature) for k, (p, y) in preds.items()}
     svc = mia_svc_scores(feat["retain"], feat["test"], feat["forget"], seed=seed)
     out["mia_svc_confidence"] = svc["value"]
