@@ -56,60 +56,55 @@ def hessian_diag(model: nn.Module, loader, task: Optional[Task] = None, method: 
     raise ValueError(f"unknown Hessian-diagonal estimator {method!r}; expected one of {ESTIMATORS}")
 
 
-def _weighted_batches(loader, task, device, show, desc):
-    """Yield (batch, weight) with weight = n_b so that Σ_b n_b·L_b / N is the mean loss over samples."""
-    for batch in progress(loader, show, desc):
-        batch = task.to(batch, device)
-        yield batch, task.batch_size(batch)
+def _second_order_pass(model, loader, task, counters, show, desc, accumulate) -> Scores:
+    """Shared loop: for each batch, gradients of n_b·L_b with a graph, then ``accumulate(acc, grads, params)``
+    adds that batch's diagonal contribution (and returns how many extra backward passes it made); the sum is
+    divided by N, the number of samples."""
+    named = trainable(model)
+    params = [p for _, p in named]
+    acc = [torch.zeros_like(p, dtype=torch.float32) for p in params]
+    device, total = model_device(model), 0
+    with eval_mode(model):
+        for batch in progress(loader, show, desc):
+            batch = task.to(batch, device)
+            n = task.batch_size(batch)
+            grads = torch.autograd.grad(task.loss(model, batch) * n, params, create_graph=True)
+            backward = accumulate(acc, grads, params)
+            total += n
+            if counters is not None:
+                counters.forward_passes += 1
+                counters.backward_passes += backward
+                counters.samples_seen += n
+    if total == 0:
+        raise ValueError(f"{desc}: the loader yielded no sample")
+    return Scores({name: a.div_(total) for (name, _), a in zip(named, acc)})
 
 
 def _exact(model, loader, task, counters, show) -> Scores:
-    named = trainable(model)
-    params = [p for _, p in named]
-    acc = [torch.zeros_like(p, dtype=torch.float32) for p in params]
-    device, total = model_device(model), 0
-    with eval_mode(model):
-        for batch, n in _weighted_batches(loader, task, device, show, "hessian (exact)"):
-            loss = task.loss(model, batch) * n
-            grads = torch.autograd.grad(loss, params, create_graph=True)
-            for a, g, p in zip(acc, grads, params):
-                flat = g.reshape(-1)
-                for j in range(flat.numel()):
-                    (h,) = torch.autograd.grad(flat[j], p, retain_graph=True)
-                    a.view(-1)[j] += h.reshape(-1)[j].float()
-                    if counters is not None:
-                        counters.backward_passes += 1
-            total += n
-            if counters is not None:
-                counters.forward_passes += 1
-                counters.samples_seen += n
-    if total == 0:
-        raise ValueError("hessian (exact): the loader yielded no sample")
-    return Scores({name: a.div_(total) for (name, _), a in zip(named, acc)})
+    def accumulate(acc, grads, params):
+        passes = 0
+        for a, g, p in zip(acc, grads, params):
+            flat = g.reshape(-1)
+            for j in range(flat.numel()):
+                (h,) = torch.autograd.grad(flat[j], p, retain_graph=True)
+                a.view(-1)[j] += h.reshape(-1)[j].float()
+                passes += 1
+        return passes
+
+    return _second_order_pass(model, loader, task, counters, show, "hessian (exact)", accumulate)
 
 
 def _hutchinson(model, loader, task, probes, seed, counters, show) -> Scores:
-    named = trainable(model)
-    params = [p for _, p in named]
-    acc = [torch.zeros_like(p, dtype=torch.float32) for p in params]
-    device, total = model_device(model), 0
+    device = model_device(model)
     gen = torch.Generator(device=device).manual_seed(seed)
-    with eval_mode(model):
-        for batch, n in _weighted_batches(loader, task, device, show, "hessian (hutchinson)"):
-            loss = task.loss(model, batch) * n
-            grads = torch.autograd.grad(loss, params, create_graph=True)
-            for k in range(probes):
-                vs = [torch.randint(0, 2, p.shape, generator=gen, device=device).to(p.dtype).mul_(2).sub_(1)
-                      for p in params]
-                hv = torch.autograd.grad(grads, params, grad_outputs=vs, retain_graph=k < probes - 1)
-                for a, v, h in zip(acc, vs, hv):
-                    a.add_((v * h).float(), alpha=1.0 / probes)
-                if counters is not None:
-                    counters.backward_passes += 1
-            total += n
-            if counters is not None:
-                counters.forward_passes += 1
-                counters.samples_seen += n
-    if total == 0:
-        raise ValueError("hessian (hutchinson): the loader yielded no sample")
-    return Scores({name: a.div_(total) for (name, _), a in zip(named, acc)})
+
+    def accumulate(acc, grads, params):
+        for k in range(probes):
+            vs = [torch.randint(0, 2, p.shape, generator=gen, device=device).to(p.dtype).mul_(2).sub_(1)
+                  for p in params]
+            hv = torch.autograd.grad(grads, params, grad_outputs=vs, retain_graph=k < probes - 1)
+            for a, v, h in zip(acc, vs, hv):
+                a.add_((v * h).float(), alpha=1.0 / probes)
+        return probes
+
+    return _second_order_pass(model, loader, task, counters, show, "hessian (hutchinson)", accumulate)
