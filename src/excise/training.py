@@ -31,7 +31,8 @@ def default_cache_dir() -> Path:
 
 @dataclasses.dataclass(frozen=True)
 class TrainRecipe:
-    """Plain SGD with momentum, weight decay and an optional cosine schedule."""
+    """SGD with momentum (or Adam, ``optimizer="adam"``, for recurrent language models), weight decay and an
+    optional cosine schedule."""
 
     epochs: int = 3
     lr: float = 0.05
@@ -39,9 +40,19 @@ class TrainRecipe:
     weight_decay: float = 5e-4
     batch_size: int = 128
     schedule: str = "cosine"  # or "constant"
+    optimizer: str = "sgd"  # or "adam"
+    clip_grad_norm: Optional[float] = None
+
+    def __post_init__(self):
+        if self.optimizer not in ("sgd", "adam"):
+            raise ValueError(f"optimizer must be 'sgd' or 'adam', not {self.optimizer!r}")
 
     def to_dict(self) -> Dict[str, Any]:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        for k, default in (("optimizer", "sgd"), ("clip_grad_norm", None)):  # keep older cache keys valid
+            if d[k] == default:
+                del d[k]
+        return d
 
 
 def seeded_loader(dataset, indices: Optional[Sequence[int]], batch_size: int, shuffle: bool = False,
@@ -66,8 +77,11 @@ def train(model: nn.Module, loader: DataLoader, recipe: TrainRecipe, task: Optio
     task = task or ClassificationTask()
     torch.manual_seed(seed)
     device = model_device(model)
-    opt = torch.optim.SGD(model.parameters(), lr=recipe.lr, momentum=recipe.momentum,
-                          weight_decay=recipe.weight_decay)
+    if recipe.optimizer == "adam":
+        opt = torch.optim.Adam(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
+    else:
+        opt = torch.optim.SGD(model.parameters(), lr=recipe.lr, momentum=recipe.momentum,
+                              weight_decay=recipe.weight_decay)
     steps = recipe.epochs * len(loader)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(steps, 1)) if recipe.schedule == "cosine" else None
     model.train()
@@ -79,6 +93,8 @@ def train(model: nn.Module, loader: DataLoader, recipe: TrainRecipe, task: Optio
             loss = task.loss(model, batch)
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            if recipe.clip_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.clip_grad_norm)
             opt.step()
             if sched is not None:
                 sched.step()
