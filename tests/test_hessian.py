@@ -86,3 +86,28 @@ def test_bad_estimator_arguments():
         hessian_diag(model, loader, method="hutchinson", probes=0)
     with pytest.raises(ValueError, match="mc_samples"):
         hessian_diag(model, loader, method="ggn_mc", mc_samples=0)
+
+
+def test_backpack_backend_agrees_with_torch_func():
+    pytest.importorskip("backpack")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 3, 3), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 4 * 4, 3))
+    x = torch.randn(40, 1, 6, 6)
+    y = torch.randint(0, 3, (40,))
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=16)
+    before = [p.clone() for p in model.parameters()]
+    ref = hessian_diag(model, loader, method="ggn_exact")
+    bp = hessian_diag(model, loader, method="ggn_exact", backend="backpack")
+    for n in ref:
+        torch.testing.assert_close(bp[n], ref[n], rtol=1e-4, atol=1e-7)
+    exact = hessian_diag(model, loader, method="exact")  # a ReLU net: the GGN diagonal is the Hessian diagonal
+    for n in ref:
+        torch.testing.assert_close(ref[n], exact[n], rtol=1e-4, atol=1e-7)
+    mc = hessian_diag(model, loader, method="ggn_mc", mc_samples=400, backend="backpack", seed=3)
+    assert _rel_err(mc, ref) < 0.15
+    assert all(torch.equal(p, q) for p, q in zip(before, model.parameters()))  # the caller's model is untouched
+    assert not any(hasattr(m, "_backpack_extend") for m in model.modules())
+    with pytest.raises(ValueError, match="backpack"):
+        hessian_diag(model, loader, method="hutchinson", backend="backpack")
+    with pytest.raises(ValueError, match="unknown backend"):
+        hessian_diag(model, loader, method="ggn_mc", backend="jax")

@@ -155,3 +155,23 @@ def test_label_correction_restores_the_flipped_samples():
     assert before < 40, before  # the wrong labels were learnt
     assert after > before + 25, (before, after)
     assert accuracy(res.model, test) > accuracy(model, test) - 3
+
+
+def test_cg_on_a_subsample_and_the_curvature_is_cached():
+    from excise.importance import ImportanceCache
+
+    model, req = _request()
+    cache = ImportanceCache()
+    a = unlearn(model, req, "saps", update="second_order", cg_samples=10, k=0.2, importance_cache=cache)
+    assert a.info["cg_samples"] == 10 and a.info["curvature_samples"] == 46
+    assert a.info["curvature_cache"] == "miss"
+    b = unlearn(model, req, "saps", update="diagonal", k=0.2, importance_cache=cache)
+    assert b.info["curvature_cache"] == "hit"
+    assert torch.equal(torch.cat([m.flatten() for m in a.mask.values()]),
+                       torch.cat([m.flatten() for m in b.mask.values()]))  # same curvature → same selection
+    full = unlearn(model, req, "saps", update="second_order", k=0.2, importance_cache=cache)
+    assert full.info["cg_samples"] == 46
+    changed = [not torch.equal(p, q) for p, q in zip(a.model.parameters(), full.model.parameters())]
+    assert any(changed)  # a different curvature sample gives a different Newton step
+    with pytest.raises(ValueError, match="cg_samples"):
+        unlearn(model, req, "saps", update="second_order", cg_samples=0)

@@ -134,3 +134,103 @@ def prepare(setup: Setup, cache: Optional[CheckpointCache] = None, with_oracle: 
                                                  fitter(train_ds, oracle_idx, "retrain oracle"))
     return Prepared(setup, train_ds, test_ds, splits, loaders, original, oracle, ometa, rmeta,
                     {"original": ohit, "oracle": rhit}, original_ds)
+
+
+@dataclasses.dataclass
+class CanarySetup:
+    """Secret removal (issue 5's second task): a character-level LSTM trained on Python's pydoc text with
+    ``prefix + secret`` inserted ``copies`` times. The request replaces every window that holds a copy (Z) by
+    the same window of the text without it (Z̃); the oracle is trained on the retained windows and Z̃.
+    Exposure is measured over every secret of the same length drawn from ``alphabet``."""
+
+    text: str = "pydoc"
+    text_chars: Optional[int] = None  # use only the first N characters of the text (tests, quick runs)
+    prefix: str = "my pin is "
+    secret: str = "47163"
+    alphabet: str = "0123456789"
+    copies: int = 20
+    length: int = 64
+    stride: int = 32
+    arch_kwargs: Dict[str, Any] = dataclasses.field(default_factory=lambda: {"embed": 32, "hidden": 128})
+    recipe: TrainRecipe = dataclasses.field(default_factory=lambda: TrainRecipe(
+        epochs=8, lr=3e-3, optimizer="adam", weight_decay=0.0, batch_size=64, clip_grad_norm=1.0))
+    seed: int = 0
+    importance_batch: int = 64
+
+
+@dataclasses.dataclass
+class PreparedCanary:
+    setup: CanarySetup
+    corpus: Any
+    loaders: Dict[str, DataLoader]
+    original: Optional[nn.Module]
+    oracle: Optional[nn.Module]
+    original_meta: Optional[Dict[str, Any]]
+    oracle_meta: Optional[Dict[str, Any]]
+
+    def request(self) -> UnlearningRequest:
+        from torch.utils.data import ConcatDataset, Subset
+
+        from .tasks import LanguageModelTask
+
+        c, b = self.corpus, self.setup.importance_batch
+        return UnlearningRequest(forget=seeded_loader(c.train, c.forget, b), retain=seeded_loader(c.train, c.retain, b),
+                                 train=seeded_loader(c.train, None, b), corrected=seeded_loader(c.corrected, None, b),
+                                 task=LanguageModelTask())
+
+    def metrics(self, model: nn.Module) -> Dict[str, float]:
+        """Exposure of the secret (exact enumeration up to 10⁵ candidates), the canary's log-perplexity,
+        held-out perplexity (utility) and perplexity on the corrected windows Z̃."""
+        from .evaluation.exposure import canary_exposure, perplexity
+
+        s = self.setup
+        e = canary_exposure(model, self.corpus.vocab, s.prefix, s.secret, s.alphabet, seed=s.seed)
+        return {"exposure": e["exposure"], "canary_log_perplexity": e["log_perplexity"],
+                "heldout_ppl": perplexity(model, self.loaders["heldout"]),
+                "corrected_ppl": perplexity(model, self.loaders["corrected"])}
+
+
+def prepare_canary(setup: CanarySetup, cache: Optional[CheckpointCache] = None, progress: bool = True,
+                   device: Optional[torch.device] = None, with_oracle: bool = True) -> PreparedCanary:
+    """Build the canary corpus and train (or load from the cache) the original and the oracle."""
+    from torch.utils.data import ConcatDataset, Subset
+
+    from .data.text import load_text, make_canary_corpus
+    from .tasks import LanguageModelTask
+
+    if any(ch not in setup.alphabet for ch in setup.secret):
+        raise ValueError("the secret must be drawn from the alphabet")
+    cache = cache or CheckpointCache()
+    device = device or torch.device("cpu")
+    text = load_text(setup.text)
+    corpus = make_canary_corpus(text if setup.text_chars is None else text[:setup.text_chars], canary=setup.prefix + setup.secret, copies=setup.copies,
+                                length=setup.length, stride=setup.stride, seed=setup.seed)
+    task = LanguageModelTask()
+    loaders = {"forget": seeded_loader(corpus.train, corpus.forget, EVAL_BATCH),
+               "retain": seeded_loader(corpus.train, corpus.retain, EVAL_BATCH),
+               "corrected": seeded_loader(corpus.corrected, None, EVAL_BATCH),
+               "heldout": seeded_loader(corpus.heldout, None, EVAL_BATCH)}
+
+    def build():
+        torch.manual_seed(setup.seed)
+        return build_model("char_lstm", (setup.length,), len(corpus.vocab), **setup.arch_kwargs).to(device)
+
+    def fitter(ds, desc):
+        def fit(model):
+            loader = seeded_loader(ds, None, setup.recipe.batch_size, shuffle=True, seed=setup.seed)
+            return train(model, loader, setup.recipe, task=task, seed=setup.seed, progress=progress, desc=desc)
+        return fit
+
+    def key(role, fp):
+        return {"role": role, "data": fp, "arch": "char_lstm", "arch_kwargs": setup.arch_kwargs,
+                "recipe": setup.recipe.to_dict(), "seed": setup.seed, "vocab": "".join(corpus.vocab.chars)}
+
+    original, ometa, _ = cache.get_or_train(key("original", corpus.train.fingerprint()), build,
+                                            fitter(corpus.train, "original (with canary)"))
+    oracle = rmeta = None
+    if with_oracle:
+        fixed = ConcatDataset([Subset(corpus.train, corpus.retain), corpus.corrected])
+        fp = hashlib.sha256(f"{corpus.train.fingerprint()}|{_digest(corpus.retain)}|"
+                            f"{corpus.corrected.fingerprint()}".encode()).hexdigest()
+        oracle, rmeta, _ = cache.get_or_train(key("retrain", fp), build, fitter(fixed, "retrain oracle (no canary)"))
+    return PreparedCanary(setup, corpus, loaders, original, oracle, ometa, rmeta)

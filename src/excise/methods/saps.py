@@ -20,9 +20,10 @@ benchmark (issue 5) measures them.
 from __future__ import annotations
 
 from itertools import cycle
+from typing import Optional
 
 import torch
-from torch.utils.data import ConcatDataset, DataLoader
+from torch.utils.data import ConcatDataset, DataLoader, Subset
 
 from .. import importance, selection
 from ..edit import masked_optimizer, train_mode
@@ -35,8 +36,10 @@ from .registry import register
 
 SELECTORS = ("hessian", "all", "last_layer", "random", "grad_magnitude")
 UPDATES = ("first_order", "diagonal", "second_order", "steps")
-DEFAULTS = dict(k=0.01, selector="hessian", largest=True, estimator="ggn_mc", curvature="corrected", probes=10,
-                mc_samples=1, update="second_order", tau=1e-4, delta=0.01, cg_iters=20, curvature_product="ggn", lr=0.01, epochs=1,
+DEFAULTS = dict(k=0.01, selector="hessian", largest=True, estimator="ggn_mc", backend="torch", curvature="corrected",
+                curvature_samples=None, probes=10,
+                mc_samples=1, update="second_order", tau=1e-4, delta=0.01, cg_iters=20, cg_samples=None, curvature_product="ggn",
+                lr=0.01, epochs=1,
                 max_steps=None, beta=0.9, batch_size=128, scope=None, seed=0)
 
 
@@ -155,22 +158,27 @@ def select(model, selector: str, k: float, g: Scores, curvature_fn, eligible, la
 
 @register("saps", defaults=DEFAULTS,
           summary="SAPS: select the largest Hessian-diagonal entries, apply the correction update to them only")
-def saps(model, request, ctx, k, selector, largest, estimator, curvature, probes, mc_samples, update, tau, delta,
-         cg_iters, curvature_product, lr, epochs, max_steps, beta, batch_size, scope, seed):
+def saps(model, request, ctx, k, selector, largest, estimator, backend, curvature, curvature_samples, probes, mc_samples, update, tau, delta,
+         cg_iters, cg_samples, curvature_product, lr, epochs, max_steps, beta, batch_size, scope, seed):
     if update not in UPDATES:
         raise ValueError(f"unknown update {update!r}; expected one of {UPDATES}")
     task = request.task
     d_tilde = _curvature_loader(request, curvature)
     n_tilde = _n(d_tilde)
+    h_loader = _subsample(d_tilde, curvature_samples, seed)  # the diagonal may be estimated on a sample of D̃
     eligible = None if scope is None else (scope if isinstance(scope, Scope) else Scope.parse(scope)).names(model)
-    cache = {}
+    cache, info = {}, {}
 
-    def curvature_diag():
+    def curvature_diag():  # computed once, and cached per (model, D̃, estimator) like SSD's reference importance
         if "h" not in cache:
+            opts = {"exact": {}, "ggn_exact": {}, "hutchinson": {"probes": probes, "seed": seed},
+                    "ggn_mc": {"mc_samples": mc_samples, "seed": seed}}.get(estimator, {})
             with ctx.timer.phase("importance_ref"):
-                cache["h"] = importance.hessian_diag(model, d_tilde, task, estimator, probes=probes,
-                                                     mc_samples=mc_samples, seed=seed, counters=ctx.counters,
-                                                     progress_bar=ctx.progress)
+                cache["h"], info["curvature_cache"] = ctx.importance_cache.get_or_compute(
+                    model, h_loader, f"hessian_diag:{estimator}:{backend}",
+                    lambda: importance.hessian_diag(model, h_loader, task, estimator, probes=probes,
+                                                    mc_samples=mc_samples, seed=seed, counters=ctx.counters,
+                                                    progress_bar=ctx.progress, backend=backend), opts)
         return cache["h"]
 
     with ctx.timer.phase("importance_forget"):
@@ -189,14 +197,25 @@ def saps(model, request, ctx, k, selector, largest, estimator, curvature, probes
                 for n, m in mask.items():
                     named[n][m] -= (g[n][m] / n_tilde / (h[n][m] + delta)).to(named[n].dtype)
         elif update == "second_order":
-            info_cg = _newton_step(model, mask, g, d_tilde, task, n_tilde, delta, cg_iters, curvature_product, ctx)
+            cg_loader = _subsample(d_tilde, cg_samples, seed)
+            info_cg = _newton_step(model, mask, g, cg_loader, task, n_tilde, delta, cg_iters, curvature_product, ctx)
         else:
             _masked_steps(model, mask, request, d_tilde, lr, epochs, max_steps, beta, batch_size, seed, ctx)
     ctx.counters.params_touched += mask.count()
-    info = {"selected_fraction": mask.fraction(model), "curvature_samples": n_tilde}
+    info.update(selected_fraction=mask.fraction(model), curvature_samples=n_tilde, diagonal_samples=_n(h_loader))
     if update == "second_order":
-        info.update(info_cg)
+        info.update(info_cg, cg_samples=_n(cg_loader))
     return UnlearningResult(model=model, method="", hparams={}, mask=mask, info=info)
+
+
+def _subsample(loader: DataLoader, n: Optional[int], seed: int) -> DataLoader:
+    """A seeded random subset of ``n`` of the loader's samples (all of them for None), same batch size."""
+    if n is None or n >= _n(loader):
+        return loader
+    if n < 1:
+        raise ValueError(f"cg_samples / curvature_samples must be a positive number of samples or None, got {n}")
+    idx = torch.randperm(_n(loader), generator=torch.Generator().manual_seed(seed))[:n].sort().values.tolist()
+    return DataLoader(Subset(loader.dataset, idx), batch_size=loader.batch_size, shuffle=False)
 
 
 def _newton_step(model, mask, g, d_tilde, task, n_tilde, delta, cg_iters, curvature_product, ctx):
@@ -222,7 +241,7 @@ def _newton_step(model, mask, g, d_tilde, task, n_tilde, delta, cg_iters, curvat
     if product is None:
         raise ValueError(f"curvature_product must be 'ggn' or 'hessian', not {curvature_product!r}")
 
-    def matvec(x):
+    def matvec(x):  # curvature of the mean loss over the (sub)sampled D̃, restricted to the selected entries
         return gather(product(model, d_tilde, task, scatter(x), ctx.counters)).double() + delta * x
 
     x, iters, resid = conjugate_gradient(matvec, b, iters=cg_iters)

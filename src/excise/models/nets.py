@@ -24,7 +24,7 @@ class MLP(nn.Module):
 
 
 class SmallCNN(nn.Module):
-    """Two conv blocks (conv-BN-ReLU-pool) and a two-layer head; ~0.2 M parameters at 28×28."""
+    """Two conv blocks (conv-BN-ReLU-pool) and a two-layer head; 0.42 M parameters at 28×28."""
 
     def __init__(self, input_shape: Sequence[int], num_classes: int, channels: Sequence[int] = (32, 64),
                  hidden: int = 128):
