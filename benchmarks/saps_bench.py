@@ -4,8 +4,9 @@
     .venv/bin/python benchmarks/saps_bench.py secret       # → benchmarks/results/saps_secret.json
     .venv/bin/python benchmarks/saps_bench.py write        # → benchmarks/results/saps.md (with saps_estimators.json)
 
-Label correction: Fashion-MNIST, SmallCNN (3 epochs), 2,500 random wrong labels and a targeted flip of 2,500
-Coats to Pullover; the oracle is trained on the true labels. Secret removal: a character LSTM on Python's
+Label correction: Fashion-MNIST, SmallCNN (3 epochs), a targeted flip of 2,500 Coats to Pullover; the oracle
+is trained on the true labels. (2,500 *random* wrong labels are not a correction task under this recipe: the
+original does not learn them — accuracy on them with true labels 91.0 % vs the oracle's 92.0 %.) Secret removal: a character LSTM on Python's
 pydoc text with "my pin is 47163" inserted 20 times; the oracle is trained without it. One seed (0).
 Seconds are the unlearning step alone (evaluation excluded); the curvature diagonal over D̃ is computed once
 per model and reused by later runs (``importance_cache``), as in a service answering several requests:
@@ -33,11 +34,12 @@ from excise.protocol import CanarySetup, Setup, prepare, prepare_canary
 from excise.training import TrainRecipe, seeded_loader
 
 RESULTS = Path("benchmarks/results")
-SPECS = ["relabel:2500", "relabel:2500:Coat->Pullover"]
+SPECS = ["relabel:2500:Coat->Pullover"]
 SELECTORS = ["hessian", "grad_magnitude", "random", "last_layer", "all"]
 KS = [0.001, 0.01, 0.05]
-UPDATES = [dict(update="first_order", tau=1e-4), dict(update="first_order", tau=1e-3),
-           dict(update="diagonal", delta=0.01), dict(update="second_order"), dict(update="steps", max_steps=100)]
+UPDATES = [dict(update="first_order", tau=1e-4), dict(update="first_order", tau=1e-5),
+           dict(update="first_order", tau=1e-6), dict(update="diagonal", delta=0.1), dict(update="diagonal", delta=1.0),
+           dict(update="second_order"), dict(update="second_order", delta=1.0), dict(update="steps")]
 PROBE_STEPS = (0, 5, 10, 25, 50)
 
 
@@ -56,8 +58,10 @@ def _meta(cmd: str):
 def _run_grid(original, req, metrics, cache, extra=None):
     """Update comparison at the default selector and k, then the selector × k ablation at the default update."""
     rows = []
+    d = get_method("saps").defaults
     t = time.perf_counter()
-    hessian_diag(original, _dtilde(req), req.task, get_method("saps").defaults["estimator"])
+    from excise.methods.saps import _subsample
+    hessian_diag(original, _subsample(_dtilde(req), d["curvature_samples"], d["seed"]), req.task, d["estimator"])
     curvature_seconds = time.perf_counter() - t
     runs = [("update", dict(u)) for u in UPDATES]
     runs += [("ablation", dict(selector=s, k=k)) for k in KS for s in SELECTORS if not (s == "all" and k != KS[0])]

@@ -86,3 +86,33 @@ def test_language_model_task_and_curvature():
     with pytest.raises(ValueError, match="ggn_mc"):
         hessian_diag(model, loader, task, method="ggn_exact")
     assert perplexity(model, loader) > 1.0
+
+
+def test_canary_protocol_end_to_end(tmp_path):
+    from excise import unlearn
+    from excise.protocol import CanarySetup, prepare_canary
+    from excise.training import CheckpointCache, TrainRecipe
+
+    setup = CanarySetup(text_chars=12_000, secret="47", copies=4, length=32, stride=16,
+                        arch_kwargs={"embed": 8, "hidden": 16},
+                        recipe=TrainRecipe(epochs=1, lr=3e-3, optimizer="adam", weight_decay=0.0, batch_size=32))
+    cache = CheckpointCache(tmp_path)
+    prep = prepare_canary(setup, cache=cache, progress=False)
+    c = prep.corpus
+    assert len(c.corrected) == len(c.forget) >= 4
+    # the oracle's data (retain ∪ Z̃) never contains the canary; the original's does
+    assert all("my pin is 47" not in c.vocab.decode(c.train[i][0]) for i in c.retain)
+    assert all("my pin is 47" not in c.vocab.decode(c.corrected[k][0]) for k in range(len(c.corrected)))
+    m = prep.metrics(prep.original)
+    assert set(m) == {"exposure", "canary_log_perplexity", "heldout_ppl", "corrected_ppl"}
+    assert 0.0 <= m["exposure"] <= math.log2(100) and m["heldout_ppl"] > 1.0
+    again = prepare_canary(setup, cache=cache, progress=False)  # the second call loads from the cache
+    assert cache.hits == 2 and torch.equal(next(again.original.parameters()), next(prep.original.parameters()))
+    before = {k: v.clone() for k, v in prep.original.state_dict().items()}
+    res = unlearn(prep.original, prep.request(), "saps", k=0.05, update="second_order", cg_iters=3)
+    assert res.info["cg_iterations"] >= 1 and 0 < res.info["selected_fraction"] <= 0.06
+    changed = sum(int((p != before[n]).sum()) for n, p in res.model.named_parameters())
+    assert 0 < changed <= res.mask.count()
+    assert all(torch.equal(v, before[k]) for k, v in prep.original.state_dict().items())
+    with pytest.raises(ValueError, match="alphabet"):
+        prepare_canary(CanarySetup(secret="4x"), cache=cache, progress=False)

@@ -128,6 +128,7 @@ def _backpack(model, loader, task, method, mc_samples, seed, counters, show) -> 
     """BackPACK's DiagGGNExact / DiagGGNMC on a deep copy of the model (BackPACK hooks the modules it extends;
     the caller's model is left untouched), summed over batches with a summed loss and divided by N."""
     import copy
+    import warnings
 
     try:
         from backpack import backpack, extend
@@ -153,7 +154,9 @@ def _backpack(model, loader, task, method, mc_samples, seed, counters, show) -> 
         x, y = task.inputs(batch), task.targets(batch)
         copy_.zero_grad()
         try:
-            with backpack(ext):
+            with backpack(ext), warnings.catch_warnings():
+                # inputs never require grad here; torch warns about that for every hooked module
+                warnings.filterwarnings("ignore", message="Full backward hook is firing")
                 loss_fn(copy_(x), y).backward()
         except NotImplementedError as e:
             raise ValueError(f"BackPACK does not support this model ({e}); use backend='torch'") from None
