@@ -39,7 +39,8 @@ SELECTORS = ["hessian", "grad_magnitude", "random", "last_layer", "all"]
 KS = [0.001, 0.01, 0.05]
 UPDATES = [dict(update="first_order", tau=1e-4), dict(update="first_order", tau=1e-5),
            dict(update="first_order", tau=1e-6), dict(update="diagonal", delta=0.1), dict(update="diagonal", delta=1.0),
-           dict(update="second_order"), dict(update="second_order", delta=1.0), dict(update="steps")]
+           dict(update="second_order", delta=1.0), dict(update="steps"), dict(update="steps", max_steps=300),
+           dict(update="second_order")]
 PROBE_STEPS = (0, 5, 10, 25, 50)
 
 
