@@ -56,3 +56,23 @@ def test_methods_lists_presets(capsys):
     assert main(["methods"]) == 0
     out = capsys.readouterr().out
     assert "ssd" in out and "assd" in out and "paper" in out
+
+
+def test_unlearn_command_runs_saps_on_a_relabel_request(tmp_path, capsys):
+    from excise.data import ForgetSpec, load_digits, make_splits, with_wrong_labels
+    from excise.training import TrainRecipe, seeded_loader, train
+
+    clean, test = load_digits("train"), load_digits("test")
+    splits = make_splits(ForgetSpec.parse("relabel:150"), clean, test)  # the CLI makes the same split
+    torch.manual_seed(0)
+    model = build_model("mlp", (1, 8, 8), 10)
+    train(model, seeded_loader(with_wrong_labels(clean, splits), splits.train, 32, shuffle=True),
+          TrainRecipe(epochs=40), progress=False)
+    torch.save(model.state_dict(), tmp_path / "noisy.pt")
+    rc = main(["unlearn", "--model", str(tmp_path / "noisy.pt"), "--arch", "mlp", "--data", "digits",
+               "--forget", "relabel:150", "--method", "saps", "--hp", "update=steps", "--hp", "k=0.05",
+               "--hp", "lr=0.05", "--hp", "epochs=5", "--hp", "max_steps=200", "--quiet", "--out", str(tmp_path / "o")])
+    assert rc == 0
+    assert "acc. on Z with true labels" in capsys.readouterr().out
+    before, after = json.loads((tmp_path / "o" / "results.json").read_text())["rows"]
+    assert before["corrected_acc"] < 40 and after["corrected_acc"] > before["corrected_acc"] + 25

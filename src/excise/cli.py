@@ -38,9 +38,12 @@ COLUMNS = [("method", "method"), ("UA", "UA"), ("RA", "RA"), ("TA", "TA"), ("MIA
 
 def render_table(rows: List[Dict[str, Any]]) -> str:
     """Markdown table of demo / unlearn rows."""
-    head = "| " + " | ".join(title for _, title in COLUMNS) + " |"
-    sep = "|" + "|".join("---" if k == "method" else "---:" for k, _ in COLUMNS) + "|"
-    body = ["| " + " | ".join(_fmt(r.get(k)) for k, _ in COLUMNS) + " |" for r in rows]
+    cols = list(COLUMNS)
+    if any(r.get("corrected_acc") is not None for r in rows):  # a label-correction request
+        cols.insert(2, ("corrected_acc", "acc. on Z with true labels"))
+    head = "| " + " | ".join(title for _, title in cols) + " |"
+    sep = "|" + "|".join("---" if k == "method" else "---:" for k, _ in cols) + "|"
+    body = ["| " + " | ".join(_fmt(r.get(k)) for k, _ in cols) + " |" for r in rows]
     return "\n".join([head, sep, *body])
 
 
@@ -130,6 +133,7 @@ def cmd_demo(args) -> int:
 
 def cmd_unlearn(args) -> int:
     from . import unlearn
+    from .evaluation import accuracy
     from .evaluation.summary import basic_metrics
     from .protocol import prepare
     from .training import load_state, save_state
@@ -150,9 +154,15 @@ def cmd_unlearn(args) -> int:
         res.mask.save(out / "mask.safetensors")
     prep.splits.save(out / "splits.json")
     L = prep.loaders
-    rows = [_row("before", basic_metrics(model, L["forget"], L["retain"], L["test"]), None, None),
-            _row(args.method, basic_metrics(res.model, L["forget"], L["retain"], L["test"]), res.seconds, None,
-                 res.info.get("selected_fraction"))]
+
+    def metrics(m):
+        out = basic_metrics(m, L["forget"], L["retain"], L["test"])
+        if "corrected" in L:  # relabel request: forget accuracy is agreement with the wrong labels
+            out["corrected_acc"] = accuracy(m, L["corrected"])
+        return out
+
+    rows = [_row("before", metrics(model), None, None),
+            _row(args.method, metrics(res.model), res.seconds, None, res.info.get("selected_fraction"))]
     print(render_table(rows))
     write_outputs(out, rows, {"model": str(args.model), "result": res.summary(), "split_hash": prep.splits.hash},
                   f"excise unlearn {args.method}")
