@@ -175,3 +175,18 @@ def test_cg_on_a_subsample_and_the_curvature_is_cached():
     assert any(changed)  # a different curvature sample gives a different Newton step
     with pytest.raises(ValueError, match="cg_samples"):
         unlearn(model, req, "saps", update="second_order", cg_samples=0)
+
+
+def test_steps_with_a_correction_term():
+    model, req = _request()
+    plain = unlearn(model, req, "saps", update="steps", k=0.3, lr=0.05, max_steps=5)
+    pushed = unlearn(model, req, "saps", update="steps", k=0.3, lr=0.05, max_steps=5, correction_weight=2.0)
+    fixed_x, fixed_y = next(iter(DataLoader(req.corrected.dataset, batch_size=100)))
+    loss = lambda m: float(nn.functional.cross_entropy(m(fixed_x), fixed_y))  # noqa: E731
+    assert loss(pushed.model) < loss(plain.model)  # the correction term pulls toward Z̃'s labels
+    for res in (plain, pushed):  # frozen entries stay bit-identical
+        for (n, p), q in zip(res.model.named_parameters(), model.parameters()):
+            m = res.mask[n]
+            assert torch.equal(p[~m], q[~m])
+    with pytest.raises(ValueError, match="correction_weight"):
+        unlearn(model, req, "saps", update="steps", correction_weight=-1.0)

@@ -12,7 +12,8 @@ Setting (Warnecke et al., NDSS 2023): a group Z of training points must be repla
      ``second_order``: θ_S ← θ_S − (H_SS + δI)⁻¹ G_S / N, by conjugate gradients with curvature-vector
                        products restricted to S (H = the GGN of the mean loss over D̃ by default — positive
                        semi-definite — or its exact Hessian with ``curvature_product="hessian"``; N = |D̃|);
-     ``steps``:        masked fine-tuning on D̃ (masked NegGrad+ on retain vs Z for removal requests).
+     ``steps``:        masked fine-tuning on D̃ (masked NegGrad+ on retain vs Z for removal requests; with
+                       ``correction_weight`` w, each step also descends w·(L̄(Z̃) − L̄(Z)) on a batch of each).
 No reference code was released: every choice above is a parameter; the defaults below were measured on
 label correction (benchmarks/results/saps.md).
 """
@@ -45,6 +46,7 @@ UPDATES = ("first_order", "diagonal", "second_order", "steps")
 DEFAULTS = dict(k=0.01, selector="hessian", largest=True, estimator="ggn_mc", backend="torch", curvature="corrected",
                 curvature_samples=5000, probes=10, mc_samples=1, update="second_order", tau=1e-5, delta=0.01, cg_iters=10,
                 cg_samples=2048, curvature_product="ggn", lr=0.01, epochs=1, max_steps=100, beta=0.9, batch_size=128,
+                correction_weight=0.0,
                 scope=None, seed=0)
 
 
@@ -178,7 +180,8 @@ def select(model, selector: str, k: float, g: Scores, curvature_fn, eligible, la
 @register("saps", defaults=DEFAULTS,
           summary="SAPS: select the largest Hessian-diagonal entries, apply the correction update to them only")
 def saps(model, request, ctx, k, selector, largest, estimator, backend, curvature, curvature_samples, probes, mc_samples, update, tau, delta,
-         cg_iters, cg_samples, curvature_product, lr, epochs, max_steps, beta, batch_size, scope, seed):
+         cg_iters, cg_samples, curvature_product, lr, epochs, max_steps, beta, batch_size, correction_weight, scope,
+         seed):
     if update not in UPDATES:
         raise ValueError(f"unknown update {update!r}; expected one of {UPDATES}")
     task = request.task
@@ -219,7 +222,10 @@ def saps(model, request, ctx, k, selector, largest, estimator, backend, curvatur
             cg_loader = _subsample(d_tilde, cg_samples, seed)
             info_cg = _newton_step(model, mask, g, cg_loader, task, n_tilde, delta, cg_iters, curvature_product, ctx)
         else:
-            _masked_steps(model, mask, request, d_tilde, lr, epochs, max_steps, beta, batch_size, seed, ctx)
+            if correction_weight < 0:
+                raise ValueError(f"correction_weight must be ≥ 0, got {correction_weight}")
+            _masked_steps(model, mask, request, d_tilde, lr, epochs, max_steps, beta, batch_size, correction_weight,
+                          seed, ctx)
     ctx.counters.params_touched += mask.count()
     info.update(selected_fraction=mask.fraction(model), curvature_samples=n_tilde, diagonal_samples=_n(h_loader))
     if update == "second_order":
@@ -270,14 +276,20 @@ def _newton_step(model, mask, g, d_tilde, task, n_tilde, delta, cg_iters, curvat
     return {"cg_iterations": iters, "cg_relative_residual": resid}
 
 
-def _masked_steps(model, mask, request, d_tilde, lr, epochs, max_steps, beta, batch_size, seed, ctx):
+def _masked_steps(model, mask, request, d_tilde, lr, epochs, max_steps, beta, batch_size, correction_weight, seed,
+                  ctx):
+    """Masked SGD on the mean loss over D̃; for a removal request, NegGrad+ (β·L(retain) − (1−β)·L(Z)); with
+    ``correction_weight`` w > 0 on a correction request, each step adds w·(L̄(Z̃ batch) − L̄(Z batch)), whose
+    gradient is the correction gradient G of the one-shot updates, averaged over the batch."""
     task, device = request.task, model_device(model)
     gen = torch.Generator().manual_seed(seed)
     opt = masked_optimizer(model, mask, torch.optim.SGD, lr=lr, momentum=0.9)
     removal = request.corrected is None
     data = DataLoader(d_tilde.dataset, batch_size=batch_size, shuffle=True, generator=gen)
     forget = cycle(DataLoader(request.forget.dataset, batch_size=batch_size, shuffle=True, generator=gen)) \
-        if removal else None
+        if (removal or correction_weight) else None
+    fixed = cycle(DataLoader(request.corrected.dataset, batch_size=batch_size, shuffle=True, generator=gen)) \
+        if (not removal and correction_weight) else None
     steps = 0
     for epoch in range(epochs):
         train_mode(model, "freeze")  # a masked edit leaves BatchNorm statistics alone
@@ -288,6 +300,9 @@ def _masked_steps(model, mask, request, d_tilde, lr, epochs, max_steps, beta, ba
             loss = task.loss(model, batch)
             if removal:
                 loss = beta * loss - (1 - beta) * task.loss(model, task.to(next(forget), device))
+            elif correction_weight:
+                loss = loss + correction_weight * (task.loss(model, task.to(next(fixed), device))
+                                                   - task.loss(model, task.to(next(forget), device)))
             opt.zero_grad()
             loss.backward()
             opt.step()
