@@ -16,7 +16,8 @@ so the network's own second derivative along one coordinate vanishes and the GGN
 diagonal (measured: relative error 4·10⁻⁷, benchmarks/results/saps.md); for an LSTM it does not (≈ 97 %),
 though the largest entries largely coincide.
 
-``backend="backpack"`` computes ``ggn_exact`` / ``ggn_mc`` with BackPACK (``pip install excise[backpack]``),
+``backend="backpack"`` computes ``ggn_exact`` / ``ggn_mc`` with BackPACK
+(``pip install --no-deps backpack-for-pytorch unfoldNd einops``),
 about 3× faster than the torch.func path on the SmallCNN; it supports ``nn.Sequential``-style models built from
 the layers BackPACK knows (converted with ``use_converter=True``) and classification losses only.
 """
@@ -134,7 +135,8 @@ def _backpack(model, loader, task, method, mc_samples, seed, counters, show) -> 
         from backpack import backpack, extend
         from backpack.extensions import DiagGGNExact, DiagGGNMC
     except ImportError:
-        raise ImportError("backend='backpack' needs BackPACK: pip install 'excise[backpack]'") from None
+        raise ImportError("backend='backpack' needs BackPACK: "
+                          "pip install --no-deps backpack-for-pytorch unfoldNd einops") from None
     if task.name != "classification":
         raise ValueError("backend='backpack' supports classification tasks only; use backend='torch'")
     ext, attr = (DiagGGNExact(), "diag_ggn_exact") if method == "ggn_exact" else \
