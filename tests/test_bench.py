@@ -1,7 +1,6 @@
 import json
 
 import pytest
-import torch
 
 from excise.bench import evaluate, list_protocols, load_protocol, run_bench
 from excise.cli import main

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from excise.data import ForgetSpec, Splits, load_digits, load_fashion_mnist, make_splits, FASHION_MNIST_COARSE
+from excise.data import ForgetSpec, Splits, load_fashion_mnist, make_splits, FASHION_MNIST_COARSE
 
 
 def _check_partition(s, n_train):

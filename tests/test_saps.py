@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 from torch.func import functional_call
-from torch.utils.data import DataLoader, Subset, TensorDataset
+from torch.utils.data import DataLoader, TensorDataset
 
 from excise import UnlearningRequest, unlearn
 from excise.data import flip_labels, load_digits

@@ -1,7 +1,6 @@
 """Scissorhands on a small CNN trained on real Fashion-MNIST images."""
 
 import pytest
-import torch
 
 from excise import unlearn
 from excise.data import ForgetSpec

@@ -7,7 +7,6 @@ import torch
 
 from excise import unlearn
 from excise.data import ForgetSpec
-from excise.evaluation import accuracy
 from excise.evaluation.summary import basic_metrics
 from excise.protocol import Setup, prepare
 from excise.training import CheckpointCache, TrainRecipe

@@ -169,7 +169,6 @@ class PreparedCanary:
     oracle_meta: Optional[Dict[str, Any]]
 
     def request(self) -> UnlearningRequest:
-        from torch.utils.data import ConcatDataset, Subset
 
         from .tasks import LanguageModelTask
 

@@ -12,7 +12,7 @@ v = max(margin, −⟨g, g_o⟩ / (‖g_o‖² + ε)). Everything stays in torch
 
 from __future__ import annotations
 
-from typing import List, Sequence
+from typing import Sequence
 
 import torch
 

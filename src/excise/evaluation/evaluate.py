@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from typing import Any, Dict, Optional
 
-import torch
 from torch import nn
 
 from ..tasks import Task

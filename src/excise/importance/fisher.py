@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..tasks import Task, get_task, model_device
+from ..tasks import Task, get_task
 from ..types import Counters, Scores
 from ._common import accumulate_grads, squared_sample_grads
 
