@@ -202,7 +202,9 @@ def prepare_canary(setup: CanarySetup, cache: Optional[CheckpointCache] = None, 
     cache = cache or CheckpointCache()
     device = device or torch.device("cpu")
     text = load_text(setup.text)
-    corpus = make_canary_corpus(text if setup.text_chars is None else text[:setup.text_chars], canary=setup.prefix + setup.secret, copies=setup.copies,
+    if setup.text_chars is not None:
+        text = text[:setup.text_chars]
+    corpus = make_canary_corpus(text, canary=setup.prefix + setup.secret, copies=setup.copies,
                                 length=setup.length, stride=setup.stride, seed=setup.seed)
     task = LanguageModelTask()
     loaders = {"forget": seeded_loader(corpus.train, corpus.forget, EVAL_BATCH),

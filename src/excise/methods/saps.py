@@ -43,11 +43,10 @@ UPDATES = ("first_order", "diagonal", "second_order", "steps")
 # their textbook scales overshoot when Z is thousands of samples (G sums over Z); 100 masked SGD steps were
 # faster and less complete. The diagonal is estimated on a seeded 5,000-sample subset of D̃ (a pass over all
 # of D̃ cost more than retraining on 2 CPU cores).
-DEFAULTS = dict(k=0.01, selector="hessian", largest=True, estimator="ggn_mc", backend="torch", curvature="corrected",
-                curvature_samples=5000, probes=10, mc_samples=1, update="second_order", tau=1e-5, delta=0.01, cg_iters=10,
-                cg_samples=2048, curvature_product="ggn", lr=0.01, epochs=1, max_steps=100, beta=0.9, batch_size=128,
-                correction_weight=0.0,
-                scope=None, seed=0)
+DEFAULTS = dict(k=0.01, selector="hessian", largest=True, estimator="ggn_mc", backend="torch",
+                curvature="corrected", curvature_samples=5000, probes=10, mc_samples=1, update="second_order",
+                tau=1e-5, delta=0.01, cg_iters=10, cg_samples=2048, curvature_product="ggn", lr=0.01, epochs=1,
+                max_steps=100, beta=0.9, batch_size=128, correction_weight=0.0, scope=None, seed=0)
 
 
 def _n(loader) -> int:
@@ -179,9 +178,9 @@ def select(model, selector: str, k: float, g: Scores, curvature_fn, eligible, la
 
 @register("saps", defaults=DEFAULTS,
           summary="SAPS: select the largest Hessian-diagonal entries, apply the correction update to them only")
-def saps(model, request, ctx, k, selector, largest, estimator, backend, curvature, curvature_samples, probes, mc_samples, update, tau, delta,
-         cg_iters, cg_samples, curvature_product, lr, epochs, max_steps, beta, batch_size, correction_weight, scope,
-         seed):
+def saps(model, request, ctx, k, selector, largest, estimator, backend, curvature, curvature_samples, probes,
+         mc_samples, update, tau, delta, cg_iters, cg_samples, curvature_product, lr, epochs, max_steps, beta,
+         batch_size, correction_weight, scope, seed):
     if update not in UPDATES:
         raise ValueError(f"unknown update {update!r}; expected one of {UPDATES}")
     task = request.task
