@@ -1,4 +1,4 @@
-"""Diagonal Fisher importance (SSD) and its label-free variant (LFSSD)."""
+"""Diagonal Fisher importance (SSD), its label-free variant (LFSSD), and plain gradient sums (SAPS, SalUn)."""
 
 from __future__ import annotations
 
@@ -62,3 +62,12 @@ def sensitivity(model: nn.Module, loader, task: Optional[Task] = None, n_batches
                               progress_bar, "sensitivity", average=False)
     params = dict(model.named_parameters())
     return Scores({k: v.mul_(params[k].detach().abs().float()) for k, v in summed.items()})
+
+
+def summed_gradient(model: nn.Module, loader, task: Optional[Task] = None,
+                    counters: Optional[Counters] = None, progress_bar: bool = False) -> Scores:
+    """Σ_i ∇θ ℓ(z_i) over every sample of the loader, at the current weights (eval mode). SAPS's correction
+    gradient is a difference of two of these; SalUn's saliency is the absolute value of one over D_f."""
+    task = get_task(task)
+    return accumulate_grads(model, loader, task, lambda m, b: task.loss(m, b) * task.batch_size(b), lambda g: g,
+                            counters, progress_bar, "gradient", average=False)

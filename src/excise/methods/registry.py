@@ -50,7 +50,7 @@ def available() -> Dict[str, str]:
 
 
 def _load_builtin() -> None:
-    from . import saps, scissorhands, ssd  # noqa: F401  (registers the built-in methods)
+    from . import baselines, saps, scissorhands, ssd  # noqa: F401  (registers the built-in methods)
 
 
 class Timer:

@@ -29,7 +29,8 @@ from torch.utils.data import ConcatDataset, DataLoader, Subset
 from .. import importance, selection
 from ..edit import masked_optimizer, train_mode
 from ..edit.linalg import conjugate_gradient
-from ..importance._common import accumulate_grads, eval_mode, progress, trainable
+from ..importance import summed_gradient
+from ..importance._common import eval_mode, progress, trainable
 from ..selection import Scope
 from ..tasks import model_device
 from ..types import Mask, Scores, UnlearningResult
@@ -71,12 +72,6 @@ def _curvature_loader(request, which: str) -> DataLoader:
             raise ValueError("curvature='train' needs a train loader")
         return request.train
     raise ValueError(f"curvature must be 'corrected', 'retain' or 'train', not {which!r}")
-
-
-def summed_gradient(model, loader, task, counters=None) -> Scores:
-    """Σ_i ∇θ ℓ(z_i) over every sample of the loader, at the current weights (eval mode)."""
-    return accumulate_grads(model, loader, task, lambda m, b: task.loss(m, b) * task.batch_size(b), lambda g: g,
-                            counters, False, "gradient", average=False)
 
 
 def correction_gradient(model, request, counters=None) -> Scores:

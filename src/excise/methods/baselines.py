@@ -1,0 +1,168 @@
+"""Baselines users compare against (issue 6), each a short composition of one shared training loop.
+
+  finetune       descend L(retain) for a few epochs;
+  neggrad        ascend L(D_f);
+  neggrad_plus   descend β·L(retain batch) − (1−β)·L(D_f batch);
+  random_labels  descend L(retain batch) + L(D_f batch with random wrong labels);
+  salun          random_labels restricted (masked optimiser: frozen entries stay bit-identical) to the global
+                 top ``k`` of the gradient saliency |Σ_{D_f} ∇θ ℓ| (eval mode);
+  l1_sparse      descend L(retain) + α_t·‖θ‖₁, α_t decaying linearly from α to 0.
+All use SGD with momentum and weight decay, a seeded reshuffle of the loaders, ``max_steps`` to cap the
+work, and stop with a FloatingPointError on a non-finite loss. Defaults are starting points from the
+literature, to be measured on the shipped protocols.
+"""
+
+from __future__ import annotations
+
+import math
+from itertools import cycle
+from typing import Callable, Optional
+
+import torch
+
+from .. import importance, selection
+from ..edit import masked_optimizer, train_mode
+from ..importance._common import progress
+from ..selection import Scope
+from ..tasks import model_device
+from ..training import seeded_loader
+from ..types import Mask, Scores, UnlearningResult
+from .registry import register
+
+_COMMON = dict(lr=0.01, epochs=1, max_steps=None, batch_size=128, momentum=0.9, weight_decay=5e-4, seed=0)
+
+
+def _reshuffled(loader, batch_size: int, seed: int, what: str):
+    if loader is None:
+        raise ValueError(f"this method needs a {what} loader")
+    return seeded_loader(loader.dataset, None, batch_size, shuffle=True, seed=seed)
+
+
+def _loop(model, ctx, task, main, step_loss: Callable, *, lr, epochs, max_steps, momentum, weight_decay,
+          mask: Optional[Mask] = None, desc: str):
+    """SGD over ``main``'s batches for ``epochs`` (or ``max_steps``); ``step_loss(batch, step, total)`` gives the
+    loss of one step. Counts passes; raises FloatingPointError on a non-finite loss."""
+    device = model_device(model)
+    opt = masked_optimizer(model, mask, torch.optim.SGD, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    total = epochs * len(main) if max_steps is None else min(max_steps, epochs * len(main))
+    step = 0
+    with ctx.timer.phase("edit"):
+        for epoch in range(epochs):
+            train_mode(model, "update")
+            for batch in progress(main, ctx.progress, f"{desc} {epoch + 1}/{epochs}"):
+                if step >= total:
+                    break
+                loss = step_loss(task.to(batch, device), step, total)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"{desc}: the loss became {float(loss)} at step {step}; "
+                                             "lower lr or max_steps")
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                step += 1
+                ctx.counters.forward_passes += 1
+                ctx.counters.backward_passes += 1
+                ctx.counters.samples_seen += task.batch_size(batch)
+    model.eval()
+    return step
+
+
+def _random_wrong(task, model, batch, gen):
+    """The batch's loss against labels drawn uniformly among the *wrong* classes."""
+    out = task.output(model, batch)
+    y = task.targets(batch)
+    shift = torch.randint(1, out.shape[-1], y.shape, generator=gen).to(y.device)
+    return task.loss_from_output(out, (y + shift) % out.shape[-1])
+
+
+def _result(model, steps, mask=None):
+    info = {"steps": steps}
+    if mask is not None:
+        info["selected_fraction"] = mask.fraction(model)
+    return UnlearningResult(model=model, method="", hparams={}, mask=mask, info=info)
+
+
+def _hp(d):
+    return {k: d[k] for k in ("lr", "epochs", "max_steps", "momentum", "weight_decay")}
+
+
+@register("finetune", defaults=dict(_COMMON, lr=0.02, epochs=2),
+          summary="Fine-tune on the retain set (catastrophic forgetting of D_f)")
+def finetune(model, request, ctx, **hp):
+    task = request.task
+    retain = _reshuffled(request.retain, hp["batch_size"], hp["seed"], "retain")
+    steps = _loop(model, ctx, task, retain, lambda b, s, t: task.loss(model, b), desc="finetune", **_hp(hp))
+    return _result(model, steps)
+
+
+@register("neggrad", defaults=dict(_COMMON, lr=1e-3, max_steps=50),
+          summary="Gradient ascent on the forget set")
+def neggrad(model, request, ctx, **hp):
+    task = request.task
+    forget = _reshuffled(request.forget, hp["batch_size"], hp["seed"], "forget")
+    steps = _loop(model, ctx, task, forget, lambda b, s, t: -task.loss(model, b), desc="neggrad", **_hp(hp))
+    return _result(model, steps)
+
+
+@register("neggrad_plus", defaults=dict(_COMMON, beta=0.9),
+          summary="NegGrad+: β·L(retain) − (1−β)·L(forget) in one loss")
+def neggrad_plus(model, request, ctx, beta, **hp):
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"beta must lie in [0, 1], got {beta}")
+    task = request.task
+    retain = _reshuffled(request.retain, hp["batch_size"], hp["seed"], "retain")
+    forget = cycle(_reshuffled(request.forget, hp["batch_size"], hp["seed"] + 1, "forget"))
+    device = model_device(model)
+
+    def loss(b, s, t):
+        return beta * task.loss(model, b) - (1 - beta) * task.loss(model, task.to(next(forget), device))
+
+    return _result(model, _loop(model, ctx, task, retain, loss, desc="neggrad+", **_hp(hp)))
+
+
+def _random_label_fit(model, request, ctx, hp, mask, desc):
+    task = request.task
+    retain = _reshuffled(request.retain, hp["batch_size"], hp["seed"], "retain")
+    forget = cycle(_reshuffled(request.forget, hp["batch_size"], hp["seed"] + 1, "forget"))
+    device = model_device(model)
+    gen = torch.Generator().manual_seed(hp["seed"])
+
+    def loss(b, s, t):
+        return task.loss(model, b) + _random_wrong(task, model, task.to(next(forget), device), gen)
+
+    return _loop(model, ctx, task, retain, loss, mask=mask, desc=desc, **_hp(hp))
+
+
+@register("random_labels", defaults=dict(_COMMON),
+          summary="Fine-tune on retain plus the forget set with random wrong labels")
+def random_labels(model, request, ctx, **hp):
+    return _result(model, _random_label_fit(model, request, ctx, hp, None, "random labels"))
+
+
+@register("salun", defaults=dict(_COMMON, k=0.5, scope=None),
+          summary="SalUn: random-label fine-tuning restricted to the top-k gradient saliency on D_f")
+def salun(model, request, ctx, k, scope, **hp):
+    with ctx.timer.phase("importance_forget"):
+        g = importance.summed_gradient(model, request.forget, request.task, ctx.counters, ctx.progress)
+    with ctx.timer.phase("select"):
+        eligible = None if scope is None else (scope if isinstance(scope, Scope) else Scope.parse(scope)).names(model)
+        mask = selection.topk(Scores({n: v.abs() for n, v in g.items()}), k, eligible)
+    steps = _random_label_fit(model, request, ctx, hp, mask, "salun")
+    ctx.counters.params_touched += mask.count()
+    return _result(model, steps, mask)
+
+
+@register("l1_sparse", defaults=dict(_COMMON, lr=0.02, epochs=2, alpha=5e-4),
+          summary="Fine-tune on retain with an α‖θ‖₁ penalty decaying linearly to 0")
+def l1_sparse(model, request, ctx, alpha, **hp):
+    if alpha < 0 or not math.isfinite(alpha):
+        raise ValueError(f"alpha must be a finite non-negative number, got {alpha}")
+    task = request.task
+    retain = _reshuffled(request.retain, hp["batch_size"], hp["seed"], "retain")
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def loss(b, s, t):
+        a = alpha * (1 - s / max(t, 1))
+        return task.loss(model, b) + a * sum(p.abs().sum() for p in params)
+
+    return _result(model, _loop(model, ctx, task, retain, loss, desc="l1-sparse", **_hp(hp)))
