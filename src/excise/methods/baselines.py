@@ -6,7 +6,8 @@
   random_labels  descend L(retain batch) + L(D_f batch with random wrong labels);
   salun          random_labels restricted (masked optimiser: frozen entries stay bit-identical) to the global
                  top ``k`` of the gradient saliency |Σ_{D_f} ∇θ ℓ| (eval mode);
-  l1_sparse      descend L(retain) + α_t·‖θ‖₁, α_t decaying linearly from α to 0.
+  l1_sparse      descend L(retain) + α_t·‖θ‖₁, α_t decaying linearly from α to 0;
+  bad_teacher    distil from the original on retain and from a re-initialised copy on D_f.
 All use SGD with momentum and weight decay, a seeded reshuffle of the loaders, ``max_steps`` to cap the
 work, and stop with a FloatingPointError on a non-finite loss. Defaults are starting points from the
 literature, to be measured on the shipped protocols.
@@ -166,3 +167,50 @@ def l1_sparse(model, request, ctx, alpha, **hp):
         return task.loss(model, b) + a * sum(p.abs().sum() for p in params)
 
     return _result(model, _loop(model, ctx, task, retain, loss, desc="l1-sparse", **_hp(hp)))
+
+
+def _kl(student_logits, teacher_logits, temperature: float):
+    """KL(teacher ‖ student) of the temperature-softened distributions, averaged over predictions (every
+    position of a sequence counts as one), scaled by T² as in distillation."""
+    t = teacher_logits.reshape(-1, teacher_logits.shape[-1]) / temperature
+    s = student_logits.reshape(-1, student_logits.shape[-1]) / temperature
+    kl = torch.nn.functional.kl_div(torch.log_softmax(s, -1), torch.log_softmax(t, -1), log_target=True,
+                                    reduction="batchmean")
+    return kl * temperature ** 2
+
+
+def _frozen_copy(model):
+    import copy
+
+    teacher = copy.deepcopy(model).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher
+
+
+@register("bad_teacher", defaults=dict(_COMMON, temperature=1.0),
+          summary="Bad teacher: distil from the original on retain and from a random network on D_f")
+def bad_teacher(model, request, ctx, temperature, **hp):
+    """Each step pairs a retain batch (target: the original model, a frozen copy) with a forget batch (target: an
+    "incompetent" teacher — the same architecture re-initialised with the seed) and descends the sum of the
+    two KL terms."""
+    if temperature <= 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
+    task = request.task
+    good = _frozen_copy(model)
+    bad = _frozen_copy(model)
+    torch.manual_seed(hp["seed"])
+    for m in bad.modules():
+        if hasattr(m, "reset_parameters"):
+            m.reset_parameters()
+    retain = _reshuffled(request.retain, hp["batch_size"], hp["seed"], "retain")
+    forget = cycle(_reshuffled(request.forget, hp["batch_size"], hp["seed"] + 1, "forget"))
+    device = model_device(model)
+
+    def loss(b, s, t):
+        f = task.to(next(forget), device)
+        with torch.no_grad():
+            good_out, bad_out = task.output(good, b), task.output(bad, f)
+        return _kl(task.output(model, b), good_out, temperature) + _kl(task.output(model, f), bad_out, temperature)
+
+    return _result(model, _loop(model, ctx, task, retain, loss, desc="bad teacher", **_hp(hp)))
