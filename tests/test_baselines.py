@@ -1,5 +1,7 @@
 """Baselines (issue 6) on a small MLP trained on scikit-learn's digits, forgetting one class."""
 
+import math
+
 import pytest
 import torch
 
@@ -86,3 +88,13 @@ def test_baseline_errors(digits_class):
     from excise import UnlearningRequest
     with pytest.raises(ValueError, match="retain"):
         unlearn(prep.original, UnlearningRequest(forget=req.forget), "finetune")
+
+
+def test_retrain_method_never_sees_the_forget_set(digits_class):
+    prep = digits_class
+    res = unlearn(prep.original, prep.request(), "retrain", epochs=40, batch_size=32)
+    after = _acc(prep, res.model)
+    oracle = _acc(prep, prep.oracle)
+    assert after["forget"] < 5 and oracle["forget"] < 5  # a class it never saw is never predicted
+    assert abs(after["test"] - oracle["test"]) < 5
+    assert res.info["steps"] == 40 * math.ceil(len(prep.splits.retain) / 32)

@@ -214,3 +214,28 @@ def bad_teacher(model, request, ctx, temperature, **hp):
         return _kl(task.output(model, b), good_out, temperature) + _kl(task.output(model, f), bad_out, temperature)
 
     return _result(model, _loop(model, ctx, task, retain, loss, desc="bad teacher", **_hp(hp)))
+
+
+@register("retrain", defaults=dict(epochs=3, lr=0.05, momentum=0.9, weight_decay=5e-4, batch_size=128,
+                                   schedule="cosine", seed=0),
+          summary="Retrain from scratch on the retain set (the gold standard; the bench uses its cached oracle)")
+def retrain(model, request, ctx, epochs, lr, momentum, weight_decay, batch_size, schedule, seed):
+    """Every module with ``reset_parameters`` is re-initialised under ``seed``, then trained on the retain set
+    with the training recipe given by the hyperparameters (excise's TrainRecipe defaults). Benchmarks use the
+    oracle from the checkpoint cache instead, trained with the protocol's own recipe."""
+    from ..training import TrainRecipe, train
+
+    if request.retain is None:
+        raise ValueError("retrain needs a retain loader")
+    recipe = TrainRecipe(epochs=epochs, lr=lr, momentum=momentum, weight_decay=weight_decay, batch_size=batch_size,
+                         schedule=schedule)
+    torch.manual_seed(seed)
+    with ctx.timer.phase("edit"):
+        for m in model.modules():
+            if hasattr(m, "reset_parameters"):
+                m.reset_parameters()
+        loader = seeded_loader(request.retain.dataset, None, batch_size, shuffle=True, seed=seed)
+        train(model, loader, recipe, task=request.task, seed=seed, progress=ctx.progress, desc="retrain")
+    ctx.counters.forward_passes += epochs * len(loader)
+    ctx.counters.backward_passes += epochs * len(loader)
+    return _result(model, epochs * len(loader))
