@@ -36,6 +36,7 @@ CASES = {
     "salun": dict(epochs=3, batch_size=32),
     "l1_sparse": dict(epochs=10, batch_size=32, lr=0.05, alpha=1e-3),
     "bad_teacher": dict(batch_size=32),
+    "scrub": dict(batch_size=32),
 }
 
 
@@ -83,6 +84,8 @@ def test_baseline_errors(digits_class):
         unlearn(prep.original, req, "l1_sparse", alpha=-1.0)
     with pytest.raises(ValueError, match="temperature"):
         unlearn(prep.original, req, "bad_teacher", temperature=0.0)
+    with pytest.raises(ValueError, match="temperature"):
+        unlearn(prep.original, req, "scrub", temperature=-1.0)
     with pytest.raises(FloatingPointError, match="neggrad"):
         unlearn(prep.original, req, "neggrad", lr=1e6, epochs=20, max_steps=50)
     from excise import UnlearningRequest
