@@ -142,3 +142,37 @@ def test_relabel_protocol_with_saps(tmp_path):
     assert rows["saps"]["corrected_acc"] > rows["original"]["corrected_acc"] + 25
     assert rows["saps"]["TA"] > rows["original"]["TA"] - 3
     assert 0 < rows["saps"]["selected_fraction"] <= 0.06
+
+
+def test_a_diverging_method_gets_a_row_and_the_run_goes_on(tiny, tmp_path):
+    from excise.methods.registry import _METHODS, register
+
+    @register("explodes_for_test", defaults={})
+    def explodes(model, request, ctx):
+        raise FloatingPointError("the loss became nan at step 3")
+
+    try:
+        rep = run_bench(str(tiny), methods=["explodes_for_test", "ssd"], seeds=1, progress=False,
+                        out=tmp_path / "out")
+    finally:
+        _METHODS.pop("explodes_for_test")
+    rows = {r["method"]: r for r in rep.rows}
+    assert "nan at step 3" in rows["explodes_for_test"]["diverged"] and "avg_gap" not in rows["explodes_for_test"]
+    assert rows["ssd"]["avg_gap"] < rows["original"]["avg_gap"]  # the method after it still ran
+    md = rep.to_markdown()
+    assert "explodes_for_test (diverged on 1 of 1 seeds)" in md and "nan at step 3" in md
+    assert (tmp_path / "out" / "gap_vs_seconds.png").stat().st_size > 0
+
+
+def test_resolve_device():
+    import torch
+
+    from excise import resolve_device
+
+    assert resolve_device(None) == torch.device("cpu") and resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type in ("cpu", "cuda", "mps")
+    with pytest.raises(ValueError, match="unknown device"):
+        resolve_device("tpu-please")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA"):
+            resolve_device("cuda")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 _LAZY = {
     "unlearn": ("excise.methods.registry", "unlearn"),
@@ -31,6 +31,7 @@ _LAZY = {
     "Scope": ("excise.selection", "Scope"),
     "evaluate": ("excise.bench.runner", "evaluate"),
     "Report": ("excise.evaluation.report", "Report"),
+    "resolve_device": ("excise.types", "resolve_device"),
 }
 _SUBMODULES = {"data", "models", "importance", "selection", "edit", "methods", "evaluation", "training", "tasks",
                "types", "protocol", "bench"}

@@ -90,7 +90,7 @@ def cmd_demo(args) -> int:
 
     setup = _setup_from_args(args)
     print(f"excise demo: {setup.dataset}, {setup.arch}, forget {setup.forget.label()}, seed {setup.seed}", flush=True)
-    prep = prepare(setup, progress=not args.quiet)
+    prep = prepare(setup, progress=not args.quiet, device=args.device)
     print(f"  original model: {'cache' if prep.cache_hits['original'] else 'trained'}; retrain oracle: "
           f"{'cache' if prep.cache_hits['oracle'] else 'trained'} ({prep.oracle_meta['train_seconds']:.1f} s to train)",
           flush=True)
@@ -139,7 +139,7 @@ def cmd_unlearn(args) -> int:
     from .training import load_state, save_state
 
     setup = _setup_from_args(args)
-    prep = prepare(setup, with_original=False, with_oracle=False, progress=not args.quiet)
+    prep = prepare(setup, with_original=False, with_oracle=False, progress=not args.quiet, device=args.device)
     model = prep.build()
     try:
         load_state(model, args.model)
@@ -176,7 +176,10 @@ def cmd_bench(args) -> int:
     if args.protocol == "list":
         print("\n".join(list_protocols()))
         return 0
-    report = run_bench(args.protocol, methods=args.methods, seeds=args.seeds, progress=not args.quiet, out=args.out)
+    if args.seeds is not None and args.seed_list is not None:
+        raise ValueError("give --seeds N or --seed S ..., not both")
+    report = run_bench(args.protocol, methods=args.methods, seeds=args.seed_list or args.seeds,
+                       progress=not args.quiet, out=args.out, device=args.device)
     print(report.to_markdown())
     cached = sum(1 for r in report.rows if r.get("from_cache"))
     print(f"{cached} of {len(report.rows)} rows came from the cache; wrote {args.out}/report.(md|json|csv) and plots")
@@ -189,6 +192,7 @@ def cmd_evaluate(args) -> int:
     from .models import build_model
     from .data import load_dataset
     from .training import load_state
+    from .types import resolve_device
 
     proto = load_protocol(args.protocol)
     setup = _setup(proto, proto["seeds"][0] if args.seed is None else args.seed)
@@ -198,7 +202,8 @@ def cmd_evaluate(args) -> int:
         load_state(model, args.model)
     except RuntimeError as e:
         raise SystemExit(f"error: {args.model} does not fit the protocol's architecture {setup.arch}: {e}") from None
-    report = evaluate(model, proto, seed=setup.seed, name=args.name, progress=not args.quiet)
+    device = resolve_device(args.device)
+    report = evaluate(model.to(device), proto, seed=setup.seed, name=args.name, progress=not args.quiet, device=device)
     report.save(args.out)
     print(report.to_markdown())
     print(f"wrote {args.out}/report.(md|json|csv)")
@@ -228,6 +233,12 @@ def _common(p: argparse.ArgumentParser, forget_default: str = "class:9") -> None
     p.add_argument("--preset", default=None, help="named hyperparameters, e.g. 'paper' for the published ones")
     p.add_argument("--hp", action="append", metavar="NAME=VALUE", help="override a hyperparameter (repeatable)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    _device_arg(p)
+
+
+def _device_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto",
+                   help="cpu | cuda | cuda:N | mps | auto (default: a CUDA GPU when there is one, else the CPU)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -249,8 +260,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("protocol")
     b.add_argument("--methods", nargs="+", default=None, help="method labels of the protocol, or registered names")
     b.add_argument("--seeds", type=int, default=None, help="use the protocol's first N seeds")
+    b.add_argument("--seed", type=int, nargs="+", default=None, dest="seed_list",
+                   help="run only these seeds of the protocol (e.g. one process per seed; rows are cached)")
     b.add_argument("--out", default="excise-out/bench")
     b.add_argument("--quiet", action="store_true")
+    _device_arg(b)
     b.set_defaults(func=cmd_bench)
     e = sub.add_parser("evaluate", help="score your own unlearned checkpoint against a protocol's retrain oracle")
     e.add_argument("--model", required=True)
@@ -259,6 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--name", default="model")
     e.add_argument("--out", default="excise-out/evaluate")
     e.add_argument("--quiet", action="store_true")
+    _device_arg(e)
     e.set_defaults(func=cmd_evaluate)
     m = sub.add_parser("methods", help="list the registered methods with their defaults and presets")
     m.set_defaults(func=cmd_methods)

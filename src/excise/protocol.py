@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 from .data import ForgetSpec, Splits, load_dataset, make_splits, with_wrong_labels
 from .models import build_model
 from .training import CheckpointCache, TrainRecipe, seeded_loader, train
-from .types import UnlearningRequest
+from .types import UnlearningRequest, resolve_device
 
 EVAL_BATCH = 256
 
@@ -88,7 +88,7 @@ def prepare(setup: Setup, cache: Optional[CheckpointCache] = None, with_oracle: 
     ``with_original`` / ``with_oracle``: skip a model that is not needed (e.g. for a user's own checkpoint).
     """
     cache = cache or CheckpointCache()
-    device = device or torch.device("cpu")
+    device = resolve_device(device)
     if datasets is not None:
         train_ds, test_ds = datasets
     else:
@@ -113,8 +113,10 @@ def prepare(setup: Setup, cache: Optional[CheckpointCache] = None, with_oracle: 
         return build_model(setup.arch, train_ds.input_shape, train_ds.num_classes, **setup.arch_kwargs).to(device)
 
     def key(role: str, ds, indices) -> Dict[str, Any]:
+        # models trained on an accelerator differ bit-wise from CPU ones: cache them apart (CPU keys unchanged)
+        where = {} if device.type == "cpu" else {"device": device.type}
         return {"role": role, "data": ds.fingerprint(), "indices": _digest(indices), "arch": setup.arch,
-                "arch_kwargs": setup.arch_kwargs, "recipe": setup.recipe.to_dict(), "seed": setup.seed}
+                "arch_kwargs": setup.arch_kwargs, "recipe": setup.recipe.to_dict(), "seed": setup.seed, **where}
 
     def fitter(ds, indices, desc):
         def fit(model):
@@ -200,7 +202,7 @@ def prepare_canary(setup: CanarySetup, cache: Optional[CheckpointCache] = None, 
     if any(ch not in setup.alphabet for ch in setup.secret):
         raise ValueError("the secret must be drawn from the alphabet")
     cache = cache or CheckpointCache()
-    device = device or torch.device("cpu")
+    device = resolve_device(device)
     text = load_text(setup.text)
     if setup.text_chars is not None:
         text = text[:setup.text_chars]

@@ -31,6 +31,28 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         raise
 
 
+def resolve_device(device: Any = None) -> torch.device:
+    """A torch.device from None (CPU), ``"auto"`` (CUDA when available, else MPS, else CPU), a name or a device.
+    Asking for CUDA on a machine without it is an error, not a silent fall-back."""
+    if device is None:
+        return torch.device("cpu")
+    if isinstance(device, torch.device):
+        dev = device
+    elif device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        mps = getattr(torch.backends, "mps", None)
+        return torch.device("mps" if mps is not None and mps.is_available() else "cpu")
+    else:
+        try:
+            dev = torch.device(device)
+        except (RuntimeError, TypeError) as err:
+            raise ValueError(f"unknown device {device!r}: use 'cpu', 'cuda', 'cuda:N', 'mps' or 'auto'") from err
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} asked for, but this PyTorch build sees no CUDA GPU; use 'cpu' or 'auto'")
+    return dev
+
+
 def save_tensors(tensors: Dict[str, torch.Tensor], path: str | os.PathLike, metadata: Optional[Dict[str, str]] = None) -> None:
     """Save a name → tensor map with safetensors, atomically."""
     from safetensors.torch import save

@@ -24,7 +24,7 @@ from ..data import ForgetSpec
 from ..evaluation.evaluate import metrics_from_predictions, model_predictions
 from ..evaluation.report import ORACLE, Report
 from ..training import TrainRecipe, cache_key, default_cache_dir, state_hash
-from ..types import atomic_write_bytes
+from ..types import atomic_write_bytes, resolve_device
 
 PROTOCOL_DIR = Path(__file__).parent / "protocols"
 _KEYS = {"name", "dataset", "arch", "arch_kwargs", "recipe", "forget", "val_fraction", "seeds", "importance_batch",
@@ -94,20 +94,32 @@ def _cached_row(key: str, compute) -> Dict[str, Any]:
     return row
 
 
-def run_bench(protocol: str | Dict[str, Any], methods: Optional[Sequence[str]] = None, seeds: Optional[int] = None,
-              progress: bool = True, out: Optional[str | Path] = None) -> Report:
+def run_bench(protocol: str | Dict[str, Any], methods: Optional[Sequence[str]] = None,
+              seeds: Optional[int | Sequence[int]] = None,
+              progress: bool = True, out: Optional[str | Path] = None, device: Any = None) -> Report:
     """Run the protocol's methods (or ``methods``, labels of the protocol or registered names) on its first
-    ``seeds`` seeds and return the finalized Report (also saved to ``out`` when given)."""
+    ``seeds`` seeds (an int), or on the listed seeds of the protocol (a list), and return the finalized Report (also saved to ``out`` when given).
+
+    ``device``: where models are trained and edited (default CPU; see :func:`excise.resolve_device`). A method
+    that diverges (raises FloatingPointError) gets a row with ``diverged`` set instead of metrics, and the
+    run goes on with the next method."""
     from .. import unlearn
     from ..protocol import prepare
 
     proto = load_protocol(protocol) if not isinstance(protocol, dict) else protocol
-    seed_list = list(proto["seeds"])[: seeds] if seeds else list(proto["seeds"])
+    device = resolve_device(device)
+    if seeds is None or isinstance(seeds, int):
+        seed_list = list(proto["seeds"])[: seeds] if seeds else list(proto["seeds"])
+    else:
+        seed_list = list(seeds)
+        unknown = [s for s in seed_list if s not in proto["seeds"]]
+        if unknown or not seed_list:
+            raise ValueError(f"seeds {unknown or seed_list} are not among the protocol's seeds {proto['seeds']}")
     table = proto["methods"] or {}
     labels = list(methods) if methods else list(table)
     rows_by_seed, split_hashes, fp = {}, {}, ""
     for seed in seed_list:
-        prep = prepare(_setup(proto, seed), progress=progress)
+        prep = prepare(_setup(proto, seed), progress=progress, device=device)
         split_hashes[seed], fp = prep.splits.hash, prep.train_ds.fingerprint()
         loaders = _loaders(prep)
         o_hash = state_hash(prep.original)
@@ -132,7 +144,10 @@ def run_bench(protocol: str | Dict[str, Any], methods: Optional[Sequence[str]] =
             preset = entry.pop("preset", None)
 
             def compute(name=name, preset=preset, entry=entry):
-                res = unlearn(prep.original, request, name, preset=preset, progress=progress, **entry)
+                try:
+                    res = unlearn(prep.original, request, name, preset=preset, progress=progress, **entry)
+                except FloatingPointError as err:  # a method's own divergence check: record it, run the rest
+                    return {"diverged": str(err), "seconds": None}
                 row = eval_row(model_predictions(res.model, loaders))
                 row.update(seconds=res.seconds, timings=res.timings, counters=res.counters.as_dict(),
                            hparams=res.hparams, info={k: v for k, v in res.info.items() if not isinstance(v, dict)})
@@ -149,8 +164,8 @@ def run_bench(protocol: str | Dict[str, Any], methods: Optional[Sequence[str]] =
     for seed in seed_list:
         for r in rows_by_seed[seed]:
             report.rows.append(r)
-    if len(seed_list) < len(proto["seeds"]):
-        report.notes.append(f"run on {len(seed_list)} of the protocol's {len(proto['seeds'])} seeds")
+    if seed_list != list(proto["seeds"]):
+        report.notes.append(f"run on {len(seed_list)} of the protocol's {len(proto['seeds'])} seeds ({seed_list})")
     report.notes.append("mia_svc_confidence fits its SVC on a seeded random subset of the retain set as large as "
                         "the test set (the attack's definition); mia_loss_cv subsamples the larger of forget / test "
                         "to the smaller (seeded). Every other number uses every sample.")
@@ -161,7 +176,7 @@ def run_bench(protocol: str | Dict[str, Any], methods: Optional[Sequence[str]] =
 
 
 def evaluate(model, protocol: str | Dict[str, Any], seed: Optional[int] = None, name: str = "model",
-             progress: bool = True, oracle=None) -> Report:
+             progress: bool = True, oracle=None, device: Any = None) -> Report:
     """Score a user's model against the protocol's retrain oracle for the same split and seed. The oracle is
     fetched from the training cache (trained, with a progress bar, if missing) unless ``oracle`` is given.
     Returns a finalized Report with the ``original``, ``retrain`` and ``name`` rows."""
@@ -169,7 +184,7 @@ def evaluate(model, protocol: str | Dict[str, Any], seed: Optional[int] = None, 
 
     proto = load_protocol(protocol) if not isinstance(protocol, dict) else protocol
     seed = proto["seeds"][0] if seed is None else seed
-    prep = prepare(_setup(proto, seed), progress=progress, with_oracle=oracle is None)
+    prep = prepare(_setup(proto, seed), progress=progress, with_oracle=oracle is None, device=resolve_device(device))
     if oracle is not None:
         prep.oracle, prep.oracle_meta = oracle, {"train_seconds": None}
     loaders = _loaders(prep)

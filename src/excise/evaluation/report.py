@@ -52,7 +52,7 @@ class Report:
         oracles = {r["seed"]: r for r in self.rows if r["method"] == ORACLE}
         for r in self.rows:
             o = oracles.get(r["seed"])
-            if o is not None:
+            if o is not None and not r.get("diverged"):
                 r.update(gaps(r, o))
                 if r.get("seconds") and o.get("seconds"):
                     r["speedup"] = o["seconds"] / r["seconds"]
@@ -113,12 +113,16 @@ class Report:
                     cells.append(f"{v[0]:.0f}×" if v[0] >= 10 else f"{v[0]:.2g}×")
                 else:
                     cells.append(f"{v[0]:.2f} ± {v[1]:.2f}" if v[2] > 1 else f"{v[0]:.2f}")
-            lines.append(f"| {m} | " + " | ".join(cells) + " |")
+            n_div = sum(1 for r in self.rows if r["method"] == m and r.get("diverged"))
+            n_all = sum(1 for r in self.rows if r["method"] == m)
+            label = f"{m} (diverged on {n_div} of {n_all} seeds)" if n_div else m
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
         lines += ["", "UA = 100 − forget accuracy; RA / TA = retain / test accuracy (%). MIA (svc) = SalUn's "
                   "MIA-Efficacy: % of the forget set an SVC on the true-class confidence calls non-member (ideal: "
                   "the oracle's). Avg Gap = mean |Δ to the retrain oracle| over UA, RA, TA and MIA (svc), same seed. "
                   "seconds = the unlearning step alone (retrain: its training time); speed-up = retrain seconds / seconds."]
         lines += [f"- {n}" for n in self.notes]
+        lines += [f"- {r['method']}, seed {r['seed']}: {r['diverged']}" for r in self.rows if r.get("diverged")]
         return "\n".join(lines) + "\n"
 
     def to_csv(self) -> str:

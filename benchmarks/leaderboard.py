@@ -1,0 +1,187 @@
+"""The leaderboard: every registered method (but ``retrain``, which is the oracle row) on every shipped
+Fashion-MNIST protocol, through ``excise bench``, then one Markdown file and one plot.
+
+    python benchmarks/leaderboard.py run   [--protocols P ...] [--seeds N] [--device D] [--jobs J]
+    python benchmarks/leaderboard.py write [--runs DIR] [--out benchmarks/results/leaderboard.md]
+
+``run`` starts one ``excise bench PROTOCOL --methods ... --seed S`` per protocol and seed (``--jobs`` at a
+time), then one ``excise bench PROTOCOL`` over all its seeds, which finds every row in the cache and leaves the
+report under ``--runs`` (default excise-out/leaderboard/PROTOCOL/). Rows are cached, so a re-run finishes
+what is missing. ``write`` reads those reports and writes the Markdown leaderboard, a JSON copy
+of every row and the plot (Avg Gap against seconds, one point per method, one panel per protocol).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+
+
+def fmnist_protocols():
+    from excise.bench import list_protocols, load_protocol
+
+    return [p for p in list_protocols() if load_protocol(p)["dataset"].startswith("fashion-mnist")]
+
+
+def all_methods(proto_name: str):
+    """The protocol's own method labels first, then every other registered method by name."""
+    from excise.bench import load_protocol
+    from excise.methods import available
+
+    own = list(load_protocol(proto_name)["methods"])
+    return own + [m for m in available() if m not in own and m != "retrain"]
+
+
+def _bench_cmd(args, protocol, out, seeds):
+    """``excise bench`` in a fresh interpreter, with deterministic kernels (so a re-run on the same kind of
+    machine re-trains bit-identical models and finds its rows in the cache)."""
+    boot = ("import sys, torch; torch.use_deterministic_algorithms(True, warn_only=True); "
+            "torch.backends.cudnn.benchmark = False; from excise.cli import main; sys.exit(main(sys.argv[1:]))")
+    cmd = [sys.executable, "-c", boot, "bench", protocol, "--methods", *all_methods(protocol), "--out", str(out),
+           "--device", args.device, "--quiet"]
+    return cmd + (["--seed", *map(str, seeds)] if seeds else [])
+
+
+def _run_all(jobs, n_parallel, env, t0):
+    pending, procs, failed = list(jobs), {}, []
+    while pending or procs:
+        while pending and len(procs) < n_parallel:
+            name, cmd, logfile = pending.pop(0)
+            logfile.parent.mkdir(parents=True, exist_ok=True)
+            log = open(logfile, "w")
+            print(f"[{time.perf_counter() - t0:6.0f}s] start {name}", flush=True)
+            procs[name] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), log)
+        for name, (proc, log) in list(procs.items()):
+            if proc.poll() is not None:
+                log.close()
+                print(f"[{time.perf_counter() - t0:6.0f}s] {name}: exit {proc.returncode}", flush=True)
+                if proc.returncode != 0:
+                    failed.append(name)
+                del procs[name]
+        time.sleep(1)
+    return failed
+
+
+def cmd_run(args) -> int:
+    """Stage 1: one process per (protocol, seed), ``--jobs`` at a time, fills the row cache. Stage 2: one
+    ``excise bench`` per protocol over its seeds, which finds every row in the cache and writes the report."""
+    from excise.bench import load_protocol
+
+    protocols = args.protocols or fmnist_protocols()
+    runs = Path(args.runs)
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads),
+           "CUBLAS_WORKSPACE_CONFIG": ":4096:8"}
+    t0 = time.perf_counter()
+    seeds = {p: load_protocol(p)["seeds"][: args.seeds] if args.seeds else load_protocol(p)["seeds"] for p in protocols}
+    # seed-major order: every protocol's first seed before any second seed
+    name = {p: load_protocol(p)["name"] for p in protocols}
+    stage1 = [(f"{name[p]} seed {s}", _bench_cmd(args, p, runs / name[p] / f"seed{s}", [s]),
+               runs / name[p] / f"seed{s}.log")
+              for i in range(max(map(len, seeds.values()))) for p in protocols for s in seeds[p][i:i + 1]]
+    failed = _run_all(stage1, args.jobs, env, t0)
+    stage2 = [(name[p], _bench_cmd(args, p, runs / name[p], seeds[p]), runs / name[p] / "bench.log")
+              for p in protocols]
+    failed += _run_all(stage2, args.jobs, env, t0)
+    if failed:
+        print("failed: " + ", ".join(failed) + f" (logs under {runs})", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def _fmt(v, spec=".2f"):
+    mean, std, n = v
+    return f"{mean:{spec}} ± {std:{spec}}" if n > 1 else f"{mean:{spec}}"
+
+
+def combine_seeds(reports):
+    """One Report from single-seed reports of one protocol: the identity a run over all those seeds has (the
+    same body, the union of seeds and split hashes), the rows of each."""
+    from excise.evaluation.report import Report
+
+    body = {k: v for k, v in reports[0].protocol.items() if k not in ("seeds", "split_hashes")}
+    for r in reports[1:]:
+        if {k: v for k, v in r.protocol.items() if k not in ("seeds", "split_hashes")} != body:
+            raise ValueError("per-seed reports of different protocols cannot be combined")
+    seeds = sorted(s for r in reports for s in r.protocol["seeds"])
+    hashes = {k: v for r in reports for k, v in r.protocol["split_hashes"].items()}
+    out = Report({**body, "seeds": seeds, "split_hashes": {str(s): hashes[str(s)] for s in seeds}})
+    out.rows = [row for r in reports for row in r.rows]
+    out.notes = [n for n in reports[0].notes if "of the protocol's" not in n]
+    return out.finalize()
+
+
+def cmd_write(args) -> int:
+    from excise.bench import load_protocol
+    from excise.evaluation.report import Report
+
+    runs = Path(args.runs)
+    reports = {}
+    for p in args.protocols or fmnist_protocols():
+        p = load_protocol(p)["name"]
+        f = runs / p / "report.json"
+        if f.exists():
+            reports[p] = Report.load(f)
+        elif list((runs / p).glob("seed*/report.json")):
+            reports[p] = combine_seeds([Report.load(g) for g in sorted((runs / p).glob("seed*/report.json"))])
+            print(f"{p}: no report over all seeds; combined the per-seed ones", file=sys.stderr)
+        else:
+            print(f"no report for {p} under {runs}: left out", file=sys.stderr)
+    if not reports:
+        raise SystemExit("no reports to write")
+    out = Path(args.out)
+    lines = ["# Leaderboard: every method on every shipped Fashion-MNIST protocol", "",
+             f"Written by `python benchmarks/leaderboard.py write` from the reports of "
+             f"`python benchmarks/leaderboard.py run {args.run_args}` (each protocol: "
+             "`excise bench PROTOCOL --methods ...`, rows cached under ~/.cache/excise/bench).", ""]
+    if args.preamble and Path(args.preamble).exists():
+        lines += [Path(args.preamble).read_text().rstrip(), ""]
+    for p, rep in reports.items():
+        lines.append(rep.to_markdown(title=p).rstrip())
+        lines += ["", f"![Avg Gap against seconds, {p}](leaderboard/{p}.png)", ""]
+    text = "\n".join(lines) + "\n"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    dump = {p: rep.to_dict() for p, rep in reports.items()}
+    out.with_suffix(".json").write_text(json.dumps(dump, indent=1, default=str))
+    _plots(reports, out.parent / "leaderboard")
+    print(f"wrote {out}, {out.with_suffix('.json')} and plots under {out.parent / 'leaderboard'}")
+    return 0
+
+
+def _plots(reports, folder: Path) -> None:
+    from excise.evaluation.plots import gap_vs_seconds
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for p, rep in reports.items():
+        gap_vs_seconds(rep, folder / f"{p}.png", title=p)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run")
+    r.add_argument("--protocols", nargs="+", default=None)
+    r.add_argument("--seeds", type=int, default=None, help="the protocols' first N seeds (default: all three)")
+    r.add_argument("--device", default="auto")
+    r.add_argument("--jobs", type=int, default=1, help="protocols run at once (each its own process)")
+    r.add_argument("--threads", type=int, default=2, help="CPU threads per process")
+    r.add_argument("--runs", default="excise-out/leaderboard")
+    w = sub.add_parser("write")
+    w.add_argument("--protocols", nargs="+", default=None)
+    w.add_argument("--runs", default="excise-out/leaderboard")
+    w.add_argument("--out", default=str(RESULTS / "leaderboard.md"))
+    w.add_argument("--run-args", default="", help="the arguments the run used, quoted in the file")
+    w.add_argument("--preamble", default=None, help="a Markdown file placed after the header (the reading)")
+    args = ap.parse_args(argv)
+    return cmd_run(args) if args.cmd == "run" else cmd_write(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
