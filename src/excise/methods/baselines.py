@@ -57,7 +57,7 @@ def _loop(model, ctx, task, main, step_loss: Callable, *, lr, epochs, max_steps,
                     break
                 loss = step_loss(task.to(batch, device), step, total)
                 if not torch.isfinite(loss):
-                    raise FloatingPointError(f"{desc}: the loss became {float(loss)} at step {step}; "
+                    raise FloatingPointError(f"{desc}: the loss became {float(loss.detach())} at step {step}; "
                                              "lower lr or max_steps")
                 opt.zero_grad()
                 loss.backward()
@@ -107,7 +107,7 @@ def neggrad(model, request, ctx, **hp):
     return _result(model, steps)
 
 
-@register("neggrad_plus", defaults=dict(_COMMON, beta=0.9),
+@register("neggrad_plus", defaults=dict(_COMMON, beta=0.999),
           summary="NegGrad+: β·L(retain) − (1−β)·L(forget) in one loss")
 def neggrad_plus(model, request, ctx, beta, **hp):
     if not 0.0 <= beta <= 1.0:
