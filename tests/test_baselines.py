@@ -36,7 +36,7 @@ CASES = {
     "salun": dict(epochs=3, batch_size=32),
     "l1_sparse": dict(epochs=10, batch_size=32, lr=0.05, alpha=1e-3),
     "bad_teacher": dict(batch_size=32),
-    "scrub": dict(batch_size=32),
+    "scrub": dict(batch_size=32, epochs=4, max_epochs=2, max_lr=0.1),  # a clipped max-step (norm 1) on 130 samples
 }
 
 

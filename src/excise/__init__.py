@@ -32,9 +32,10 @@ _LAZY = {
     "evaluate": ("excise.bench.runner", "evaluate"),
     "Report": ("excise.evaluation.report", "Report"),
     "resolve_device": ("excise.types", "resolve_device"),
+    "tune": ("excise.tuning", "tune"),
 }
 _SUBMODULES = {"data", "models", "importance", "selection", "edit", "methods", "evaluation", "training", "tasks",
-               "types", "protocol", "bench"}
+               "types", "protocol", "bench", "tuning"}
 
 __all__ = sorted(_LAZY) + sorted(_SUBMODULES)
 

@@ -179,10 +179,34 @@ def cmd_bench(args) -> int:
     if args.seeds is not None and args.seed_list is not None:
         raise ValueError("give --seeds N or --seed S ..., not both")
     report = run_bench(args.protocol, methods=args.methods, seeds=args.seed_list or args.seeds,
-                       progress=not args.quiet, out=args.out, device=args.device)
+                       progress=not args.quiet, out=args.out, device=args.device, tuned=args.tuned)
     print(report.to_markdown())
     cached = sum(1 for r in report.rows if r.get("from_cache"))
     print(f"{cached} of {len(report.rows)} rows came from the cache; wrote {args.out}/report.(md|json|csv) and plots")
+    return 0
+
+
+def cmd_tune(args) -> int:
+    from .tuning import tune, write_tuned
+    from .types import atomic_write_bytes
+
+    res = tune(args.method, args.protocol, budget=args.budget, seed=args.seed, floor=args.floor,
+               floor_ref=args.floor_ref, storage=args.storage, device=args.device, progress=not args.quiet,
+               fixed=_parse_hparams(args.hp) if args.hp else None)
+    print(res.summary())
+    o, b = res.oracle_metrics, res.best_metrics
+    print("validation metrics   " + "  ".join(f"{k:>10s}" for k in o))
+    for name, m in (("oracle", o), ("original", res.original_metrics), ("best", b)):
+        print(f"{name:20s} " + "  ".join(f"{m.get(k, float('nan')):10.2f}" for k in o))
+    if res.best_value >= 100:
+        print("warning: no trial met the utility floor (or every trial diverged); nothing is worth writing",
+              file=sys.stderr)
+    out = Path(args.out)
+    atomic_write_bytes(out / f"{res.protocol}.{res.method}.json", json.dumps(res.to_dict(), indent=1).encode())
+    print(f"wrote {out / f'{res.protocol}.{res.method}.json'} (every trial)")
+    if args.write is not None:
+        path = write_tuned(res, None if args.write is True else args.write)
+        print(f"wrote the tuned values into {path}")
     return 0
 
 
@@ -264,8 +288,29 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run only these seeds of the protocol (e.g. one process per seed; rows are cached)")
     b.add_argument("--out", default="excise-out/bench")
     b.add_argument("--quiet", action="store_true")
+    b.add_argument("--tuned", nargs="?", const=True, default=None, metavar="TABLE",
+                   help="use tuned hyperparameters: the tables shipped with excise, or a table file / folder "
+                        "written by `excise tune --write PATH`")
     _device_arg(b)
     b.set_defaults(func=cmd_bench)
+    t = sub.add_parser("tune", help="search a method's hyperparameters on a protocol's validation split against "
+                                    "its retrain oracle (needs optuna)")
+    t.add_argument("method")
+    t.add_argument("protocol", help="shipped protocol name or TOML path")
+    t.add_argument("--budget", type=int, default=20, help="finished trials the study should hold (resumes)")
+    t.add_argument("--seed", type=int, default=None, help="protocol seed to tune on (default: its first)")
+    t.add_argument("--floor", type=float, default=None,
+                   help="utility floor: validation accuracy at most this many points below the reference's")
+    t.add_argument("--floor-ref", default="oracle", choices=("oracle", "original"))
+    t.add_argument("--storage", default=None, help="Optuna journal file (default excise-out/tune/PROTOCOL/METHOD.journal)")
+    t.add_argument("--hp", action="append", metavar="NAME=VALUE",
+                   help="hold a hyperparameter at a value (repeatable; default: the protocol's entry)")
+    t.add_argument("--write", nargs="?", const=True, default=None, metavar="TABLE",
+                   help="write the best values into the protocol's tuned table (shipped with excise, or TABLE)")
+    t.add_argument("--out", default="excise-out/tune", help="folder for the trials' JSON")
+    t.add_argument("--quiet", action="store_true")
+    _device_arg(t)
+    t.set_defaults(func=cmd_tune)
     e = sub.add_parser("evaluate", help="score your own unlearned checkpoint against a protocol's retrain oracle")
     e.add_argument("--model", required=True)
     e.add_argument("--protocol", required=True)
@@ -284,7 +329,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

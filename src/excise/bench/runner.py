@@ -96,13 +96,17 @@ def _cached_row(key: str, compute) -> Dict[str, Any]:
 
 def run_bench(protocol: str | Dict[str, Any], methods: Optional[Sequence[str]] = None,
               seeds: Optional[int | Sequence[int]] = None,
-              progress: bool = True, out: Optional[str | Path] = None, device: Any = None) -> Report:
+              progress: bool = True, out: Optional[str | Path] = None, device: Any = None,
+              tuned: Any = None) -> Report:
     """Run the protocol's methods (or ``methods``, labels of the protocol or registered names) on its first
     ``seeds`` seeds (an int), or on the listed seeds of the protocol (a list), and return the finalized Report (also saved to ``out`` when given).
 
     ``device``: where models are trained and edited (default CPU; see :func:`excise.resolve_device`). A method
     that diverges (raises FloatingPointError) gets a row with ``diverged`` set instead of metrics, and the
-    run goes on with the next method."""
+    run goes on with the next method.
+
+    ``tuned``: ``True`` for the tuned tables shipped with excise, or a table file / folder written by
+    ``excise tune``: each method label found there runs with its tuned values over the protocol's entry."""
     from .. import unlearn
     from ..protocol import prepare
 
@@ -115,8 +119,20 @@ def run_bench(protocol: str | Dict[str, Any], methods: Optional[Sequence[str]] =
         unknown = [s for s in seed_list if s not in proto["seeds"]]
         if unknown or not seed_list:
             raise ValueError(f"seeds {unknown or seed_list} are not among the protocol's seeds {proto['seeds']}")
-    table = proto["methods"] or {}
+    table = {k: dict(v) for k, v in (proto["methods"] or {}).items()}
     labels = list(methods) if methods else list(table)
+    tuned_note = None
+    if tuned is not None and tuned is not False:
+        from ..tuning import load_tuned, tuned_table_path
+
+        where = None if tuned is True else tuned
+        values = load_tuned(proto["name"], where)
+        hit = [lb for lb in labels if lb in values]
+        for lb in hit:
+            table[lb] = {**table.get(lb, {}), **values[lb]}
+        src = where if where is not None else tuned_table_path(proto["name"]).name + " (shipped)"
+        tuned_note = (f"tuned hyperparameters from {src} for {', '.join(hit) or 'no method'}; "
+                      f"{', '.join(lb for lb in labels if lb not in hit) or 'no method'} on the protocol's values")
     rows_by_seed, split_hashes, fp = {}, {}, ""
     for seed in seed_list:
         prep = prepare(_setup(proto, seed), progress=progress, device=device)
@@ -164,6 +180,8 @@ def run_bench(protocol: str | Dict[str, Any], methods: Optional[Sequence[str]] =
     for seed in seed_list:
         for r in rows_by_seed[seed]:
             report.rows.append(r)
+    if tuned_note:
+        report.notes.append(tuned_note)
     if seed_list != list(proto["seeds"]):
         report.notes.append(f"run on {len(seed_list)} of the protocol's {len(proto['seeds'])} seeds ({seed_list})")
     report.notes.append("mia_svc_confidence fits its SVC on a seeded random subset of the retain set as large as "

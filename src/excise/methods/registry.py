@@ -16,6 +16,40 @@ from torch import nn
 from ..types import Counters, UnlearningRequest, UnlearningResult
 
 
+@dataclasses.dataclass(frozen=True)
+class Real:
+    """A tunable float in [low, high] (log-uniform when ``log``)."""
+
+    low: float
+    high: float
+    log: bool = False
+
+    def suggest(self, trial, name: str) -> float:
+        return trial.suggest_float(name, self.low, self.high, log=self.log)
+
+
+@dataclasses.dataclass(frozen=True)
+class Int:
+    """A tunable integer in [low, high]."""
+
+    low: int
+    high: int
+    log: bool = False
+
+    def suggest(self, trial, name: str) -> int:
+        return trial.suggest_int(name, self.low, self.high, log=self.log)
+
+
+@dataclasses.dataclass(frozen=True)
+class Choice:
+    """A tunable choice among ``options``."""
+
+    options: tuple
+
+    def suggest(self, trial, name: str) -> Any:
+        return trial.suggest_categorical(name, list(self.options))
+
+
 @dataclasses.dataclass
 class MethodSpec:
     name: str
@@ -23,15 +57,24 @@ class MethodSpec:
     defaults: Dict[str, Any]
     presets: Dict[str, Dict[str, Any]]
     summary: str
+    space: Dict[str, Any] = dataclasses.field(default_factory=dict)  # what ``excise.tune`` searches
 
 
 _METHODS: Dict[str, MethodSpec] = {}
 
 
 def register(name: str, defaults: Dict[str, Any], presets: Optional[Dict[str, Dict[str, Any]]] = None,
-             summary: str = ""):
+             summary: str = "", space: Optional[Dict[str, Any]] = None):
+    """Register ``fn`` under ``name``. ``space``: hyperparameter → :class:`Real` / :class:`Int` / :class:`Choice`,
+    the ranges the tuner searches (each must be one of ``defaults``)."""
+    space = dict(space or {})
+    unknown = set(space) - set(defaults)
+    if unknown:
+        raise ValueError(f"{name}: search space names {sorted(unknown)} that are not hyperparameters")
+
     def deco(fn):
-        _METHODS[name] = MethodSpec(name, fn, dict(defaults), dict(presets or {}), summary or (fn.__doc__ or "").strip().split("\n")[0])
+        _METHODS[name] = MethodSpec(name, fn, dict(defaults), dict(presets or {}),
+                                    summary or (fn.__doc__ or "").strip().split("\n")[0], space)
         return fn
 
     return deco

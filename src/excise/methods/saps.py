@@ -34,7 +34,7 @@ from ..importance._common import eval_mode, progress, trainable
 from ..selection import Scope
 from ..tasks import model_device
 from ..types import Mask, Scores, UnlearningResult
-from .registry import register
+from .registry import Choice, Real, register
 
 SELECTORS = ("hessian", "all", "last_layer", "random", "grad_magnitude")
 UPDATES = ("first_order", "diagonal", "second_order", "steps")
@@ -171,7 +171,12 @@ def select(model, selector: str, k: float, g: Scores, curvature_fn, eligible, la
     raise ValueError(f"unknown selector {selector!r}; expected one of {SELECTORS}")
 
 
-@register("saps", defaults=DEFAULTS,
+# first-order and diagonal steps overshoot at their textbook scales (above): the tuner searches the other two
+SPACE = dict(k=Real(1e-3, 0.1, log=True), update=Choice(("second_order", "steps")), delta=Real(1e-3, 1.0, log=True),
+             lr=Real(1e-3, 0.1, log=True), beta=Real(0.5, 0.999), correction_weight=Real(0.0, 1.0))
+
+
+@register("saps", defaults=DEFAULTS, space=SPACE,
           summary="SAPS: select the largest Hessian-diagonal entries, apply the correction update to them only")
 def saps(model, request, ctx, k, selector, largest, estimator, backend, curvature, curvature_samples, probes,
          mc_samples, update, tau, delta, cg_iters, cg_samples, curvature_product, lr, epochs, max_steps, beta,

@@ -24,7 +24,7 @@ from ..importance._common import eval_mode, progress
 from ..selection import Scope
 from ..tasks import model_device
 from ..types import UnlearningResult
-from .registry import register
+from .registry import Real, register
 
 PAPER = dict(k=0.03, lam=0.05, lr=5e-3, epochs=10, max_steps=None, batch_size=256)
 DEFAULTS = dict(k=0.03, lam=0.05, lr=5e-3, epochs=1, max_steps=None, batch_size=256, n_batches=1, margin=0.5, memories=1,
@@ -44,6 +44,7 @@ def _grad_of(model, params, loss) -> torch.Tensor:
 
 
 @register("scissorhands", defaults=DEFAULTS, presets={"paper": PAPER},
+          space=dict(k=Real(0.005, 0.2, log=True), lam=Real(0.005, 0.5, log=True), lr=Real(1e-3, 3e-2, log=True)),
           summary="Scissorhands: re-initialise the top-k % by |θ·∇L_f|, repair on retain under a projection")
 def scissorhands(model, request, ctx, k, lam, lr, epochs, max_steps, batch_size, n_batches, margin, memories, momentum,
                  weight_decay, scope, projection, norm_stats, seed):

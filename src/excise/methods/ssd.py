@@ -19,7 +19,7 @@ from .. import importance, selection
 from ..edit import dampen
 from ..selection import Scope
 from ..types import UnlearningResult
-from .registry import register
+from .registry import Real, register
 
 # excise's defaults, measured on the shipped Fashion-MNIST protocols (benchmarks/results/ssd.md). With the
 # batch-mode Fisher at batch 256 the forget-set batches are single-class and their mean gradients do not
@@ -29,6 +29,7 @@ from .registry import register
 SSD_DEFAULTS = dict(alpha=50.0, lam=1.0, fisher_mode="batch", scope=None)
 LFSSD_DEFAULTS = dict(SSD_DEFAULTS, alpha=7.0)
 PAPER = dict(alpha=10.0, lam=1.0)
+SPACE = dict(alpha=Real(1.0, 300.0, log=True), lam=Real(0.1, 10.0, log=True))
 
 
 def _n_samples(loader) -> int:
@@ -102,7 +103,7 @@ def _run(model, request, ctx, *, alpha, lam, fisher_mode, scope, label_free: boo
     return UnlearningResult(model=model, method="", hparams={}, mask=mask, info=info)
 
 
-@register("ssd", defaults=SSD_DEFAULTS, presets={"paper": PAPER},
+@register("ssd", defaults=SSD_DEFAULTS, presets={"paper": PAPER}, space=SPACE,
           summary="Selective Synaptic Dampening: Fisher on D vs D_f, dampen where D_f dominates")
 def ssd(model, request, ctx, alpha, lam, fisher_mode, scope):
     """SSD: I_D = Fisher on the full training data, I_f on D_f; select I_f > α·I_D; dampen."""
@@ -110,7 +111,7 @@ def ssd(model, request, ctx, alpha, lam, fisher_mode, scope):
                 label_free=False, reference="train")
 
 
-@register("lfssd", defaults=LFSSD_DEFAULTS, presets={"paper": PAPER},
+@register("lfssd", defaults=LFSSD_DEFAULTS, presets={"paper": PAPER}, space=SPACE,
           summary="Label-free SSD: importance from ‖f(x)‖², no labels needed")
 def lfssd(model, request, ctx, alpha, lam, fisher_mode, scope):
     """LFSSD: SSD with label-free importance (|∇ mean ‖f(x)‖²|); the loaders need no labels."""
@@ -118,7 +119,7 @@ def lfssd(model, request, ctx, alpha, lam, fisher_mode, scope):
                 label_free=True, reference="train")
 
 
-@register("assd", defaults=dict(lam=1.0, fisher_mode="batch", scope=None),
+@register("assd", defaults=dict(lam=1.0, fisher_mode="batch", scope=None), space=dict(lam=SPACE["lam"]),
           summary="Automatic SSD: α from a percentile of the I_f/I_retain ratios")
 def assd(model, request, ctx, lam, fisher_mode, scope):
     """ASSD: reference importance on the retain set; α = percentile p = 100 − ln(1 + 100·|D_f|/|D|) of I_f/I_ref."""

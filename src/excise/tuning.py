@@ -1,0 +1,313 @@
+"""Tune a method's hyperparameters against the retrain oracle, on validation data only.
+
+``tune(method, protocol, budget)`` runs ``budget`` trials of a seeded Optuna TPE search over the method's
+registered search space (``excise methods`` lists it). A trial unlearns the protocol's original model with
+the suggested hyperparameters and scores it with :func:`validation_metrics` — never on test data:
+
+  forget_acc   accuracy on D_f (the data to forget: the user holds it anyway);
+  VA           accuracy on the validation split (held out of training, so neither member nor test);
+  mia_val      SalUn's SVC attack with the validation split as non-members: % of D_f called non-member.
+
+The objective ``avg_gap`` is the mean |model − oracle| over those three, the oracle being the retrained model
+of the same split. ``floor`` adds a utility floor: a trial whose VA lies more than ``floor`` points below
+the reference model's (``floor_ref``: the oracle by default, since for a class request the original's VA
+still counts the class being forgotten) is infeasible and scored 100 + its gap, so any feasible trial beats it.
+A diverging trial (FloatingPointError) scores 1,000. The method's defaults are the first trial, so the
+result is never worse on validation than the defaults.
+
+Studies live in an Optuna journal file (``storage``): a run stopped halfway resumes where it stopped and draws the same trials as a run straight
+through (the sampler is re-seeded from each trial's number), and ``budget`` counts every finished trial. Tuned values go into a per-protocol table
+(:func:`write_tuned`) that ``excise bench --tuned`` reads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+from .types import atomic_write_bytes
+
+OBJECTIVES = ("avg_gap",)
+TUNE_METRICS = ("forget_acc", "VA", "mia_val")
+INFEASIBLE = 100.0
+DIVERGED = 1000.0
+TUNED_DIR = Path(__file__).parent / "bench" / "tuned"
+
+
+@dataclasses.dataclass
+class TuneResult:
+    method: str
+    protocol: str
+    seed: int
+    objective: str
+    best_params: Dict[str, Any]  # the searched hyperparameters only (the rest stay at the method's defaults)
+    best_value: float
+    best_metrics: Dict[str, float]
+    oracle_metrics: Dict[str, float]
+    original_metrics: Dict[str, float]
+    default_value: Optional[float]
+    n_trials: int
+    trials: List[Dict[str, Any]]
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def summary(self) -> str:
+        gain = "" if self.default_value is None else f" (defaults: {self.default_value:.2f})"
+        params = ", ".join(f"{k}={_fmt(v)}" for k, v in self.best_params.items())
+        return (f"{self.method} on {self.protocol} (seed {self.seed}): {self.objective} {self.best_value:.2f}{gain} "
+                f"after {self.n_trials} trials; best: {params}")
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def validation_metrics(model, loaders: Dict[str, Any], seed: int = 0) -> Dict[str, float]:
+    """forget_acc, VA and mia_val of ``model`` from the ``forget``, ``val`` and ``members`` loaders (members: a
+    seeded subset of the retain set as large as val, the attack's member side)."""
+    from .evaluation.evaluate import model_predictions
+    from .evaluation.mia import features, mia_svc_scores
+
+    for need in ("forget", "val", "members"):
+        if loaders.get(need) is None:
+            raise ValueError(f"validation metrics need the {need} split")
+    preds = model_predictions(model, {k: loaders[k] for k in ("forget", "val", "members")})
+    acc = {k: 100.0 * float((p.argmax(-1) == y).float().mean()) for k, (p, y) in preds.items()}
+    feat = {k: features(p, y, "confidence") for k, (p, y) in preds.items()}
+    mia = mia_svc_scores(feat["members"], feat["val"], feat["forget"], seed=seed)["value"]
+    return {"forget_acc": acc["forget"], "VA": acc["val"], "mia_val": mia}
+
+
+def avg_gap(metrics: Dict[str, float], oracle: Dict[str, float]) -> float:
+    return sum(abs(metrics[k] - oracle[k]) for k in TUNE_METRICS) / len(TUNE_METRICS)
+
+
+def _validation_loaders(prep, seed: int) -> Dict[str, Any]:
+    import torch
+
+    from .training import seeded_loader
+
+    L = prep.loaders
+    if L.get("val") is None or len(L["val"].dataset) == 0:
+        raise ValueError("tuning needs a validation split: give the protocol a val_fraction > 0")
+    n = len(L["val"].dataset)
+    retain = list(prep.splits.retain)
+    g = torch.Generator().manual_seed(seed)
+    pick = [retain[i] for i in torch.randperm(len(retain), generator=g)[: n].tolist()]
+    return {"forget": L["forget"], "val": L["val"],
+            "members": seeded_loader(prep.train_ds, sorted(pick), L["val"].batch_size)}
+
+
+def default_storage(protocol: str, method: str) -> Path:
+    return Path("excise-out") / "tune" / protocol / f"{method}.journal"
+
+
+def _check_space(spec) -> None:
+    if not spec.space:
+        raise ValueError(f"{spec.name} has no search space to tune (it has no hyperparameters worth searching)")
+
+
+def _enqueue_defaults(study, spec) -> None:
+    """The defaults as the first trial, for the searched values that lie inside the space."""
+    from .methods.registry import Choice
+
+    params = {}
+    for name, dim in spec.space.items():
+        v = spec.defaults[name]
+        if isinstance(dim, Choice):
+            ok = v in dim.options
+        else:
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and dim.low <= v <= dim.high
+        if ok:
+            params[name] = v
+    study.enqueue_trial(params, user_attrs={"defaults": True})
+
+
+def tune(method: str, protocol: Any, budget: int = 20, objective: str = "avg_gap", seed: Optional[int] = None,
+         floor: Optional[float] = None, floor_ref: str = "oracle", storage: Optional[str | Path] = None,
+         fixed: Optional[Dict[str, Any]] = None, device: Any = None, progress: bool = True,
+         sampler_seed: int = 0) -> TuneResult:
+    """Search ``method``'s hyperparameters on ``protocol`` (a shipped name, a TOML path or a loaded dict).
+
+    ``budget``: finished trials the study should hold (a resumed study runs only the missing ones).
+    ``seed``: the protocol seed whose split, original and oracle are used (default: its first).
+    ``fixed``: hyperparameters held at given values (default: the protocol's own entry for the method).
+    ``storage``: the study's journal file (default ``excise-out/tune/<protocol>/<method>.journal``).
+    """
+    try:
+        import optuna
+        from optuna.storages import JournalStorage
+        from optuna.storages.journal import JournalFileBackend
+    except ImportError:
+        raise ImportError("excise.tune needs Optuna: pip install 'excise[tune]' (or pip install optuna)") from None
+
+    from . import unlearn
+    from .bench.runner import _setup, load_protocol
+    from .methods import get_method
+    from .protocol import prepare
+    from .types import resolve_device
+
+    if objective not in OBJECTIVES:
+        raise ValueError(f"unknown objective {objective!r}; known: {OBJECTIVES}")
+    if not isinstance(budget, int) or budget < 1:
+        raise ValueError(f"budget must be a positive number of trials, got {budget!r}")
+    if floor_ref not in ("oracle", "original"):
+        raise ValueError(f"floor_ref must be 'oracle' or 'original', got {floor_ref!r}")
+    if floor is not None and not floor >= 0:
+        raise ValueError(f"floor must be a non-negative number of points, got {floor!r}")
+    proto = load_protocol(protocol) if not isinstance(protocol, dict) else protocol
+    spec = get_method(method)
+    _check_space(spec)
+    entry = dict(proto.get("methods", {}).get(method, {}))
+    entry.pop("method", None)
+    preset = entry.pop("preset", None)
+    fixed = entry if fixed is None else dict(fixed)
+    clash = set(fixed) & set(spec.space)
+    if clash:  # the protocol pins a searched value: the search wins, and says so
+        fixed = {k: v for k, v in fixed.items() if k not in clash}
+    seed = proto["seeds"][0] if seed is None else seed
+    if seed not in proto["seeds"]:
+        raise ValueError(f"seed {seed} is not among the protocol's seeds {proto['seeds']}")
+    device = resolve_device(device)
+
+    prep = prepare(_setup(proto, seed), progress=progress, device=device)
+    loaders = _validation_loaders(prep, seed)
+    request = prep.request()
+    oracle_m = validation_metrics(prep.oracle, loaders, seed)
+    original_m = validation_metrics(prep.original, loaders, seed)
+    ref_va = (oracle_m if floor_ref == "oracle" else original_m)["VA"]
+
+    def run_trial(trial) -> float:
+        params = {name: dim.suggest(trial, name) for name, dim in spec.space.items()}
+        try:
+            res = unlearn(prep.original, request, method, preset=preset, **{**fixed, **params})
+        except FloatingPointError as err:
+            trial.set_user_attr("diverged", str(err))
+            return DIVERGED
+        m = validation_metrics(res.model, loaders, seed)
+        gap = avg_gap(m, oracle_m)
+        trial.set_user_attr("metrics", m)
+        trial.set_user_attr("gap", gap)
+        trial.set_user_attr("seconds", res.seconds)
+        if floor is not None and m["VA"] < ref_va - floor:
+            trial.set_user_attr("infeasible", True)
+            return INFEASIBLE + gap
+        return gap
+
+    name = proto.get("name", "protocol")
+    path = Path(storage) if storage is not None else default_storage(name, method)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(
+        study_name=f"{method}@{name}@seed{seed}@{objective}@floor{floor}:{floor_ref}",
+        storage=JournalStorage(JournalFileBackend(str(path))), direction="minimize",
+        sampler=optuna.samplers.TPESampler(seed=sampler_seed), load_if_exists=True)
+    if not study.trials:
+        _enqueue_defaults(study, spec)
+    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    remaining = budget - len(done)
+    if remaining > 0:
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=budget, initial=len(done), desc=f"tune {method}", leave=False)
+
+        def tick(study, trial):
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(best=f"{study.best_value:.2f}")
+
+        # one trial at a time, the sampler re-seeded from the trial's number: a study stopped and resumed draws
+        # the same trials as one run straight through. A trial that raises (anything but divergence) is recorded
+        # as failed and stops the search.
+        for _ in range(remaining):
+            study.sampler = optuna.samplers.TPESampler(seed=sampler_seed * 1_000_003 + len(study.trials))
+            study.optimize(run_trial, n_trials=1, callbacks=[tick], catch=())
+        if bar is not None:
+            bar.close()
+    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    best = study.best_trial
+    defaults = [t for t in done if t.user_attrs.get("defaults")]
+    trials = [{"number": t.number, "value": t.value, "params": t.params,
+               **{k: v for k, v in t.user_attrs.items() if k != "defaults"},
+               "defaults": bool(t.user_attrs.get("defaults"))} for t in done]
+    return TuneResult(method=method, protocol=name, seed=seed, objective=objective, best_params=dict(best.params),
+                      best_value=float(best.value), best_metrics=best.user_attrs.get("metrics", {}),
+                      oracle_metrics=oracle_m, original_metrics=original_m,
+                      default_value=float(defaults[0].value) if defaults else None, n_trials=len(done),
+                      trials=trials)
+
+
+# ---- the per-protocol tables of tuned values ----
+
+def tuned_table_path(protocol: str, directory: Optional[str | Path] = None) -> Path:
+    return Path(directory or TUNED_DIR) / f"{protocol}.toml"
+
+
+def load_tuned(protocol: str, path: Optional[str | Path] = None) -> Dict[str, Dict[str, Any]]:
+    """``{method label: hyperparameters}`` tuned for ``protocol`` (empty when none were tuned). ``path``: a table
+    file, or a folder of ``<protocol>.toml`` tables (default: the tables shipped with excise)."""
+    p = Path(path) if path is not None else tuned_table_path(protocol)
+    if p.is_dir():
+        p = tuned_table_path(protocol, p)
+    if not p.exists():
+        return {}
+    with open(p, "rb") as f:
+        table = tomllib.load(f)
+    return {k: dict(v) for k, v in table.get("methods", {}).items()}
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ValueError(f"cannot write {v} into a tuned table")
+        return repr(v)
+    if isinstance(v, str):
+        return json.dumps(v)
+    raise ValueError(f"cannot write {type(v).__name__} {v!r} into a tuned table")
+
+
+def write_tuned(result: TuneResult, path: Optional[str | Path] = None, label: Optional[str] = None) -> Path:
+    """Add (or replace) ``result``'s best values in the protocol's tuned table, atomically, keeping the other
+    methods' entries; each entry carries how it was found."""
+    p = Path(path) if path is not None else tuned_table_path(result.protocol)
+    if p.is_dir() or p.suffix != ".toml":
+        p = tuned_table_path(result.protocol, p)
+    table: Dict[str, Any] = {"methods": {}, "tuning": {}}
+    if p.exists():
+        with open(p, "rb") as f:
+            old = tomllib.load(f)
+        table["methods"].update(old.get("methods", {}))
+        table["tuning"].update(old.get("tuning", {}))
+    from . import __version__
+
+    label = label or result.method
+    table["methods"][label] = dict(result.best_params)
+    table["tuning"][label] = {
+        "objective": result.objective, "value": round(result.best_value, 4),
+        "default_value": None if result.default_value is None else round(result.default_value, 4),
+        "trials": result.n_trials, "seed": result.seed, "excise": __version__,
+        "date": datetime.date.today().isoformat()}
+    lines = [f"# Tuned hyperparameters for the protocol {result.protocol}, written by `excise tune`",
+             "# (validation split and retrain oracle only; see excise.tuning). Read by `excise bench --tuned`.", ""]
+    for section in ("methods", "tuning"):
+        for name in sorted(table[section]):
+            lines.append(f"[{section}.{name}]")
+            lines += [f"{k} = {_toml_value(v)}" for k, v in table[section][name].items() if v is not None]
+            lines.append("")
+    atomic_write_bytes(p, "\n".join(lines).encode())
+    return p

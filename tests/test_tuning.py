@@ -1,0 +1,145 @@
+"""The tuner (issue 7) on a small MLP trained on scikit-learn's digits, forgetting one class."""
+
+import json
+
+import pytest
+
+pytest.importorskip("optuna")
+
+from excise import protocol as protocol_mod  # noqa: E402
+from excise.bench import run_bench  # noqa: E402
+from excise.cli import main  # noqa: E402
+from excise.tuning import INFEASIBLE, load_tuned, tune, write_tuned  # noqa: E402
+
+TINY = """
+name = "digits-mlp-class"
+dataset = "digits"
+arch = "mlp"
+forget = "class:3"
+val_fraction = 0.15
+seeds = [0, 1]
+importance_batch = 64
+
+[recipe]
+epochs = 8
+batch_size = 64
+
+[methods.ssd]
+[methods.assd]
+"""
+
+
+@pytest.fixture()
+def tiny(tmp_path):
+    p = tmp_path / "tiny.toml"
+    p.write_text(TINY)
+    return p
+
+
+class _Forbidden:
+    """A loader that fails when read: the tuner must not look at test data."""
+
+    batch_size = 64
+
+    def __iter__(self):
+        raise AssertionError("the tuner read test data")
+
+    def __len__(self):
+        return 1
+
+
+@pytest.fixture()
+def no_test_data(monkeypatch):
+    real = protocol_mod.prepare
+
+    def prepare(*a, **kw):
+        prep = real(*a, **kw)
+        for k in ("test", "test_forget"):
+            if k in prep.loaders:
+                prep.loaders[k] = _Forbidden()
+        return prep
+
+    monkeypatch.setattr(protocol_mod, "prepare", prepare)
+
+
+def test_tune_ssd_forgets_toward_the_oracle_on_validation_only(tiny, tmp_path, no_test_data):
+    res = tune("ssd", str(tiny), budget=8, storage=tmp_path / "s.journal", progress=False)
+    assert res.n_trials == 8 and len(res.trials) == 8
+    first = res.trials[0]
+    assert first["defaults"] and first["params"] == {"alpha": 50.0, "lam": 1.0}  # the defaults come first
+    assert res.best_value <= res.default_value
+    assert set(res.best_metrics) == {"forget_acc", "VA", "mia_val"}
+    o, orig, best = res.oracle_metrics, res.original_metrics, res.best_metrics
+    assert orig["forget_acc"] > 90 and o["forget_acc"] < 5
+    # the tuned model forgets: most of the way from the original's forget accuracy to the oracle's
+    assert best["forget_acc"] < orig["forget_acc"] - 0.6 * (orig["forget_acc"] - o["forget_acc"]), res.summary()
+    assert best["VA"] > o["VA"] - 15
+    assert 1.0 <= res.best_params["alpha"] <= 300.0
+
+
+def test_tune_resumes_and_is_seeded(tiny, tmp_path):
+    a = tune("ssd", str(tiny), budget=3, storage=tmp_path / "a.journal", progress=False)
+    a5 = tune("ssd", str(tiny), budget=5, storage=tmp_path / "a.journal", progress=False)
+    assert a5.n_trials == 5
+    assert [t["params"] for t in a5.trials[:3]] == [t["params"] for t in a.trials]  # resumed, not restarted
+    again = tune("ssd", str(tiny), budget=5, storage=tmp_path / "a.journal", progress=False)
+    assert again.n_trials == 5  # nothing left to do
+    b = tune("ssd", str(tiny), budget=5, storage=tmp_path / "b.journal", progress=False)
+    assert [t["params"] for t in b.trials] == [t["params"] for t in a5.trials]
+    assert [t["value"] for t in b.trials] == pytest.approx([t["value"] for t in a5.trials])
+
+
+def test_utility_floor_marks_trials_infeasible(tiny, tmp_path):
+    res = tune("ssd", str(tiny), budget=6, floor=0.0, floor_ref="original", storage=tmp_path / "f.journal",
+               progress=False)
+    ref = res.original_metrics["VA"]
+    for t in res.trials:
+        if t.get("infeasible"):
+            assert t["value"] >= INFEASIBLE and t["metrics"]["VA"] < ref
+        else:
+            assert t["value"] < INFEASIBLE and t["metrics"]["VA"] >= ref
+
+
+def test_tuned_table_is_used_by_bench(tiny, tmp_path):
+    res = tune("ssd", str(tiny), budget=3, storage=tmp_path / "t.journal", progress=False)
+    table = write_tuned(res, tmp_path / "tuned")
+    assert table == tmp_path / "tuned" / "digits-mlp-class.toml"
+    # a second method keeps the first one's entry
+    res2 = tune("assd", str(tiny), budget=2, storage=tmp_path / "t2.journal", progress=False)
+    write_tuned(res2, tmp_path / "tuned")
+    values = load_tuned("digits-mlp-class", tmp_path / "tuned")
+    assert values["ssd"] == pytest.approx(res.best_params) and values["assd"] == pytest.approx(res2.best_params)
+    rep = run_bench(str(tiny), methods=["ssd"], seeds=1, progress=False, tuned=tmp_path / "tuned")
+    row = [r for r in rep.rows if r["method"] == "ssd"][0]
+    assert row["hparams"]["alpha"] == pytest.approx(res.best_params["alpha"])
+    assert any("tuned hyperparameters" in n and "ssd" in n for n in rep.notes)
+    plain = run_bench(str(tiny), methods=["ssd"], seeds=1, progress=False)
+    assert [r for r in plain.rows if r["method"] == "ssd"][0]["hparams"]["alpha"] == 50.0
+
+
+def test_cli_tune_writes_trials_and_table(tiny, tmp_path, capsys):
+    out, table = tmp_path / "out", tmp_path / "table.toml"
+    assert main(["tune", "ssd", str(tiny), "--budget", "2", "--storage", str(tmp_path / "c.journal"),
+                 "--out", str(out), "--write", str(table), "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "ssd on digits-mlp-class (seed 0)" in printed and "oracle" in printed
+    trials = json.loads((out / "digits-mlp-class.ssd.json").read_text())
+    assert len(trials["trials"]) == 2
+    assert "alpha" in load_tuned("digits-mlp-class", table)["ssd"]
+
+
+def test_tune_errors(tiny, tmp_path):
+    with pytest.raises(ValueError, match="objective"):
+        tune("ssd", str(tiny), objective="accuracy")
+    with pytest.raises(ValueError, match="budget"):
+        tune("ssd", str(tiny), budget=0)
+    with pytest.raises(ValueError, match="no search space"):
+        tune("retrain", str(tiny), budget=1)
+    with pytest.raises(ValueError, match="floor"):
+        tune("ssd", str(tiny), floor=-1)
+    with pytest.raises(ValueError, match="not among the protocol's seeds"):
+        tune("ssd", str(tiny), seed=7)
+    no_val = tmp_path / "noval.toml"
+    no_val.write_text(TINY.replace("val_fraction = 0.15", "val_fraction = 0.0"))
+    with pytest.raises(ValueError, match="validation split"):
+        tune("ssd", str(no_val), budget=1, storage=tmp_path / "n.journal", progress=False)
