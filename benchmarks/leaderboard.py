@@ -1,8 +1,13 @@
 """The leaderboard: every registered method (but ``retrain``, which is the oracle row) on every shipped
 Fashion-MNIST protocol, through ``excise bench``, then one Markdown file and one plot.
 
-    python benchmarks/leaderboard.py run   [--protocols P ...] [--seeds N] [--device D] [--jobs J]
-    python benchmarks/leaderboard.py write [--runs DIR] [--out benchmarks/results/leaderboard.md]
+    python benchmarks/leaderboard.py tune  [--protocols P ...] [--methods M ...] [--budget N] [--jobs J]
+    python benchmarks/leaderboard.py run   [--protocols P ...] [--seeds N] [--device D] [--jobs J] [--tuned]
+    python benchmarks/leaderboard.py write [--runs DIR] [--out benchmarks/results/leaderboard.md] [--tuned]
+
+``tune`` runs ``excise tune METHOD PROTOCOL --write`` for every method with a search space on every protocol
+(``--jobs`` at a time; resumable journals under ``--journals``), filling the tuned tables shipped in
+src/excise/bench/tuned/.
 
 ``run`` starts one ``excise bench PROTOCOL --methods ... --seed S`` per protocol and seed (``--jobs`` at a
 time), then one ``excise bench PROTOCOL`` over all its seeds, which finds every row in the cache and leaves the
@@ -46,7 +51,7 @@ def _bench_cmd(args, protocol, out, seeds):
     boot = ("import sys, torch; torch.use_deterministic_algorithms(True, warn_only=True); "
             "torch.backends.cudnn.benchmark = False; from excise.cli import main; sys.exit(main(sys.argv[1:]))")
     cmd = [sys.executable, "-c", boot, "bench", protocol, "--methods", *all_methods(protocol), "--out", str(out),
-           "--device", args.device, "--quiet"]
+           "--device", args.device, "--quiet"] + (["--tuned"] if args.tuned else [])
     return cmd + (["--seed", *map(str, seeds)] if seeds else [])
 
 
@@ -93,6 +98,59 @@ def cmd_run(args) -> int:
     if failed:
         print("failed: " + ", ".join(failed) + f" (logs under {runs})", file=sys.stderr)
     return 1 if failed else 0
+
+
+def cmd_tune(args) -> int:
+    """One ``excise tune`` process per (protocol, method), ``--jobs`` at a time; each writes its best values into
+    the protocol's shipped tuned table (writers take a lock in turn)."""
+    from excise.bench import load_protocol
+    from excise.methods import get_method
+
+    protocols = args.protocols or fmnist_protocols()
+    journals = Path(args.journals)
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
+    jobs = []
+    for p in protocols:
+        name = load_protocol(p)["name"]
+        for m in args.methods or all_methods(p):
+            method = load_protocol(p)["methods"].get(m, {}).get("method", m)
+            if not get_method(method).space:
+                continue
+            cmd = [sys.executable, "-m", "excise.cli", "tune", method, p, "--budget", str(args.budget),
+                   "--storage", str(journals / f"{name}.{method}.journal"), "--out", str(journals), "--write",
+                   "--device", args.device, "--quiet"]
+            jobs.append((f"{method} on {name}", cmd, journals / f"{name}.{method}.log"))
+    failed = _run_all(jobs, args.jobs, env, time.perf_counter())
+    if failed:
+        print("failed: " + ", ".join(failed) + f" (logs under {journals})", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def tuned_section(names) -> list:
+    """Markdown: the tuned values each protocol's table holds, with the validation objective they reached."""
+    from excise.tuning import TUNED_DIR
+
+    import tomllib
+
+    lines = ["## Tuned hyperparameters", "",
+             "From the tables shipped in src/excise/bench/tuned/ (`excise tune`: validation split and retrain "
+             "oracle of the protocol's first seed; objective = mean |Δ| to the oracle over forget accuracy, "
+             "validation accuracy and the validation-split MIA).", ""]
+    for p in names:
+        f = TUNED_DIR / f"{p}.toml"
+        if not f.exists():
+            lines += [f"- {p}: none tuned", ""]
+            continue
+        t = tomllib.loads(f.read_text())
+        lines += [f"**{p}**", "", "| method | tuned values | objective (tuned) | objective (defaults) | trials |",
+                  "|---|---|---|---|---|"]
+        for m, vals in sorted(t.get("methods", {}).items()):
+            meta = t.get("tuning", {}).get(m, {})
+            shown = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in vals.items())
+            lines.append(f"| {m} | {shown} | {meta.get('value', float('nan')):.2f} | "
+                         f"{meta.get('default_value', float('nan')):.2f} | {meta.get('trials', '')} |")
+        lines.append("")
+    return lines
 
 
 def _fmt(v, spec=".2f"):
@@ -142,6 +200,8 @@ def cmd_write(args) -> int:
              "`excise bench PROTOCOL --methods ...`, rows cached under ~/.cache/excise/bench).", ""]
     if args.preamble and Path(args.preamble).exists():
         lines += [Path(args.preamble).read_text().rstrip(), ""]
+    if args.tuned:
+        lines += tuned_section(list(reports))
     for p, rep in reports.items():
         lines.append(rep.to_markdown(title=p).rstrip())
         lines += ["", f"![Avg Gap against seconds, {p}](leaderboard/{p}.png)", ""]
@@ -173,14 +233,24 @@ def main(argv=None) -> int:
     r.add_argument("--jobs", type=int, default=1, help="protocols run at once (each its own process)")
     r.add_argument("--threads", type=int, default=2, help="CPU threads per process")
     r.add_argument("--runs", default="excise-out/leaderboard")
+    r.add_argument("--tuned", action="store_true", help="run with the shipped tuned tables (excise bench --tuned)")
+    t = sub.add_parser("tune")
+    t.add_argument("--protocols", nargs="+", default=None)
+    t.add_argument("--methods", nargs="+", default=None, help="default: every method with a search space")
+    t.add_argument("--budget", type=int, default=20, help="trials per (protocol, method)")
+    t.add_argument("--device", default="auto")
+    t.add_argument("--jobs", type=int, default=1)
+    t.add_argument("--threads", type=int, default=2)
+    t.add_argument("--journals", default="excise-out/tune")
     w = sub.add_parser("write")
     w.add_argument("--protocols", nargs="+", default=None)
     w.add_argument("--runs", default="excise-out/leaderboard")
     w.add_argument("--out", default=str(RESULTS / "leaderboard.md"))
     w.add_argument("--run-args", default="", help="the arguments the run used, quoted in the file")
     w.add_argument("--preamble", default=None, help="a Markdown file placed after the header (the reading)")
+    w.add_argument("--tuned", action="store_true", help="add the tuned values of every protocol")
     args = ap.parse_args(argv)
-    return cmd_run(args) if args.cmd == "run" else cmd_write(args)
+    return {"run": cmd_run, "tune": cmd_tune, "write": cmd_write}[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -39,6 +39,7 @@ def test_shipped_protocols_load():
     names = list_protocols()
     for kind in ("class", "subclass", "random10"):
         assert f"fmnist-smallcnn-{kind}" in names and f"fmnist-resnet18w16-{kind}" in names
+    assert "fmnist-resnet18w32-class" in names  # the longer run (issue 7)
     for n in names:
         proto = load_protocol(n)
         assert proto["seeds"] == [0, 1, 2]

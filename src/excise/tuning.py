@@ -62,6 +62,10 @@ class TuneResult:
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
 
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any]) -> "TuneResult":
+        return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls)})
+
     def summary(self) -> str:
         gain = "" if self.default_value is None else f" (defaults: {self.default_value:.2f})"
         params = ", ".join(f"{k}={_fmt(v)}" for k, v in self.best_params.items())
@@ -287,6 +291,29 @@ def write_tuned(result: TuneResult, path: Optional[str | Path] = None, label: Op
     p = Path(path) if path is not None else tuned_table_path(result.protocol)
     if p.is_dir() or p.suffix != ".toml":
         p = tuned_table_path(result.protocol, p)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    with _locked(p.parent / f".{p.name}.lock"):  # tuners running in parallel update one table in turn
+        return _update_table(p, result, label)
+
+
+class _locked:
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __enter__(self):
+        self.f = open(self.path, "a")
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover  (no POSIX locks: parallel writers are on their own)
+            return self
+        fcntl.flock(self.f, fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()  # closing releases the lock
+
+
+def _update_table(p: Path, result: TuneResult, label: Optional[str]) -> Path:
     table: Dict[str, Any] = {"methods": {}, "tuning": {}}
     if p.exists():
         with open(p, "rb") as f:

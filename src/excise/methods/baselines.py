@@ -104,7 +104,10 @@ def finetune(model, request, ctx, **hp):
     return _result(model, steps)
 
 
-@register("neggrad", defaults=dict(_COMMON, lr=1e-3, max_steps=50),
+# neggrad sits on a cliff: on the Fashion-MNIST small CNN (class 9, 50 steps of 128) lr 3e-4 left 78 % forget
+# accuracy, 5e-4 left 0.1 % with 78.3 % validation accuracy (oracle 0.0 / 81.8), 7e-4 collapsed validation to
+# 44 % and 1e-3 to 10 %. The default is the measured sweet spot; the tuner searches lr and max_steps.
+@register("neggrad", defaults=dict(_COMMON, lr=5e-4, max_steps=50),
           space=dict(lr=Real(1e-5, 1e-2, log=True), max_steps=Int(5, 200, log=True)),
           summary="Gradient ascent on the forget set")
 def neggrad(model, request, ctx, **hp):
