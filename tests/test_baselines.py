@@ -101,3 +101,15 @@ def test_retrain_method_never_sees_the_forget_set(digits_class):
     assert after["forget"] < 5 and oracle["forget"] < 5  # a class it never saw is never predicted
     assert abs(after["test"] - oracle["test"]) < 5
     assert res.info["steps"] == 40 * math.ceil(len(prep.splits.retain) / 32)
+
+
+def test_scrub_clip_bounds_the_max_steps(digits_class):
+    """The max-step ascends an unbounded KL: without the clip a large max-step lr reaches NaN (a
+    FloatingPointError), with the default clip (gradient norm 1) the same lr stays finite and forgets."""
+    prep = digits_class
+    hp = dict(batch_size=32, epochs=4, max_epochs=2, max_lr=1.0)
+    with pytest.raises(FloatingPointError, match="scrub"):
+        unlearn(prep.original, prep.request(), "scrub", max_clip=None, **hp)
+    res = unlearn(prep.original, prep.request(), "scrub", **hp)
+    assert all(torch.isfinite(p).all() for p in res.model.parameters())
+    assert _acc(prep, res.model)["forget"] < 10

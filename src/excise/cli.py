@@ -234,6 +234,12 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def _space_str(dim) -> str:
+    if hasattr(dim, "options"):
+        return "{" + ", ".join(map(str, dim.options)) + "}"
+    return f"[{dim.low:g}, {dim.high:g}]" + (" log" if dim.log else "")
+
+
 def cmd_methods(args) -> int:
     from .methods import available, get_method
 
@@ -241,6 +247,8 @@ def cmd_methods(args) -> int:
         spec = get_method(name)
         presets = f"  presets: {', '.join(spec.presets)}" if spec.presets else ""
         print(f"{name:10s} {summary}\n{'':10s} defaults: {spec.defaults}{presets}")
+        if spec.space:
+            print(f"{'':10s} tuned over: " + ", ".join(f"{k} {_space_str(v)}" for k, v in spec.space.items()))
     return 0
 
 
