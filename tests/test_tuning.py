@@ -9,7 +9,7 @@ pytest.importorskip("optuna")
 from excise import protocol as protocol_mod  # noqa: E402
 from excise.bench import run_bench  # noqa: E402
 from excise.cli import main  # noqa: E402
-from excise.tuning import INFEASIBLE, load_tuned, tune, write_tuned  # noqa: E402
+from excise.tuning import INFEASIBLE, TuneResult, load_tuned, tune, write_tuned  # noqa: E402
 
 TINY = """
 name = "digits-mlp-class"
@@ -93,6 +93,12 @@ def test_utility_floor_marks_trials_infeasible(tiny, tmp_path):
     res = tune("ssd", str(tiny), budget=6, floor=0.0, floor_ref="original", storage=tmp_path / "f.journal",
                progress=False)
     ref = res.original_metrics["VA"]
+    assert any(t.get("infeasible") for t in res.trials)  # forgetting the class costs VA: the floor bites
+    # a study whose best trial is infeasible has nothing worth shipping
+    bad = TuneResult.from_dict({**res.to_dict(), "best_value": INFEASIBLE + 3.0})
+    with pytest.raises(ValueError, match="utility floor"):
+        write_tuned(bad, tmp_path / "never")
+    assert not (tmp_path / "never").exists()
     for t in res.trials:
         if t.get("infeasible"):
             assert t["value"] >= INFEASIBLE and t["metrics"]["VA"] < ref

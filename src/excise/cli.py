@@ -198,13 +198,16 @@ def cmd_tune(args) -> int:
     print("validation metrics   " + "  ".join(f"{k:>10s}" for k in o))
     for name, m in (("oracle", o), ("original", res.original_metrics), ("best", b)):
         print(f"{name:20s} " + "  ".join(f"{m.get(k, float('nan')):10.2f}" for k in o))
-    if res.best_value >= 100:
-        print("warning: no trial met the utility floor (or every trial diverged); nothing is worth writing",
-              file=sys.stderr)
+    feasible = res.best_value < 100
+    if not feasible:
+        print("warning: no trial met the utility floor (or every trial diverged)", file=sys.stderr)
     out = Path(args.out)
     atomic_write_bytes(out / f"{res.protocol}.{res.method}.json", json.dumps(res.to_dict(), indent=1).encode())
     print(f"wrote {out / f'{res.protocol}.{res.method}.json'} (every trial)")
     if args.write is not None:
+        if not feasible:
+            print("error: nothing written into the tuned table", file=sys.stderr)
+            return 1
         path = write_tuned(res, None if args.write is True else args.write)
         print(f"wrote the tuned values into {path}")
     return 0

@@ -287,7 +287,11 @@ def _toml_value(v: Any) -> str:
 
 def write_tuned(result: TuneResult, path: Optional[str | Path] = None, label: Optional[str] = None) -> Path:
     """Add (or replace) ``result``'s best values in the protocol's tuned table, atomically, keeping the other
-    methods' entries; each entry carries how it was found."""
+    methods' entries; each entry carries how it was found. Refuses a result whose best trial was infeasible
+    or diverged (nothing worth shipping)."""
+    if result.best_value >= INFEASIBLE:
+        raise ValueError(f"{result.method} on {result.protocol}: no trial met the utility floor without diverging "
+                         f"(best objective {result.best_value:.1f}); nothing written")
     p = Path(path) if path is not None else tuned_table_path(result.protocol)
     if p.is_dir() or p.suffix != ".toml":
         p = tuned_table_path(result.protocol, p)
