@@ -327,7 +327,9 @@ def _update_table(p: Path, result: TuneResult, label: Optional[str]) -> Path:
     from . import __version__
 
     label = label or result.method
-    table["methods"][label] = dict(result.best_params)
+    # six significant digits: readable, and closer to the best trial than any tuner noise
+    table["methods"][label] = {k: float(f"{v:.6g}") if isinstance(v, float) else v
+                               for k, v in result.best_params.items()}
     table["tuning"][label] = {
         "objective": result.objective, "value": round(result.best_value, 4),
         "default_value": None if result.default_value is None else round(result.default_value, 4),

@@ -166,6 +166,11 @@ def unlearn(model: nn.Module, request_or_loaders: Any, method: str = "ssd", pres
     t0 = time.perf_counter()
     result = spec.fn(work, request, ctx, **hp)
     result.seconds = time.perf_counter() - t0
+    bad = [n for n, t in list(result.model.named_parameters()) + list(result.model.named_buffers())
+           if t.is_floating_point() and not bool(t.isfinite().all())]
+    if bad:  # a method whose own checks missed a divergence: no caller should evaluate (or ship) this model
+        raise FloatingPointError(f"{method}: the edited model has non-finite values in {', '.join(bad[:5])}"
+                                 f"{' …' if len(bad) > 5 else ''}; lower its step size")
     result.method, result.hparams = method, hp
     result.timings = dict(ctx.timer.phases)
     result.counters = ctx.counters

@@ -302,6 +302,9 @@ def _masked_steps(model, mask, request, d_tilde, lr, epochs, max_steps, beta, ba
             elif correction_weight:
                 loss = loss + correction_weight * (task.loss(model, task.to(next(fixed), device))
                                                    - task.loss(model, task.to(next(forget), device)))
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"saps steps: the loss became {float(loss.detach())} at step {steps}; "
+                                         "lower lr, raise beta or lower correction_weight")
             opt.zero_grad()
             loss.backward()
             opt.step()
