@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import hashlib
 import json
 import math
 import sys
@@ -179,6 +180,10 @@ def tune(method: str, protocol: Any, budget: int = 20, objective: str = "avg_gap
     fixed = entry if fixed is None else dict(fixed)
     clash = set(fixed) & set(spec.space)
     if clash:  # the protocol pins a searched value: the search wins, and says so
+        import warnings
+
+        warnings.warn(f"tuning {method}: {sorted(clash)} are searched, so the protocol's / given values for them "
+                      "are not used", stacklevel=2)
         fixed = {k: v for k, v in fixed.items() if k not in clash}
     seed = proto["seeds"][0] if seed is None else seed
     if seed not in proto["seeds"]:
@@ -214,7 +219,9 @@ def tune(method: str, protocol: Any, budget: int = 20, objective: str = "avg_gap
     path.parent.mkdir(parents=True, exist_ok=True)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(
-        study_name=f"{method}@{name}@seed{seed}@{objective}@floor{floor}:{floor_ref}",
+        # everything that changes what a trial measures names the study: a journal never mixes two set-ups
+        study_name=f"{method}@{name}@seed{seed}@{objective}@floor{floor}:{floor_ref}@preset{preset}"
+                   f"@fixed{hashlib.sha256(json.dumps(fixed, sort_keys=True, default=str).encode()).hexdigest()[:8]}",
         storage=JournalStorage(JournalFileBackend(str(path))), direction="minimize",
         sampler=optuna.samplers.TPESampler(seed=sampler_seed), load_if_exists=True)
     if not study.trials:
