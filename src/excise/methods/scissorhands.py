@@ -91,7 +91,7 @@ def scissorhands(model, request, ctx, k, lam, lr, epochs, max_steps, batch_size,
                     loss = loss - lam * task.loss(model, fb)
                     ctx.counters.forward_passes += 1
                 if not torch.isfinite(loss):
-                    raise FloatingPointError(f"scissorhands repair diverged at step {steps} (loss {float(loss)}); "
+                    raise FloatingPointError(f"scissorhands repair diverged at step {steps} (loss {float(loss.detach())}); "
                                              "lower lr or lam")
                 loss.backward()
                 ctx.counters.forward_passes += 1
