@@ -193,3 +193,16 @@ def test_a_silently_diverging_trial_scores_as_diverged_and_the_search_goes_on(ti
         else:
             assert t["value"] < DIVERGED and "metrics" in t
     assert any(t["params"]["x"] > 0.5 for t in res.trials)
+
+
+def test_tune_over_several_seeds_averages_their_objectives(tiny, tmp_path):
+    one = {s: tune("ssd", str(tiny), budget=2, seed=s, storage=tmp_path / f"s{s}.journal", progress=False)
+           for s in (0, 1)}
+    both = tune("ssd", str(tiny), budget=2, seed=[0, 1], storage=tmp_path / "both.journal", progress=False)
+    assert both.seed == [0, 1]
+    # trial 0 is the defaults on every run: its objective over both seeds is the mean of the single-seed ones
+    assert both.trials[0]["defaults"]
+    assert both.trials[0]["value"] == pytest.approx((one[0].trials[0]["value"] + one[1].trials[0]["value"]) / 2)
+    assert both.oracle_metrics["VA"] == pytest.approx((one[0].oracle_metrics["VA"] + one[1].oracle_metrics["VA"]) / 2)
+    table = write_tuned(both, tmp_path / "t")
+    assert "seed = [0, 1]" in table.read_text()

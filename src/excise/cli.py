@@ -190,7 +190,8 @@ def cmd_tune(args) -> int:
     from .tuning import tune, write_tuned
     from .types import atomic_write_bytes
 
-    res = tune(args.method, args.protocol, budget=args.budget, seed=args.seed, floor=args.floor,
+    seed = args.seed[0] if args.seed and len(args.seed) == 1 else args.seed
+    res = tune(args.method, args.protocol, budget=args.budget, seed=seed, floor=args.floor,
                floor_ref=args.floor_ref, storage=args.storage, device=args.device, progress=not args.quiet,
                fixed=_parse_hparams(args.hp) if args.hp else None)
     print(res.summary())
@@ -309,7 +310,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("method")
     t.add_argument("protocol", help="shipped protocol name or TOML path")
     t.add_argument("--budget", type=int, default=20, help="finished trials the study should hold (resumes)")
-    t.add_argument("--seed", type=int, default=None, help="protocol seed to tune on (default: its first)")
+    t.add_argument("--seed", type=int, nargs="+", default=None,
+                   help="protocol seed(s) to tune on (default: its first); several: each trial's objective is the "
+                        "mean over them")
     t.add_argument("--floor", type=float, default=None,
                    help="utility floor: validation accuracy at most this many points below the reference's")
     t.add_argument("--floor-ref", default="oracle", choices=("oracle", "original"))

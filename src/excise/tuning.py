@@ -49,7 +49,7 @@ TUNED_DIR = Path(__file__).parent / "bench" / "tuned"
 class TuneResult:
     method: str
     protocol: str
-    seed: int
+    seed: Any  # the protocol seed tuned on, or the list of seeds whose objectives were averaged
     objective: str
     best_params: Dict[str, Any]  # the searched hyperparameters only (the rest stay at the method's defaults)
     best_value: float
@@ -92,6 +92,10 @@ def validation_metrics(model, loaders: Dict[str, Any], seed: int = 0) -> Dict[st
     feat = {k: features(p, y, "confidence") for k, (p, y) in preds.items()}
     mia = mia_svc_scores(feat["members"], feat["val"], feat["forget"], seed=seed)["value"]
     return {"forget_acc": acc["forget"], "VA": acc["val"], "mia_val": mia}
+
+
+def _mean(rows: List[Dict[str, float]]) -> Dict[str, float]:
+    return {k: sum(r[k] for r in rows) / len(rows) for k in rows[0]}
 
 
 def avg_gap(metrics: Dict[str, float], oracle: Dict[str, float]) -> float:
@@ -139,14 +143,16 @@ def _enqueue_defaults(study, spec) -> None:
     study.enqueue_trial(params, user_attrs={"defaults": True})
 
 
-def tune(method: str, protocol: Any, budget: int = 20, objective: str = "avg_gap", seed: Optional[int] = None,
+def tune(method: str, protocol: Any, budget: int = 20, objective: str = "avg_gap", seed: Any = None,
          floor: Optional[float] = None, floor_ref: str = "oracle", storage: Optional[str | Path] = None,
          fixed: Optional[Dict[str, Any]] = None, device: Any = None, progress: bool = True,
          sampler_seed: int = 0) -> TuneResult:
     """Search ``method``'s hyperparameters on ``protocol`` (a shipped name, a TOML path or a loaded dict).
 
     ``budget``: finished trials the study should hold (a resumed study runs only the missing ones).
-    ``seed``: the protocol seed whose split, original and oracle are used (default: its first).
+    ``seed``: the protocol seed whose split, original and oracle are used (default: its first), or a list of
+    seeds: each trial then runs on every one and its objective is the mean (costlier, and less prone to fit
+    one split's validation set: see benchmarks/results/tuned_vs_defaults.md).
     ``fixed``: hyperparameters held at given values (default: the protocol's own entry for the method).
     ``storage``: the study's journal file (default ``excise-out/tune/<protocol>/<method>.journal``).
     """
@@ -185,30 +191,38 @@ def tune(method: str, protocol: Any, budget: int = 20, objective: str = "avg_gap
         warnings.warn(f"tuning {method}: {sorted(clash)} are searched, so the protocol's / given values for them "
                       "are not used", stacklevel=2)
         fixed = {k: v for k, v in fixed.items() if k not in clash}
-    seed = proto["seeds"][0] if seed is None else seed
-    if seed not in proto["seeds"]:
-        raise ValueError(f"seed {seed} is not among the protocol's seeds {proto['seeds']}")
+    seeds = [proto["seeds"][0]] if seed is None else (list(seed) if isinstance(seed, (list, tuple)) else [seed])
+    bad_seeds = [s for s in seeds if s not in proto["seeds"]]
+    if bad_seeds or not seeds:
+        raise ValueError(f"seed {bad_seeds or seeds} is not among the protocol's seeds {proto['seeds']}")
     device = resolve_device(device)
 
-    prep = prepare(_setup(proto, seed), progress=progress, device=device)
-    loaders = _validation_loaders(prep, seed)
-    request = prep.request()
-    oracle_m = validation_metrics(prep.oracle, loaders, seed)
-    original_m = validation_metrics(prep.original, loaders, seed)
+    runs = []  # per seed: the original, its request, validation loaders, the oracle's validation metrics
+    for s in seeds:
+        prep = prepare(_setup(proto, s), progress=progress, device=device)
+        loaders = _validation_loaders(prep, s)
+        runs.append((s, prep.original, prep.request(), loaders, validation_metrics(prep.oracle, loaders, s),
+                     validation_metrics(prep.original, loaders, s)))
+    oracle_m = _mean([r[4] for r in runs])
+    original_m = _mean([r[5] for r in runs])
     ref_va = (oracle_m if floor_ref == "oracle" else original_m)["VA"]
 
     def run_trial(trial) -> float:
         params = {name: dim.suggest(trial, name) for name, dim in spec.space.items()}
-        try:
-            res = unlearn(prep.original, request, method, preset=preset, **{**fixed, **params})
-        except FloatingPointError as err:
-            trial.set_user_attr("diverged", str(err))
-            return DIVERGED
-        m = validation_metrics(res.model, loaders, seed)
-        gap = avg_gap(m, oracle_m)
+        ms, gaps, secs = [], [], 0.0
+        for s, original, request, loaders, o_m, _ in runs:
+            try:
+                res = unlearn(original, request, method, preset=preset, **{**fixed, **params})
+            except FloatingPointError as err:
+                trial.set_user_attr("diverged", f"seed {s}: {err}" if len(runs) > 1 else str(err))
+                return DIVERGED
+            ms.append(validation_metrics(res.model, loaders, s))
+            gaps.append(avg_gap(ms[-1], o_m))
+            secs += res.seconds
+        m, gap = _mean(ms), sum(gaps) / len(gaps)
         trial.set_user_attr("metrics", m)
         trial.set_user_attr("gap", gap)
-        trial.set_user_attr("seconds", res.seconds)
+        trial.set_user_attr("seconds", secs / len(runs))
         if floor is not None and m["VA"] < ref_va - floor:
             trial.set_user_attr("infeasible", True)
             return INFEASIBLE + gap
@@ -220,7 +234,7 @@ def tune(method: str, protocol: Any, budget: int = 20, objective: str = "avg_gap
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(
         # everything that changes what a trial measures names the study: a journal never mixes two set-ups
-        study_name=f"{method}@{name}@seed{seed}@{objective}@floor{floor}:{floor_ref}@preset{preset}"
+        study_name=f"{method}@{name}@seed{'+'.join(map(str, seeds))}@{objective}@floor{floor}:{floor_ref}@preset{preset}"
                    f"@fixed{hashlib.sha256(json.dumps(fixed, sort_keys=True, default=str).encode()).hexdigest()[:8]}",
         storage=JournalStorage(JournalFileBackend(str(path))), direction="minimize",
         sampler=optuna.samplers.TPESampler(seed=sampler_seed), load_if_exists=True)
@@ -254,7 +268,7 @@ def tune(method: str, protocol: Any, budget: int = 20, objective: str = "avg_gap
     trials = [{"number": t.number, "value": t.value, "params": t.params,
                **{k: v for k, v in t.user_attrs.items() if k != "defaults"},
                "defaults": bool(t.user_attrs.get("defaults"))} for t in done]
-    return TuneResult(method=method, protocol=name, seed=seed, objective=objective, best_params=dict(best.params),
+    return TuneResult(method=method, protocol=name, seed=seeds[0] if len(seeds) == 1 else seeds, objective=objective, best_params=dict(best.params),
                       best_value=float(best.value), best_metrics=best.user_attrs.get("metrics", {}),
                       oracle_metrics=oracle_m, original_metrics=original_m,
                       default_value=float(defaults[0].value) if defaults else None, n_trials=len(done),
@@ -289,6 +303,8 @@ def _toml_value(v: Any) -> str:
         return repr(v)
     if isinstance(v, str):
         return json.dumps(v)
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
     raise ValueError(f"cannot write {type(v).__name__} {v!r} into a tuned table")
 
 
