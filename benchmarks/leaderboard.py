@@ -118,7 +118,7 @@ def cmd_tune(args) -> int:
                 continue
             cmd = [sys.executable, "-m", "excise.cli", "tune", method, p, "--budget", str(args.budget),
                    "--storage", str(journals / f"{name}.{method}.journal"), "--out", str(journals), "--write",
-                   "--device", args.device, "--quiet"]
+                   "--device", args.device, "--quiet"] + (["--seed", *map(str, args.seed)] if args.seed else [])
             jobs.append((f"{method} on {name}", cmd, journals / f"{name}.{method}.log"))
     failed = _run_all(jobs, args.jobs, env, time.perf_counter())
     if failed:
@@ -238,6 +238,8 @@ def main(argv=None) -> int:
     t.add_argument("--protocols", nargs="+", default=None)
     t.add_argument("--methods", nargs="+", default=None, help="default: every method with a search space")
     t.add_argument("--budget", type=int, default=20, help="trials per (protocol, method)")
+    t.add_argument("--seed", type=int, nargs="+", default=None,
+                   help="protocol seeds each trial runs on (objective = their mean; default: the first)")
     t.add_argument("--device", default="auto")
     t.add_argument("--jobs", type=int, default=1)
     t.add_argument("--threads", type=int, default=2)
