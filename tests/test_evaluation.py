@@ -24,6 +24,24 @@ def test_svc_attack_separable_and_identical():
     assert 20 < same < 80
 
 
+def test_svc_attack_on_a_grid_merges_ties_exactly():
+    rng = np.random.default_rng(3)
+    # overlapping, confidence-like features already on a 1e-3 grid: rounding is a no-op, so only the merging
+    # of equal points into weighted ones differs from the plain fit, and the SVM is the same
+    members = np.round(1 - rng.exponential(0.05, 1500).clip(0, 1), 3)
+    nonmembers = np.round(1 - rng.exponential(0.08, 1500).clip(0, 1), 3)
+    targets = np.linspace(0, 1, 2001)
+    exact = mia_svc_scores(members, nonmembers, targets)["value"]
+    assert 1 < exact < 99  # a boundary inside the grid, so the comparison means something
+    assert mia_svc_scores(members, nonmembers, targets, resolution=1e-3)["value"] == pytest.approx(exact, abs=0.1)
+    # on raw (unrounded) features the 1e-4 grid moves each point by at most 5e-5: same decisions
+    raw_m, raw_n = 1 - rng.exponential(0.05, 1500).clip(0, 1), 1 - rng.exponential(0.08, 1500).clip(0, 1)
+    assert mia_svc_scores(raw_m, raw_n, targets, resolution=1e-4)["value"] == pytest.approx(
+        mia_svc_scores(raw_m, raw_n, targets)["value"], abs=0.1)
+    with pytest.raises(ValueError, match="resolution"):
+        mia_svc_scores(members, nonmembers, targets, resolution=0)
+
+
 def test_lr_entropy_attack_separable_and_identical():
     rng = np.random.default_rng(1)
     m, n = rng.uniform(0, 0.1, 500), rng.uniform(1.0, 2.0, 500)

@@ -6,7 +6,9 @@ the suggested hyperparameters and scores it with :func:`validation_metrics` — 
 
   forget_acc   accuracy on D_f (the data to forget: the user holds it anyway);
   VA           accuracy on the validation split (held out of training, so neither member nor test);
-  mia_val      SalUn's SVC attack with the validation split as non-members: % of D_f called non-member.
+  mia_val      SalUn's SVC attack with the validation split as non-members: % of D_f called non-member
+               (features on a 1e-4 grid, ties merged with weights: about ten times faster than the exact fit,
+               with the same predictions on the protocols measured; see ``mia_svc_scores``).
 
 The objective ``avg_gap`` is the mean |model − oracle| over those three, the oracle being the retrained model
 of the same split. ``floor`` adds a utility floor: a trial whose VA lies more than ``floor`` points below
@@ -42,6 +44,7 @@ OBJECTIVES = ("avg_gap",)
 TUNE_METRICS = ("forget_acc", "VA", "mia_val")
 INFEASIBLE = 100.0
 DIVERGED = 1000.0
+MIA_RESOLUTION = 1e-4  # grid of the validation attack's features (mia_svc_scores(resolution=...))
 TUNED_DIR = Path(__file__).parent / "bench" / "tuned"
 
 
@@ -90,7 +93,7 @@ def validation_metrics(model, loaders: Dict[str, Any], seed: int = 0) -> Dict[st
     preds = model_predictions(model, {k: loaders[k] for k in ("forget", "val", "members")})
     acc = {k: 100.0 * float((p.argmax(-1) == y).float().mean()) for k, (p, y) in preds.items()}
     feat = {k: features(p, y, "confidence") for k, (p, y) in preds.items()}
-    mia = mia_svc_scores(feat["members"], feat["val"], feat["forget"], seed=seed)["value"]
+    mia = mia_svc_scores(feat["members"], feat["val"], feat["forget"], seed=seed, resolution=MIA_RESOLUTION)["value"]
     return {"forget_acc": acc["forget"], "VA": acc["val"], "mia_val": mia}
 
 

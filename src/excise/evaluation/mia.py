@@ -91,18 +91,33 @@ def mia_lr_entropy(model: nn.Module, retain_loader, test_loader, forget_loader, 
     return mia_lr_entropy_scores(*feats)
 
 
-def mia_svc_scores(member: np.ndarray, nonmember: np.ndarray, target: np.ndarray, seed: int = 0) -> Dict[str, float]:
+def mia_svc_scores(member: np.ndarray, nonmember: np.ndarray, target: np.ndarray, seed: int = 0,
+                   resolution: Optional[float] = None) -> Dict[str, float]:
     """SalUn's MIA-Efficacy on precomputed features: ``SVC(C=3, gamma="auto", kernel="rbf")`` fitted on up to
     |non-member| members (a seeded random subset when there are more) vs the non-members; returns
-    ``{"value": % of target predicted non-member, "members_used": n}``."""
+    ``{"value": % of target predicted non-member, "members_used": n}``.
+
+    ``resolution``: when given, the training features are rounded to that grid and equal (feature, side) pairs
+    are merged into one point weighted by its count. Merging identical points is exact (the SVM with m identical
+    points has the same solution as one point with m·C); the rounding is the only approximation. Nearly every
+    sample is a support vector of this attack, so the fit is quadratic in the number of distinct points: at
+    1e-4 on confidences it runs about ten times faster (the tuner uses it; the benchmark does not).
+    """
     from sklearn.svm import SVC
 
     _check(member, nonmember, target)
+    if resolution is not None and not resolution > 0:
+        raise ValueError(f"resolution must be a positive grid step, got {resolution!r}")
     member = _subsample(np.asarray(member), len(nonmember), seed)
-    x = np.concatenate([member, nonmember]).reshape(-1, 1)
+    x = np.concatenate([member, nonmember])
     y = np.concatenate([np.ones(len(member)), np.zeros(len(nonmember))])
+    weight = None
+    if resolution is not None:
+        pairs = np.stack([np.round(x / resolution) * resolution, y], axis=1)
+        pairs, weight = np.unique(pairs, axis=0, return_counts=True)
+        x, y, weight = pairs[:, 0], pairs[:, 1], weight.astype(np.float64)
     clf = SVC(C=3, gamma="auto", kernel="rbf")
-    clf.fit(x, y)
+    clf.fit(x.reshape(-1, 1), y, sample_weight=weight)
     pred = clf.predict(np.asarray(target).reshape(-1, 1))
     return {"value": 100.0 * float((pred == 0).mean()), "members_used": int(len(member))}
 
