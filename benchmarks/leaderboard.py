@@ -7,7 +7,9 @@ Fashion-MNIST protocol, through ``excise bench``, then one Markdown file and one
 
 ``tune`` runs ``excise tune METHOD PROTOCOL --write`` for every method with a search space on every protocol
 (``--jobs`` at a time; resumable journals under ``--journals``), filling the tuned tables shipped in
-src/excise/bench/tuned/.
+src/excise/bench/tuned/. ``--deadline SECONDS`` fits it into a time slot (a GPU lent for ten-minute calls):
+studies stop starting trials in time and the next call resumes them from their journals; a table entry is
+written only once its study holds the whole budget.
 
 ``run`` starts one ``excise bench PROTOCOL --methods ... --seed S`` per protocol and seed (``--jobs`` at a
 time), then one ``excise bench PROTOCOL`` over all its seeds, which finds every row in the cache and leaves the
@@ -56,10 +58,17 @@ def _bench_cmd(args, protocol, out, seeds):
 
 
 def _run_all(jobs, n_parallel, env, t0):
+    """Run ``(name, cmd, logfile)`` jobs, ``n_parallel`` at a time; ``cmd`` may be a function of the seconds
+    since ``t0`` that returns the command, or None to skip the job (a deadline passed)."""
     pending, procs, failed = list(jobs), {}, []
     while pending or procs:
         while pending and len(procs) < n_parallel:
             name, cmd, logfile = pending.pop(0)
+            if callable(cmd):
+                cmd = cmd(time.perf_counter() - t0)
+                if cmd is None:
+                    print(f"[{time.perf_counter() - t0:6.0f}s] skip {name} (deadline)", flush=True)
+                    continue
             logfile.parent.mkdir(parents=True, exist_ok=True)
             log = open(logfile, "w")
             print(f"[{time.perf_counter() - t0:6.0f}s] start {name}", flush=True)
@@ -100,6 +109,19 @@ def cmd_run(args) -> int:
     return 1 if failed else 0
 
 
+def _with_deadline(cmd, deadline, margin):
+    """``cmd`` as is without a deadline; else a function of the elapsed seconds that adds ``--timeout`` (the time
+    left less ``margin``, the longest trial expected) or returns None once less than ``margin`` is left."""
+    if deadline is None:
+        return cmd
+
+    def build(elapsed):
+        left = deadline - elapsed - margin
+        return None if left <= 0 else cmd + ["--timeout", f"{left:.0f}"]
+
+    return build
+
+
 def cmd_tune(args) -> int:
     """One ``excise tune`` process per (protocol, method), ``--jobs`` at a time; each writes its best values into
     the protocol's shipped tuned table (writers take a lock in turn)."""
@@ -119,7 +141,8 @@ def cmd_tune(args) -> int:
             cmd = [sys.executable, "-m", "excise.cli", "tune", method, p, "--budget", str(args.budget),
                    "--storage", str(journals / f"{name}.{method}.journal"), "--out", str(journals), "--write",
                    "--device", args.device, "--quiet"] + (["--seed", *map(str, args.seed)] if args.seed else [])
-            jobs.append((f"{method} on {name}", cmd, journals / f"{name}.{method}.log"))
+            jobs.append((f"{method} on {name}", _with_deadline(cmd, args.deadline, args.margin),
+                         journals / f"{name}.{method}.log"))
     failed = _run_all(jobs, args.jobs, env, time.perf_counter())
     if failed:
         print("failed: " + ", ".join(failed) + f" (logs under {journals})", file=sys.stderr)
@@ -244,6 +267,11 @@ def main(argv=None) -> int:
     t.add_argument("--jobs", type=int, default=1)
     t.add_argument("--threads", type=int, default=2)
     t.add_argument("--journals", default="excise-out/tune")
+    t.add_argument("--deadline", type=float, default=None, metavar="SECONDS",
+                   help="wall-clock seconds for the whole command: each study stops starting trials in time (and "
+                        "resumes from its journal on the next call), studies not started by then are skipped")
+    t.add_argument("--margin", type=float, default=120.0, metavar="SECONDS",
+                   help="with --deadline: time kept back for the longest trial plus start-up (default 120)")
     w = sub.add_parser("write")
     w.add_argument("--protocols", nargs="+", default=None)
     w.add_argument("--runs", default="excise-out/leaderboard")

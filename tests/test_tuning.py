@@ -89,6 +89,42 @@ def test_tune_resumes_and_is_seeded(tiny, tmp_path):
     assert [t["value"] for t in b.trials] == pytest.approx([t["value"] for t in a5.trials])
 
 
+def test_timeout_stops_between_trials_and_a_killed_trial_is_redone(tiny, tmp_path, capsys):
+    import optuna
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    from excise.methods import get_method
+    from excise.tuning import _enqueue_defaults, study_name
+
+    straight = tune("ssd", str(tiny), budget=3, storage=tmp_path / "s.journal", progress=False)
+    # a timeout shorter than one trial: the first trial runs, no second one starts
+    part = tune("ssd", str(tiny), budget=3, storage=tmp_path / "t.journal", progress=False, timeout=1e-6)
+    assert part.n_trials == 1 and not part.complete and "stopped by the timeout" in part.summary()
+    # the CLI does not write an unfinished study into the tuned table
+    table = tmp_path / "table.toml"
+    assert main(["tune", "ssd", str(tiny), "--budget", "3", "--storage", str(tmp_path / "t.journal"),
+                 "--timeout", "1e-6", "--out", str(tmp_path / "out"), "--write", str(table), "--quiet"]) == 0
+    assert "not written" in capsys.readouterr().out and not table.exists()
+    rest = tune("ssd", str(tiny), budget=3, storage=tmp_path / "t.journal", progress=False)
+    assert rest.complete and [t["params"] for t in rest.trials] == [t["params"] for t in straight.trials]
+
+    # a process killed while the defaults trial ran leaves it RUNNING in the journal for ever: the resumed
+    # study measures the defaults again and then draws what a straight run draws
+    storage = JournalStorage(JournalFileBackend(str(tmp_path / "k.journal")))
+    name = study_name("ssd", "digits-mlp-class", [0], "avg_gap", None, "oracle", None, {})
+    study = optuna.create_study(study_name=name, storage=storage, direction="minimize")
+    _enqueue_defaults(study, get_method("ssd"))
+    killed = study.ask()
+    assert killed.user_attrs.get("defaults")
+    resumed = tune("ssd", str(tiny), budget=3, storage=tmp_path / "k.journal", progress=False)
+    assert resumed.default_value == pytest.approx(straight.default_value)
+    assert [t["params"] for t in resumed.trials] == [t["params"] for t in straight.trials]
+    assert [t["value"] for t in resumed.trials] == pytest.approx([t["value"] for t in straight.trials])
+    with pytest.raises(ValueError, match="timeout"):
+        tune("ssd", str(tiny), budget=3, storage=tmp_path / "x.journal", timeout=0)
+
+
 def test_utility_floor_marks_trials_infeasible(tiny, tmp_path):
     res = tune("ssd", str(tiny), budget=6, floor=0.0, floor_ref="original", storage=tmp_path / "f.journal",
                progress=False)

@@ -193,7 +193,7 @@ def cmd_tune(args) -> int:
     seed = args.seed[0] if args.seed and len(args.seed) == 1 else args.seed
     res = tune(args.method, args.protocol, budget=args.budget, seed=seed, floor=args.floor,
                floor_ref=args.floor_ref, storage=args.storage, device=args.device, progress=not args.quiet,
-               fixed=_parse_hparams(args.hp) if args.hp else None)
+               fixed=_parse_hparams(args.hp) if args.hp else None, timeout=args.timeout)
     print(res.summary())
     o, b = res.oracle_metrics, res.best_metrics
     print("validation metrics   " + "  ".join(f"{k:>10s}" for k in o))
@@ -206,6 +206,9 @@ def cmd_tune(args) -> int:
     atomic_write_bytes(out / f"{res.protocol}.{res.method}.json", json.dumps(res.to_dict(), indent=1).encode())
     print(f"wrote {out / f'{res.protocol}.{res.method}.json'} (every trial)")
     if args.write is not None:
+        if not res.complete:
+            print(f"not written into the tuned table: {res.n_trials} of {args.budget} trials (resume to finish)")
+            return 0
         if not feasible:
             print("error: nothing written into the tuned table", file=sys.stderr)
             return 1
@@ -322,6 +325,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--write", nargs="?", const=True, default=None, metavar="TABLE",
                    help="write the best values into the protocol's tuned table (shipped with excise, or TABLE)")
     t.add_argument("--out", default="excise-out/tune", help="folder for the trials' JSON")
+    t.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
+                   help="start no new trial after this many seconds (the study resumes on the next call; "
+                        "--write then waits until the budget is complete)")
     t.add_argument("--quiet", action="store_true")
     _device_arg(t)
     t.set_defaults(func=cmd_tune)

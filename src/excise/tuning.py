@@ -30,6 +30,7 @@ import hashlib
 import json
 import math
 import sys
+import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -62,19 +63,25 @@ class TuneResult:
     default_value: Optional[float]
     n_trials: int
     trials: List[Dict[str, Any]]
+    budget: Optional[int] = None  # the trials asked for; fewer than that when a timeout stopped the search
+
+    @property
+    def complete(self) -> bool:
+        return self.budget is None or self.n_trials >= self.budget
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, d: Dict[str, Any]) -> "TuneResult":
-        return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls)})
+        return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d})
 
     def summary(self) -> str:
         gain = "" if self.default_value is None else f" (defaults: {self.default_value:.2f})"
         params = ", ".join(f"{k}={_fmt(v)}" for k, v in self.best_params.items())
+        of = "" if self.complete else f" of {self.budget} (stopped by the timeout; run again to resume)"
         return (f"{self.method} on {self.protocol} (seed {self.seed}): {self.objective} {self.best_value:.2f}{gain} "
-                f"after {self.n_trials} trials; best: {params}")
+                f"after {self.n_trials} trials{of}; best: {params}")
 
 
 def _fmt(v: Any) -> str:
@@ -121,6 +128,14 @@ def _validation_loaders(prep, seed: int) -> Dict[str, Any]:
             "members": seeded_loader(prep.train_ds, sorted(pick), L["val"].batch_size)}
 
 
+def study_name(method: str, protocol: str, seeds: List[int], objective: str, floor: Optional[float],
+               floor_ref: str, preset: Optional[str], fixed: Dict[str, Any]) -> str:
+    """Everything that changes what a trial measures names the study: a journal never mixes two set-ups."""
+    digest = hashlib.sha256(json.dumps(fixed, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    return (f"{method}@{protocol}@seed{'+'.join(map(str, seeds))}@{objective}@floor{floor}:{floor_ref}"
+            f"@preset{preset}@fixed{digest}")
+
+
 def default_storage(protocol: str, method: str) -> Path:
     return Path("excise-out") / "tune" / protocol / f"{method}.journal"
 
@@ -131,8 +146,17 @@ def _check_space(spec) -> None:
 
 
 def _enqueue_defaults(study, spec) -> None:
-    """The defaults as the first trial, for the searched values that lie inside the space."""
+    """The defaults as the first trial, for the searched values that lie inside the space. Also on resuming a
+    study whose defaults trial never finished (its process was killed while it ran: it stays RUNNING in the
+    journal for ever), so the defaults are always measured."""
+    import optuna
+
     from .methods.registry import Choice
+
+    for t in study.trials:
+        if t.user_attrs.get("defaults") and t.state in (optuna.trial.TrialState.COMPLETE,
+                                                        optuna.trial.TrialState.WAITING):
+            return
 
     params = {}
     for name, dim in spec.space.items():
@@ -149,7 +173,7 @@ def _enqueue_defaults(study, spec) -> None:
 def tune(method: str, protocol: Any, budget: int = 20, objective: str = "avg_gap", seed: Any = None,
          floor: Optional[float] = None, floor_ref: str = "oracle", storage: Optional[str | Path] = None,
          fixed: Optional[Dict[str, Any]] = None, device: Any = None, progress: bool = True,
-         sampler_seed: int = 0) -> TuneResult:
+         sampler_seed: int = 0, timeout: Optional[float] = None) -> TuneResult:
     """Search ``method``'s hyperparameters on ``protocol`` (a shipped name, a TOML path or a loaded dict).
 
     ``budget``: finished trials the study should hold (a resumed study runs only the missing ones).
@@ -158,6 +182,9 @@ def tune(method: str, protocol: Any, budget: int = 20, objective: str = "avg_gap
     one split's validation set: see benchmarks/results/tuned_vs_defaults.md).
     ``fixed``: hyperparameters held at given values (default: the protocol's own entry for the method).
     ``storage``: the study's journal file (default ``excise-out/tune/<protocol>/<method>.journal``).
+    ``timeout``: seconds after which no new trial starts (the one running finishes); the result then holds
+    fewer than ``budget`` trials (``result.complete`` is False) and a later call resumes. Use it to split a long
+    search into sessions; a process killed mid-trial also resumes, losing only that trial.
     """
     try:
         import optuna
@@ -178,6 +205,8 @@ def tune(method: str, protocol: Any, budget: int = 20, objective: str = "avg_gap
         raise ValueError(f"budget must be a positive number of trials, got {budget!r}")
     if floor_ref not in ("oracle", "original"):
         raise ValueError(f"floor_ref must be 'oracle' or 'original', got {floor_ref!r}")
+    if timeout is not None and not timeout > 0:
+        raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
     if floor is not None and not floor >= 0:
         raise ValueError(f"floor must be a non-negative number of points, got {floor!r}")
     proto = load_protocol(protocol) if not isinstance(protocol, dict) else protocol
@@ -236,15 +265,13 @@ def tune(method: str, protocol: Any, budget: int = 20, objective: str = "avg_gap
     path.parent.mkdir(parents=True, exist_ok=True)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(
-        # everything that changes what a trial measures names the study: a journal never mixes two set-ups
-        study_name=f"{method}@{name}@seed{'+'.join(map(str, seeds))}@{objective}@floor{floor}:{floor_ref}@preset{preset}"
-                   f"@fixed{hashlib.sha256(json.dumps(fixed, sort_keys=True, default=str).encode()).hexdigest()[:8]}",
+        study_name=study_name(method, name, seeds, objective, floor, floor_ref, preset, fixed),
         storage=JournalStorage(JournalFileBackend(str(path))), direction="minimize",
         sampler=optuna.samplers.TPESampler(seed=sampler_seed), load_if_exists=True)
-    if not study.trials:
-        _enqueue_defaults(study, spec)
+    _enqueue_defaults(study, spec)
     done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     remaining = budget - len(done)
+    started = time.perf_counter()
     if remaining > 0:
         bar = None
         if progress:
@@ -257,11 +284,14 @@ def tune(method: str, protocol: Any, budget: int = 20, objective: str = "avg_gap
                 bar.update(1)
                 bar.set_postfix(best=f"{study.best_value:.2f}")
 
-        # one trial at a time, the sampler re-seeded from the trial's number: a study stopped and resumed draws
-        # the same trials as one run straight through. A trial that raises (anything but divergence) is recorded
-        # as failed and stops the search.
-        for _ in range(remaining):
-            study.sampler = optuna.samplers.TPESampler(seed=sampler_seed * 1_000_003 + len(study.trials))
+        # one trial at a time, the sampler re-seeded from the number of finished trials (all TPE looks at): a
+        # study stopped and resumed, even one killed mid-trial, draws the same trials as one run straight
+        # through. A trial that raises (anything but divergence) is recorded as failed and stops the search.
+        for i in range(remaining):
+            if timeout is not None and i > 0 and time.perf_counter() - started >= timeout:
+                break
+            n_done = sum(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
+            study.sampler = optuna.samplers.TPESampler(seed=sampler_seed * 1_000_003 + max(n_done, 1))
             study.optimize(run_trial, n_trials=1, callbacks=[tick], catch=())
         if bar is not None:
             bar.close()
@@ -275,7 +305,7 @@ def tune(method: str, protocol: Any, budget: int = 20, objective: str = "avg_gap
                       best_value=float(best.value), best_metrics=best.user_attrs.get("metrics", {}),
                       oracle_metrics=oracle_m, original_metrics=original_m,
                       default_value=float(defaults[0].value) if defaults else None, n_trials=len(done),
-                      trials=trials)
+                      trials=trials, budget=budget)
 
 
 # ---- the per-protocol tables of tuned values ----
