@@ -156,22 +156,25 @@ def tuned_section(names) -> list:
     import tomllib
 
     lines = ["## Tuned hyperparameters", "",
-             "From the tables shipped in src/excise/bench/tuned/ (`excise tune`: validation split and retrain "
-             "oracle of the protocol's first seed; objective = mean |Δ| to the oracle over forget accuracy, "
-             "validation accuracy and the validation-split MIA).", ""]
+             "From the tables shipped in src/excise/bench/tuned/ (`excise tune`: validation splits and retrain "
+             "oracles of the seeds listed; objective = mean |Δ| to the oracle over forget accuracy, validation "
+             "accuracy and the validation-split MIA, averaged over those seeds; every trial of each study is in "
+             "benchmarks/results/tune/).", ""]
     for p in names:
         f = TUNED_DIR / f"{p}.toml"
         if not f.exists():
             lines += [f"- {p}: none tuned", ""]
             continue
         t = tomllib.loads(f.read_text())
-        lines += [f"**{p}**", "", "| method | tuned values | objective (tuned) | objective (defaults) | trials |",
-                  "|---|---|---|---|---|"]
+        lines += [f"**{p}**", "", "| method | tuned values | objective (tuned) | objective (defaults) | trials | seeds |",
+                  "|---|---|---|---|---|---|"]
         for m, vals in sorted(t.get("methods", {}).items()):
             meta = t.get("tuning", {}).get(m, {})
             shown = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in vals.items())
+            seeds = meta.get("seed", "")
+            seeds = ", ".join(map(str, seeds)) if isinstance(seeds, list) else seeds
             lines.append(f"| {m} | {shown} | {meta.get('value', float('nan')):.2f} | "
-                         f"{meta.get('default_value', float('nan')):.2f} | {meta.get('trials', '')} |")
+                         f"{meta.get('default_value', float('nan')):.2f} | {meta.get('trials', '')} | {seeds} |")
         lines.append("")
     return lines
 
