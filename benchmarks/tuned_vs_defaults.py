@@ -33,6 +33,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, nargs="+", default=None, help="protocol seeds (default: all)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--out", default=str(RESULTS / "tuned_vs_defaults.md"))
+    ap.add_argument("--notes", default=None, help="a Markdown file appended after the tables (where it ran, reading)")
     args = ap.parse_args(argv)
 
     from excise import __version__
@@ -42,10 +43,10 @@ def main(argv=None) -> int:
     cmd = "python benchmarks/tuned_vs_defaults.py " + " ".join(argv if argv is not None else sys.argv[1:])
     lines = ["# Tuned on validation, measured on test", "",
              f"Written by `{cmd}` (excise {__version__}). For each protocol: `excise bench` with the methods' "
-             "defaults, then with `--tuned` (the shipped table, tuned by `excise tune` on the validation split of "
-             "the protocol's first seed against its oracle). Avg Gap here is the test-side one (UA, RA, TA, "
-             "MIA-svc, mean |Δ to the oracle|); the validation objective is the tuner's (forget accuracy, "
-             "validation accuracy, validation-split MIA).", ""]
+             "defaults, then with `--tuned` (the shipped table, tuned by `excise tune` on the validation splits of "
+             "the seeds in the 'tuned on' column against their oracles). Avg Gap here is the test-side one (UA, RA, "
+             "TA, MIA-svc, mean |Δ to the oracle|); the validation objective is the tuner's (forget accuracy, "
+             "validation accuracy, validation-split MIA; the mean over the seeds tuned on).", ""]
     for name in args.protocol:
         proto = load_protocol(name)
         tuned = load_tuned(proto["name"])
@@ -61,23 +62,28 @@ def main(argv=None) -> int:
         seeds = sorted({r["seed"] for r in tun.rows})
         meta = tomllib.loads(tuned_table_path(proto["name"]).read_text()).get("tuning", {})
         lines += [f"## {proto['name']}", "", f"seeds {seeds}; {secs:.0f} s for both runs (cached rows included)", "",
-                  "| method | tuned values | validation objective: defaults → tuned | Avg Gap (test), defaults | "
-                  "Avg Gap (test), tuned | UA tuned | RA tuned | TA tuned | MIA tuned | seconds tuned |",
-                  "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
-        lines.append(f"| retrain (oracle) | — | — | 0 | 0 | {_cell(st, 'retrain', 'UA')} | "
+                  "| method | tuned values | tuned on | validation objective: defaults → tuned | Avg Gap (test), "
+                  "defaults | Avg Gap (test), tuned | UA tuned | RA tuned | TA tuned | MIA tuned | seconds tuned |",
+                  "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+        lines.append(f"| retrain (oracle) | — | — | — | 0 | 0 | {_cell(st, 'retrain', 'UA')} | "
                      f"{_cell(st, 'retrain', 'RA')} | {_cell(st, 'retrain', 'TA')} | "
                      f"{_cell(st, 'retrain', 'mia_svc_confidence')} | {_cell(st, 'retrain', 'seconds')} |")
         for m in methods:
             vals = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in tuned[m].items())
             mt = meta.get(m, {})
             obj = f"{mt.get('default_value', float('nan')):.2f} → {mt.get('value', float('nan')):.2f}"
+            on = mt.get("seed", "")
+            on = ("seeds " + ", ".join(map(str, on))) if isinstance(on, list) else f"seed {on}"
+            on += f", {mt.get('trials', '?')} trials"
             div_b = sum(1 for r in base.rows if r["method"] == m and r.get("diverged"))
             div_t = sum(1 for r in tun.rows if r["method"] == m and r.get("diverged"))
             gb = _cell(sb, m, "avg_gap") + (f" (diverged ×{div_b})" if div_b else "")
             gt = _cell(st, m, "avg_gap") + (f" (diverged ×{div_t})" if div_t else "")
-            lines.append(f"| {m} | {vals} | {obj} | {gb} | {gt} | {_cell(st, m, 'UA')} | {_cell(st, m, 'RA')} | "
+            lines.append(f"| {m} | {vals} | {on} | {obj} | {gb} | {gt} | {_cell(st, m, 'UA')} | {_cell(st, m, 'RA')} | "
                          f"{_cell(st, m, 'TA')} | {_cell(st, m, 'mia_svc_confidence')} | {_cell(st, m, 'seconds')} |")
         lines.append("")
+    if args.notes:
+        lines += [Path(args.notes).read_text().rstrip(), ""]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")
