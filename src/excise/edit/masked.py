@@ -9,7 +9,7 @@ torch optimiser.
 
 from __future__ import annotations
 
-from typing import Dict, Optional
+from typing import Callable, Dict, Optional
 
 import torch
 from torch import nn
@@ -99,3 +99,41 @@ def train_mode(model: nn.Module, norm_stats: str = "update"):
     elif norm_stats != "update":
         raise ValueError(f"norm statistics mode must be 'update' or 'freeze', got {norm_stats!r}")
     return model
+
+
+def masked_sgd(model: nn.Module, loader, step_loss: Callable, *, task, lr: float, epochs: int,
+               max_steps: Optional[int] = None, momentum: float = 0.9, weight_decay: float = 0.0,
+               mask: Optional[Mask] = None, clip: Optional[float] = None, norm_stats: str = "update",
+               counters=None, show: bool = False, desc: str = "steps", hint: str = "lower lr or max_steps") -> int:
+    """SGD over ``loader``'s batches for ``epochs`` (at most ``max_steps`` steps) in which only ``mask``'s entries
+    move (:func:`masked_optimizer`; None: every parameter). ``step_loss(batch, step, total)`` gives one step's
+    loss (the batch already on the model's device); ``clip`` bounds the gradient's global norm; ``norm_stats``
+    as in :func:`train_mode`. Counts passes and samples into ``counters``; raises FloatingPointError (with
+    ``hint``) on a non-finite loss. Leaves the model in eval mode and returns the number of steps taken."""
+    from ..importance._common import progress
+    from ..tasks import model_device
+
+    device = model_device(model)
+    opt = masked_optimizer(model, mask, torch.optim.SGD, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    total = epochs * len(loader) if max_steps is None else min(max_steps, epochs * len(loader))
+    step = 0
+    for epoch in range(epochs):
+        train_mode(model, norm_stats)
+        for batch in progress(loader, show, f"{desc} {epoch + 1}/{epochs}"):
+            if step >= total:
+                break
+            loss = step_loss(task.to(batch, device), step, total)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"{desc}: the loss became {float(loss.detach())} at step {step}; {hint}")
+            opt.zero_grad()
+            loss.backward()
+            if clip is not None:
+                torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], clip)
+            opt.step()
+            step += 1
+            if counters is not None:
+                counters.forward_passes += 1
+                counters.backward_passes += 1
+                counters.samples_seen += task.batch_size(batch)
+    model.eval()
+    return step

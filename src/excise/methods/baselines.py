@@ -24,8 +24,7 @@ from typing import Callable, Optional
 import torch
 
 from .. import importance, selection
-from ..edit import masked_optimizer, train_mode
-from ..importance._common import progress
+from ..edit import masked_sgd
 from ..selection import Scope
 from ..tasks import model_device
 from ..training import seeded_loader
@@ -43,34 +42,11 @@ def _reshuffled(loader, batch_size: int, seed: int, what: str):
 
 def _loop(model, ctx, task, main, step_loss: Callable, *, lr, epochs, max_steps, momentum, weight_decay,
           mask: Optional[Mask] = None, clip: Optional[float] = None, desc: str):
-    """SGD over ``main``'s batches for ``epochs`` (or ``max_steps``); ``step_loss(batch, step, total)`` gives the
-    loss of one step; ``clip`` bounds the gradient's global norm. Counts passes; raises FloatingPointError on a
-    non-finite loss."""
-    device = model_device(model)
-    opt = masked_optimizer(model, mask, torch.optim.SGD, lr=lr, momentum=momentum, weight_decay=weight_decay)
-    total = epochs * len(main) if max_steps is None else min(max_steps, epochs * len(main))
-    step = 0
+    """The shared masked SGD loop (:func:`excise.edit.masked_sgd`) over ``main``, timed as the edit phase."""
     with ctx.timer.phase("edit"):
-        for epoch in range(epochs):
-            train_mode(model, "update")
-            for batch in progress(main, ctx.progress, f"{desc} {epoch + 1}/{epochs}"):
-                if step >= total:
-                    break
-                loss = step_loss(task.to(batch, device), step, total)
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"{desc}: the loss became {float(loss.detach())} at step {step}; "
-                                             "lower lr or max_steps")
-                opt.zero_grad()
-                loss.backward()
-                if clip is not None:
-                    torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], clip)
-                opt.step()
-                step += 1
-                ctx.counters.forward_passes += 1
-                ctx.counters.backward_passes += 1
-                ctx.counters.samples_seen += task.batch_size(batch)
-    model.eval()
-    return step
+        return masked_sgd(model, main, step_loss, task=task, lr=lr, epochs=epochs, max_steps=max_steps,
+                          momentum=momentum, weight_decay=weight_decay, mask=mask, clip=clip,
+                          counters=ctx.counters, show=ctx.progress, desc=desc)
 
 
 def _random_wrong(task, model, batch, gen):

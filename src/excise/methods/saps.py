@@ -27,10 +27,10 @@ import torch
 from torch.utils.data import ConcatDataset, DataLoader, Subset
 
 from .. import importance, selection
-from ..edit import masked_optimizer, train_mode
+from ..edit import masked_sgd
 from ..edit.linalg import conjugate_gradient
 from ..importance import summed_gradient
-from ..importance._common import eval_mode, progress, trainable
+from ..importance._common import eval_mode, trainable
 from ..selection import Scope
 from ..tasks import model_device
 from ..types import Mask, Scores, UnlearningResult
@@ -277,38 +277,28 @@ def _newton_step(model, mask, g, d_tilde, task, n_tilde, delta, cg_iters, curvat
 
 def _masked_steps(model, mask, request, d_tilde, lr, epochs, max_steps, beta, batch_size, correction_weight, seed,
                   ctx):
-    """Masked SGD on the mean loss over D̃; for a removal request, NegGrad+ (β·L(retain) − (1−β)·L(Z)); with
-    ``correction_weight`` w > 0 on a correction request, each step adds w·(L̄(Z̃ batch) − L̄(Z batch)), whose
-    gradient is the correction gradient G of the one-shot updates, averaged over the batch."""
+    """Masked SGD (:func:`excise.edit.masked_sgd`, BatchNorm statistics frozen) on the mean loss over D̃; for a
+    removal request, NegGrad+ (β·L(retain) − (1−β)·L(Z)); with ``correction_weight`` w > 0 on a correction
+    request, each step adds w·(L̄(Z̃ batch) − L̄(Z batch)), whose gradient is the correction gradient G of the
+    one-shot updates, averaged over the batch."""
     task, device = request.task, model_device(model)
     gen = torch.Generator().manual_seed(seed)
-    opt = masked_optimizer(model, mask, torch.optim.SGD, lr=lr, momentum=0.9)
     removal = request.corrected is None
     data = DataLoader(d_tilde.dataset, batch_size=batch_size, shuffle=True, generator=gen)
     forget = cycle(DataLoader(request.forget.dataset, batch_size=batch_size, shuffle=True, generator=gen)) \
         if (removal or correction_weight) else None
     fixed = cycle(DataLoader(request.corrected.dataset, batch_size=batch_size, shuffle=True, generator=gen)) \
         if (not removal and correction_weight) else None
-    steps = 0
-    for epoch in range(epochs):
-        train_mode(model, "freeze")  # a masked edit leaves BatchNorm statistics alone
-        for batch in progress(data, ctx.progress, f"saps steps {epoch + 1}/{epochs}"):
-            if max_steps is not None and steps >= max_steps:
-                break
-            batch = task.to(batch, device)
-            loss = task.loss(model, batch)
-            if removal:
-                loss = beta * loss - (1 - beta) * task.loss(model, task.to(next(forget), device))
-            elif correction_weight:
-                loss = loss + correction_weight * (task.loss(model, task.to(next(fixed), device))
-                                                   - task.loss(model, task.to(next(forget), device)))
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"saps steps: the loss became {float(loss.detach())} at step {steps}; "
-                                         "lower lr, raise beta or lower correction_weight")
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            steps += 1
-            ctx.counters.forward_passes += 1
-            ctx.counters.backward_passes += 1
-    model.eval()
+
+    def step_loss(batch, step, total):
+        loss = task.loss(model, batch)
+        if removal:
+            return beta * loss - (1 - beta) * task.loss(model, task.to(next(forget), device))
+        if correction_weight:
+            return loss + correction_weight * (task.loss(model, task.to(next(fixed), device))
+                                               - task.loss(model, task.to(next(forget), device)))
+        return loss
+
+    masked_sgd(model, data, step_loss, task=task, lr=lr, epochs=epochs, max_steps=max_steps, momentum=0.9,
+               mask=mask, norm_stats="freeze", counters=ctx.counters, show=ctx.progress, desc="saps steps",
+               hint="lower lr, raise beta or lower correction_weight")
