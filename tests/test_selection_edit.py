@@ -164,3 +164,29 @@ def test_ssd_auto_alpha_uses_the_percentile_rule_on_d():
     assert res.hparams["alpha"] == "auto" and res.info["alpha"] > 0
     with pytest.raises(ValueError, match="'auto'"):
         unlearn(model, UnlearningRequest(forget=forget, train=train), "ssd", alpha="big")
+
+
+def test_masked_sgd_moves_only_the_mask_and_guards_against_nan():
+    from excise.edit import masked_sgd
+    from excise.tasks import get_task
+    from excise.types import Counters
+
+    task = get_task(None)
+    model, loader = tiny_cnn(), toy_loader(n=40, batch_size=8)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    bn_before = model[1].running_mean.clone()
+    mask = Mask({"4.weight": torch.rand(model[4].weight.shape, generator=torch.Generator().manual_seed(0)) < 0.3})
+    counters = Counters()
+    steps = masked_sgd(model, loader, lambda b, s, t: task.loss(model, b), task=task, lr=0.1, epochs=3,
+                       max_steps=7, momentum=0.9, weight_decay=5e-4, mask=mask, norm_stats="freeze",
+                       counters=counters, desc="t")
+    assert steps == 7 and counters.forward_passes == 7 and counters.samples_seen == 7 * 8
+    moved = model[4].weight.detach() != before["4.weight"]
+    assert moved.any() and not (moved & ~mask["4.weight"]).any()  # frozen entries bit-identical
+    for n, p in model.named_parameters():
+        if n != "4.weight":
+            assert torch.equal(p, before[n]), n
+    assert torch.equal(model[1].running_mean, bn_before) and not model.training  # stats frozen, eval after
+    with pytest.raises(FloatingPointError, match="step 0; try less"):
+        masked_sgd(model, loader, lambda b, s, t: task.loss(model, b) * float("nan"), task=task, lr=0.1,
+                   epochs=1, desc="t", hint="try less")
