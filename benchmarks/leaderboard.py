@@ -179,6 +179,42 @@ def tuned_section(names) -> list:
     return lines
 
 
+SEED_METHODS = ("ssd", "lfssd", "assd", "scissorhands", "saps")  # the methods excise is built around
+
+
+def winners(reports, seed_methods=SEED_METHODS) -> list:
+    """Markdown: who wins where, computed from the rows (not written by hand). Per protocol: the method with the
+    lowest mean Avg Gap, the others whose mean lies within that winner's std (not separable on these seeds),
+    the best seed method and its rank, the fastest method within one point of the winner, and the methods that
+    diverged on some seed (they rank last)."""
+    lines = ["## Who wins where", "",
+             "Computed by `leaderboard.py write` from the tables below: rank = by mean Avg Gap over the seeds "
+             "(lower is closer to retraining); a method that diverged on any seed ranks last. *Tied* = mean within "
+             "the winner's std over seeds.", "",
+             "| protocol | winner (Avg Gap) | tied with it | best seed method (rank of n) | fastest within 1 point "
+             "of the winner | diverged |", "|---|---|---|---|---|---|"]
+    for p, rep in reports.items():
+        summ = rep.summary()
+        labels = [m for m in rep.methods() if m not in ("original", "retrain")]
+        div = {m for m in labels if any(r.get("diverged") for r in rep.rows if r["method"] == m)}
+        ok = sorted((m for m in labels if m not in div and "avg_gap" in summ[m]), key=lambda m: summ[m]["avg_gap"][0])
+        if not ok:
+            lines.append(f"| {p} | — | — | — | — | {', '.join(sorted(div)) or '—'} |")
+            continue
+        gap = {m: summ[m]["avg_gap"] for m in ok}
+        best = ok[0]
+        tied = [m for m in ok[1:] if gap[m][0] <= gap[best][0] + gap[best][1]]
+        seeds = [m for m in ok if m.split("-")[0] in seed_methods]
+        seed_cell = (f"{seeds[0]} {gap[seeds[0]][0]:.2f} ({ok.index(seeds[0]) + 1} of {len(labels)})"
+                     if seeds else "—")
+        near = [m for m in ok if gap[m][0] <= gap[best][0] + 1.0 and "seconds" in summ[m]]
+        fast = min(near, key=lambda m: summ[m]["seconds"][0]) if near else None
+        fast_cell = f"{fast} ({summ[fast]['seconds'][0]:.1f} s, {gap[fast][0]:.2f})" if fast else "—"
+        lines.append(f"| {p} | {best} {gap[best][0]:.2f} ± {gap[best][1]:.2f} | {', '.join(tied) or '—'} | "
+                     f"{seed_cell} | {fast_cell} | {', '.join(sorted(div)) or '—'} |")
+    return lines + [""]
+
+
 def _fmt(v, spec=".2f"):
     mean, std, n = v
     return f"{mean:{spec}} ± {std:{spec}}" if n > 1 else f"{mean:{spec}}"
@@ -226,6 +262,7 @@ def cmd_write(args) -> int:
              "`excise bench PROTOCOL --methods ...`, rows cached under ~/.cache/excise/bench).", ""]
     if args.preamble and Path(args.preamble).exists():
         lines += [Path(args.preamble).read_text().rstrip(), ""]
+    lines += winners(reports)
     if args.tuned:
         lines += tuned_section(list(reports))
     for p, rep in reports.items():

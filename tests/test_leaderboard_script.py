@@ -37,3 +37,25 @@ def test_run_all_skips_jobs_whose_deadline_passed(lb, tmp_path):
     failed = lb._run_all(jobs, 1, dict(os.environ), time.perf_counter())
     assert failed == [] and ran.read_text() == "xx"  # the skipped job never started
     assert not (tmp_path / "b.log").exists()
+
+
+def test_winners_ranks_by_mean_gap_and_puts_diverged_methods_last(lb):
+    from excise.evaluation.report import Report
+
+    rows = []
+    for seed in (0, 1):
+        rows += [{"method": "original", "seed": seed, "avg_gap": 30.0},
+                 {"method": "retrain", "seed": seed, "avg_gap": 0.0, "seconds": 100.0},
+                 {"method": "finetune", "seed": seed, "avg_gap": [1.0, 3.0][seed], "seconds": 20.0},  # 2.0 ± 1.41
+                 {"method": "ssd", "seed": seed, "avg_gap": [2.5, 3.5][seed], "seconds": 1.0},  # 3.0: tied, fast
+                 {"method": "scissorhands", "seed": seed, "avg_gap": 9.0, "seconds": 0.5},  # far: not tied
+                 {"method": "scrub", "seed": seed, "avg_gap": 0.1, "seconds": 5.0,  # best gap, but diverged once
+                  **({"diverged": "nan at step 3"} if seed else {})}]
+    table = "\n".join(lb.winners({"p": Report({"name": "p"}, rows)}))
+    row = next(line for line in table.splitlines() if line.startswith("| p |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[1] == "finetune 2.00 ± 1.41"
+    assert cells[2] == "ssd"  # 3.0 lies within finetune's std; scissorhands (9.0) does not
+    assert cells[3] == "ssd 3.00 (2 of 4)"
+    assert cells[4] == "ssd (1.0 s, 3.00)"  # scissorhands is faster but more than a point behind
+    assert cells[5] == "scrub"
