@@ -4,6 +4,7 @@ Fashion-MNIST protocol, through ``excise bench``, then one Markdown file and one
     python benchmarks/leaderboard.py tune  [--protocols P ...] [--methods M ...] [--budget N] [--jobs J]
     python benchmarks/leaderboard.py run   [--protocols P ...] [--seeds N] [--device D] [--jobs J] [--tuned]
     python benchmarks/leaderboard.py write [--runs DIR] [--out benchmarks/results/leaderboard.md] [--tuned]
+    python benchmarks/leaderboard.py coverage [--protocols P ...]   (what the tuned tables hold so far)
 
 ``tune`` runs ``excise tune METHOD PROTOCOL --write`` for every method with a search space on every protocol
 (``--jobs`` at a time; resumable journals under ``--journals``), filling the tuned tables shipped in
@@ -147,6 +148,38 @@ def cmd_tune(args) -> int:
     if failed:
         print("failed: " + ", ".join(failed) + f" (logs under {journals})", file=sys.stderr)
     return 1 if failed else 0
+
+
+def coverage(protocols, directory=None) -> list:
+    """Lines: one per protocol, each tunable method's state in the tuned table — ``seeds/trials`` when tuned,
+    ``-`` when not — so a session that splits the tuning over several machines sees what is left."""
+    import tomllib
+
+    from excise.bench import load_protocol
+    from excise.methods import get_method
+    from excise.tuning import tuned_table_path
+
+    out = []
+    for p in protocols:
+        name = load_protocol(p)["name"]
+        f = tuned_table_path(name, directory)
+        meta = tomllib.loads(f.read_text()).get("tuning", {}) if f.exists() else {}
+        cells = []
+        for m in all_methods(p):
+            method = load_protocol(p)["methods"].get(m, {}).get("method", m)
+            if not get_method(method).space:
+                continue
+            t = meta.get(method)
+            seeds = t and (t["seed"] if isinstance(t["seed"], list) else [t["seed"]])
+            cells.append(f"{method} {','.join(map(str, seeds))}/{t['trials']}" if t else f"{method} -")
+        done = sum(not c.endswith(" -") for c in cells)
+        out.append(f"{name}: {done}/{len(cells)} tuned | " + " | ".join(cells))
+    return out
+
+
+def cmd_coverage(args) -> int:
+    print("\n".join(coverage(args.protocols or fmnist_protocols(), args.tables)))
+    return 0
 
 
 def tuned_section(names) -> list:
@@ -312,6 +345,9 @@ def main(argv=None) -> int:
                         "resumes from its journal on the next call), studies not started by then are skipped")
     t.add_argument("--margin", type=float, default=120.0, metavar="SECONDS",
                    help="with --deadline: time kept back for the longest trial plus start-up (default 120)")
+    c = sub.add_parser("coverage", help="which (protocol, method) the tuned tables hold, over which seeds")
+    c.add_argument("--protocols", nargs="+", default=None)
+    c.add_argument("--tables", default=None, help="a folder of tuned tables (default: the shipped ones)")
     w = sub.add_parser("write")
     w.add_argument("--protocols", nargs="+", default=None)
     w.add_argument("--runs", default="excise-out/leaderboard")
@@ -320,7 +356,7 @@ def main(argv=None) -> int:
     w.add_argument("--preamble", default=None, help="a Markdown file placed after the header (the reading)")
     w.add_argument("--tuned", action="store_true", help="add the tuned values of every protocol")
     args = ap.parse_args(argv)
-    return {"run": cmd_run, "tune": cmd_tune, "write": cmd_write}[args.cmd](args)
+    return {"run": cmd_run, "tune": cmd_tune, "write": cmd_write, "coverage": cmd_coverage}[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -59,3 +59,14 @@ def test_winners_ranks_by_mean_gap_and_puts_diverged_methods_last(lb):
     assert cells[3] == "ssd 3.00 (2 of 4)"
     assert cells[4] == "ssd (1.0 s, 3.00)"  # scissorhands is faster but more than a point behind
     assert cells[5] == "scrub"
+
+
+def test_coverage_reads_which_methods_a_tuned_table_holds(lb, tmp_path):
+    (tmp_path / "fmnist-smallcnn-class.toml").write_text(
+        '[methods.ssd]\nalpha = 3.0\n[tuning.ssd]\nseed = [0, 1, 2]\ntrials = 20\n'
+        '[methods.finetune]\nlr = 0.01\n[tuning.finetune]\nseed = 0\ntrials = 12\n')
+    (line,) = lb.coverage(["fmnist-smallcnn-class"], tmp_path)
+    cells = line.split(" | ")
+    assert "ssd 0,1,2/20" in cells and "finetune 0/12" in cells and "scissorhands -" in cells
+    assert "retrain" not in line  # nothing to tune
+    assert line.startswith("fmnist-smallcnn-class: 2/13 tuned")
