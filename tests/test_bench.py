@@ -165,6 +165,29 @@ def test_a_diverging_method_gets_a_row_and_the_run_goes_on(tiny, tmp_path):
     assert (tmp_path / "out" / "gap_vs_seconds.png").stat().st_size > 0
 
 
+def test_a_method_leaving_overflowing_outputs_gets_a_diverged_row(tiny, tmp_path):
+    import torch
+
+    from excise.methods.registry import _METHODS, register
+
+    @register("overflows_for_test", defaults={})
+    def overflows(model, request, ctx):
+        from excise.types import UnlearningResult
+
+        with torch.no_grad():
+            for p in model.parameters():
+                p.copy_(torch.sign(p) * 3e38)  # finite weights, non-finite activations
+        return UnlearningResult(model=model, method="", hparams={})
+
+    try:
+        rep = run_bench(str(tiny), methods=["overflows_for_test", "ssd"], seeds=1, progress=False)
+    finally:
+        _METHODS.pop("overflows_for_test")
+    rows = {r["method"]: r for r in rep.rows}
+    assert "not finite" in rows["overflows_for_test"]["diverged"] and "avg_gap" not in rows["overflows_for_test"]
+    assert rows["ssd"]["avg_gap"] < rows["original"]["avg_gap"]
+
+
 def test_resolve_device():
     import torch
 

@@ -142,3 +142,21 @@ def test_relearn_probe_trains_a_copy_and_records_the_curve():
         assert torch.equal(v, before[k])
     with pytest.raises(ValueError, match="checkpoints"):
         relearn_probe(model, loader, lambda m: 0.0, checkpoints=())
+
+
+def test_predict_refuses_a_model_whose_outputs_overflow():
+    from excise.evaluation.accuracy import accuracy, predict
+
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 3))
+    x = torch.ones(6, 1, 2, 2)
+    x[:2] = 0.0  # the first two samples see only the bias
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, torch.zeros(6, dtype=torch.long)),
+                                         batch_size=4)
+    assert predict(model, loader)[0].shape == (6, 3)
+    with torch.no_grad():
+        model[1].weight.fill_(3e38)  # finite (float32 max ≈ 3.4e38), but 4 of them summed overflow to inf
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    with pytest.raises(FloatingPointError, match="not finite on 4 of 6 samples"):
+        predict(model, loader)
+    with pytest.raises(FloatingPointError):
+        accuracy(model, loader)

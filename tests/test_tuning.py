@@ -231,6 +231,38 @@ def test_a_silently_diverging_trial_scores_as_diverged_and_the_search_goes_on(ti
     assert any(t["params"]["x"] > 0.5 for t in res.trials)
 
 
+def test_a_trial_whose_model_overflows_scores_as_diverged(tiny, tmp_path):
+    """Finite weights, non-finite outputs (what gradient ascent with a large step can leave): the validation
+    metrics refuse the model and the tuner scores the trial as diverged instead of stopping the study."""
+    import torch
+
+    from excise.methods.registry import _METHODS, Real, register
+    from excise.tuning import DIVERGED
+
+    @register("overflow_above_half_for_test", defaults={"x": 0.5}, space={"x": Real(0.0, 1.0)})
+    def overflow_above_half(model, request, ctx, x):
+        from excise.types import UnlearningResult
+
+        if x > 0.5:
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.copy_(torch.sign(p) * 3e38)  # finite, but the first layer's sums overflow
+        return UnlearningResult(model=model, method="", hparams={})
+
+    try:
+        res = tune("overflow_above_half_for_test", str(tiny), budget=5, storage=tmp_path / "o.journal",
+                   progress=False)
+    finally:
+        _METHODS.pop("overflow_above_half_for_test")
+    assert res.n_trials == 5
+    assert any(t["params"]["x"] > 0.5 for t in res.trials)
+    for t in res.trials:
+        if t["params"]["x"] > 0.5:
+            assert t["value"] == DIVERGED and "not finite" in t["diverged"]
+        else:
+            assert t["value"] < DIVERGED
+
+
 def test_tune_over_several_seeds_averages_their_objectives(tiny, tmp_path):
     one = {s: tune("ssd", str(tiny), budget=2, seed=s, storage=tmp_path / f"s{s}.journal", progress=False)
            for s in (0, 1)}

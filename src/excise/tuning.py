@@ -14,7 +14,7 @@ The objective ``avg_gap`` is the mean |model − oracle| over those three, the o
 of the same split. ``floor`` adds a utility floor: a trial whose VA lies more than ``floor`` points below
 the reference model's (``floor_ref``: the oracle by default, since for a class request the original's VA
 still counts the class being forgotten) is infeasible and scored 100 + its gap, so any feasible trial beats it.
-A diverging trial (FloatingPointError) scores 1,000. The method's defaults are the first trial, so the
+A diverging trial (FloatingPointError: a non-finite loss, weights or outputs) scores 1,000. The method's defaults are the first trial, so the
 result is never worse on validation than the defaults.
 
 Studies live in an Optuna journal file (``storage``): a run stopped halfway resumes where it stopped and draws the same trials as a run straight
@@ -245,10 +245,10 @@ def tune(method: str, protocol: Any, budget: int = 20, objective: str = "avg_gap
         for s, original, request, loaders, o_m, _ in runs:
             try:
                 res = unlearn(original, request, method, preset=preset, **{**fixed, **params})
+                ms.append(validation_metrics(res.model, loaders, s))  # raises too on non-finite outputs
             except FloatingPointError as err:
                 trial.set_user_attr("diverged", f"seed {s}: {err}" if len(runs) > 1 else str(err))
                 return DIVERGED
-            ms.append(validation_metrics(res.model, loaders, s))
             gaps.append(avg_gap(ms[-1], o_m))
             secs += res.seconds
         m, gap = _mean(ms), sum(gaps) / len(gaps)

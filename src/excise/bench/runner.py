@@ -162,9 +162,10 @@ def run_bench(protocol: str | Dict[str, Any], methods: Optional[Sequence[str]] =
             def compute(name=name, preset=preset, entry=entry):
                 try:
                     res = unlearn(prep.original, request, name, preset=preset, progress=progress, **entry)
-                except FloatingPointError as err:  # a method's own divergence check: record it, run the rest
+                    preds = model_predictions(res.model, loaders)  # raises too on non-finite outputs
+                except FloatingPointError as err:  # a divergence: record it, run the rest
                     return {"diverged": str(err), "seconds": None}
-                row = eval_row(model_predictions(res.model, loaders))
+                row = eval_row(preds)
                 row.update(seconds=res.seconds, timings=res.timings, counters=res.counters.as_dict(),
                            hparams=res.hparams, info={k: v for k, v in res.info.items() if not isinstance(v, dict)})
                 if res.mask is not None:

@@ -13,7 +13,11 @@ from ..tasks import ClassificationTask, Task, model_device
 
 @torch.no_grad()
 def predict(model: nn.Module, loader, task: Optional[Task] = None) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Softmax probabilities and labels for every sample of ``loader`` (eval mode, no grad)."""
+    """Softmax probabilities and labels for every sample of ``loader`` (eval mode, no grad).
+
+    Raises FloatingPointError when the model's outputs are not finite on some sample (weights that are finite
+    but large enough to overflow an activation: an unlearning step that diverged without a non-finite loss) —
+    no metric of such a model means anything."""
     task = task or ClassificationTask()
     device = model_device(model)
     probs, labels = [], []
@@ -24,7 +28,12 @@ def predict(model: nn.Module, loader, task: Optional[Task] = None) -> Tuple[torc
             labels.append(task.targets(batch).cpu())
     if not probs:
         raise ValueError("the loader yielded no batch")
-    return torch.cat(probs), torch.cat(labels)
+    probs = torch.cat(probs)
+    bad = int((~torch.isfinite(probs).all(dim=-1)).sum())
+    if bad:
+        raise FloatingPointError(f"the model's outputs are not finite on {bad} of {len(probs)} samples "
+                                 "(an activation overflowed: the model diverged)")
+    return probs, torch.cat(labels)
 
 
 def accuracy(model: nn.Module, loader, task: Optional[Task] = None) -> float:
