@@ -272,6 +272,7 @@ def combine_seeds(reports):
 
 def cmd_write(args) -> int:
     from excise.bench import load_protocol
+    from excise.types import atomic_write_bytes
     from excise.evaluation.report import Report
 
     runs = Path(args.runs)
@@ -300,14 +301,14 @@ def cmd_write(args) -> int:
         lines += tuned_section(list(reports))
     for p, rep in reports.items():
         lines.append(rep.to_markdown(title=p).rstrip())
-        lines += ["", f"![Avg Gap against seconds, {p}](leaderboard/{p}.png)", ""]
+        lines += ["", f"![Avg Gap against seconds, {p}]({out.stem}/{p}.png)", ""]
     text = "\n".join(lines) + "\n"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
+    atomic_write_bytes(out, text.encode())
     dump = {p: rep.to_dict() for p, rep in reports.items()}
-    out.with_suffix(".json").write_text(json.dumps(dump, indent=1, default=str))
-    _plots(reports, out.parent / "leaderboard")
-    print(f"wrote {out}, {out.with_suffix('.json')} and plots under {out.parent / 'leaderboard'}")
+    atomic_write_bytes(out.with_suffix(".json"), json.dumps(dump, indent=1, default=str).encode())
+    _plots(reports, out.parent / out.stem)  # leaderboard.md -> leaderboard/PROTOCOL.png
+    print(f"wrote {out}, {out.with_suffix('.json')} and plots under {out.parent / out.stem}")
     return 0
 
 
