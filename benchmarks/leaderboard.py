@@ -212,14 +212,14 @@ def tuned_section(names) -> list:
     return lines
 
 
-SEED_METHODS = ("ssd", "lfssd", "assd", "scissorhands", "saps")  # the methods excise is built around
-
-
-def winners(reports, seed_methods=SEED_METHODS) -> list:
+def winners(reports, seed_methods=None) -> list:
     """Markdown: who wins where, computed from the rows (not written by hand). Per protocol: the method with the
     lowest mean Avg Gap, the others whose mean lies within that winner's std (not separable on these seeds),
     the best seed method and its rank, the fastest method within one point of the winner, and the methods that
-    diverged on some seed (they rank last)."""
+    diverged on some seed (they rank last). ``seed_methods``: default ``excise.methods.SELECTIVE``."""
+    from excise.methods import SELECTIVE
+
+    seed_methods = SELECTIVE if seed_methods is None else seed_methods
     lines = ["## Who wins where", "",
              "Computed by `leaderboard.py write` from the tables below: rank = by mean Avg Gap over the seeds "
              "(lower is closer to retraining); a method that diverged on any seed ranks last. *Tied* = mean within "

@@ -160,3 +160,23 @@ def test_predict_refuses_a_model_whose_outputs_overflow():
         predict(model, loader)
     with pytest.raises(FloatingPointError):
         accuracy(model, loader)
+
+
+def test_plot_labels_of_coinciding_points_do_not_overlap(tmp_path):
+    pytest.importorskip("matplotlib")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from excise.evaluation.plots import _place_labels
+
+    fig, ax = plt.subplots()
+    ax.plot([1, 2], [1, 2], "o")
+    _place_labels(ax, [("salun", 1.5, 1.5), ("random_labels", 1.5, 1.5), ("neggrad_plus", 1.5, 1.5)])
+    offsets = [a.xyann for a in ax.texts]
+    assert len(offsets) == 3 and len(set(offsets)) == 3  # three different places around the one point
+    fig.canvas.draw()
+    boxes = [t.get_window_extent() for t in ax.texts]
+    assert not any(boxes[i].overlaps(boxes[j]) for i in range(3) for j in range(i + 1, 3))
+    plt.close(fig)

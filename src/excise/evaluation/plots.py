@@ -7,34 +7,71 @@ from pathlib import Path
 from typing import Dict
 
 
-def gap_vs_seconds(report, path: Path, title: str = "") -> Path:
+def _place_labels(ax, points, fontsize=7):
+    """Annotate each (label, x, y) next to its point, trying a few offsets and keeping the first whose box
+    (estimated from the label's length) overlaps no label placed before it: readable without a dependency."""
+    fig = ax.figure
+    fig.canvas.draw()  # fixes the limits, so data -> display positions are final
+    scale = 72.0 / fig.dpi  # display pixels -> points
+    w_char, h = 0.6 * fontsize, fontsize + 1.0
+    placed = []  # boxes (x0, y0, x1, y1) in points
+    for label, x, y in sorted(points, key=lambda p: -p[2]):
+        px, py = (v * scale for v in ax.transData.transform((x, y)))
+        w = w_char * len(label)
+        chosen = None
+        for dx, dy in ((4, 3), (4, -h - 2), (-w - 4, 3), (-w - 4, -h - 2), (4, h + 3), (4, -2 * h - 3)):
+            box = (px + dx, py + dy, px + dx + w, py + dy + h)
+            if not any(b[0] < box[2] and box[0] < b[2] and b[1] < box[3] and box[1] < b[3] for b in placed):
+                chosen = (dx, dy, box)
+                break
+        dx, dy, box = chosen or (4, 3, (px + 4, py + 3, px + 4 + w, py + 3 + h))
+        placed.append(box)
+        ax.annotate(label, (x, y), textcoords="offset points", xytext=(dx, dy), fontsize=fontsize)
+
+
+def gap_vs_seconds(report, path: Path, title: str = "", selective=None) -> Path:
     """One point per method: mean Avg Gap to the oracle against mean seconds (log scale), error bars the std
-    over seeds; the original model (no unlearning) as a dashed line. Diverged runs are left out."""
+    over seeds; the original model (no unlearning) as a dashed line. Diverged runs are left out. Methods in
+    ``selective`` (default: ``excise.methods.SELECTIVE``, matched on the label's first word) are filled
+    circles, the baselines open squares, the retrain oracle a star."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    if selective is None:
+        from ..methods.registry import SELECTIVE as selective
+
     summ = report.summary()
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    points, kinds = [], set()
     for m, cols in summ.items():
         if "avg_gap" not in cols:
             continue
         if "seconds" not in cols:
             if m == "original":
                 ax.axhline(cols["avg_gap"][0], ls="--", color="grey", lw=1)
-                ax.annotate("original (no unlearning)", (0.01, cols["avg_gap"][0]), xycoords=("axes fraction", "data"),
-                            fontsize=7, color="grey", va="bottom")
+                ax.annotate("original (no unlearning)", (0.99, cols["avg_gap"][0]), xycoords=("axes fraction", "data"),
+                            fontsize=7, color="grey", va="bottom", ha="right")
             continue
         x, y = cols["seconds"], cols["avg_gap"]
-        ax.errorbar(x[0], y[0], xerr=x[1], yerr=y[1], fmt="o", ms=5, capsize=2)
-        ax.annotate(m, (x[0], y[0]), textcoords="offset points", xytext=(4, 3), fontsize=7)
+        kind = ("retrain (oracle)" if m == "retrain" else
+                "excise's selective methods" if m.split("-")[0] in selective else "baselines")
+        style = {"retrain (oracle)": dict(fmt="*", ms=9, color="black"),
+                 "excise's selective methods": dict(fmt="o", ms=5, color="tab:blue"),
+                 "baselines": dict(fmt="s", ms=5, color="tab:orange", mfc="none")}[kind]
+        ax.errorbar(x[0], y[0], xerr=x[1], yerr=y[1], capsize=2, label=None if kind in kinds else kind, **style)
+        kinds.add(kind)
+        points.append((m, x[0], y[0]))
     ax.set_xscale("log")
     ax.set_xlabel("seconds (unlearning step; retrain: training), log scale")
     ax.set_ylabel("Avg Gap to the retrain oracle (points)")
     ax.set_title(title or str(report.protocol.get("name", "")), fontsize=9)
     ax.grid(alpha=0.3, which="both")
+    if kinds:
+        ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
+    _place_labels(ax, points)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

@@ -1,5 +1,5 @@
 """Unlearning methods, registered by name: each is a short composition of importance → selection → edit."""
 
-from .registry import available, get_method, register, unlearn
+from .registry import SELECTIVE, available, get_method, register, unlearn
 
-__all__ = ["available", "get_method", "register", "unlearn"]
+__all__ = ["SELECTIVE", "available", "get_method", "register", "unlearn"]

@@ -62,6 +62,10 @@ class MethodSpec:
 
 _METHODS: Dict[str, MethodSpec] = {}
 
+# The methods excise is built around (find the few parameters that carry the forget data, edit only those);
+# every other registered method but ``retrain`` is a baseline to compare them with.
+SELECTIVE = ("ssd", "lfssd", "assd", "scissorhands", "saps")
+
 
 def register(name: str, defaults: Dict[str, Any], presets: Optional[Dict[str, Dict[str, Any]]] = None,
              summary: str = "", space: Optional[Dict[str, Any]] = None):
