@@ -152,10 +152,13 @@ def test_tuned_table_is_used_by_bench(tiny, tmp_path):
     values = load_tuned("digits-mlp-class", tmp_path / "tuned")
     assert values["ssd"] == pytest.approx(res.best_params, rel=1e-5)  # written to six significant digits
     assert values["assd"] == pytest.approx(res2.best_params, rel=1e-5)
-    rep = run_bench(str(tiny), methods=["ssd"], seeds=1, progress=False, tuned=tmp_path / "tuned")
+    rep = run_bench(str(tiny), methods=["ssd", "lfssd"], seeds=1, progress=False, tuned=tmp_path / "tuned")
     row = [r for r in rep.rows if r["method"] == "ssd"][0]
-    assert row["hparams"]["alpha"] == values["ssd"]["alpha"]
+    assert row["hparams"]["alpha"] == values["ssd"]["alpha"] and row["tuned"]
+    assert not [r for r in rep.rows if r["method"] == "lfssd"][0].get("tuned")  # not in the table: defaults
     assert any("tuned hyperparameters" in n and "ssd" in n for n in rep.notes)
+    md = rep.to_markdown()
+    assert "| ssd (tuned) |" in md and "| lfssd |" in md
     plain = run_bench(str(tiny), methods=["ssd"], seeds=1, progress=False)
     assert [r for r in plain.rows if r["method"] == "ssd"][0]["hparams"]["alpha"] == 50.0
 

@@ -121,7 +121,7 @@ def run_bench(protocol: str | Dict[str, Any], methods: Optional[Sequence[str]] =
             raise ValueError(f"seeds {unknown or seed_list} are not among the protocol's seeds {proto['seeds']}")
     table = {k: dict(v) for k, v in (proto["methods"] or {}).items()}
     labels = list(methods) if methods else list(table)
-    tuned_note = None
+    tuned_note, hit = None, []
     if tuned is not None and tuned is not False:
         from ..tuning import load_tuned, tuned_table_path
 
@@ -175,7 +175,8 @@ def run_bench(protocol: str | Dict[str, Any], methods: Optional[Sequence[str]] =
 
             key = cache_key(kind="method", model=o_hash, split=prep.splits.hash, method=name, preset=preset,
                             hparams=entry, v=__version__)
-            rows.append({"method": label, "seed": seed, **_cached_row(key, compute)})
+            rows.append({"method": label, "seed": seed, **_cached_row(key, compute),
+                         **({"tuned": True} if label in hit else {})})
         rows_by_seed[seed] = rows
     report = Report(_protocol_identity(proto, seed_list, split_hashes, fp))
     for seed in seed_list:

@@ -115,7 +115,8 @@ class Report:
                     cells.append(f"{v[0]:.2f} ± {v[1]:.2f}" if v[2] > 1 else f"{v[0]:.2f}")
             n_div = sum(1 for r in self.rows if r["method"] == m and r.get("diverged"))
             n_all = sum(1 for r in self.rows if r["method"] == m)
-            label = f"{m} (diverged on {n_div} of {n_all} seeds)" if n_div else m
+            label = m + (" (tuned)" if all(r.get("tuned") for r in self.rows if r["method"] == m) else "")
+            label += f" (diverged on {n_div} of {n_all} seeds)" if n_div else ""
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
         lines += ["", "UA = 100 − forget accuracy; RA / TA = retain / test accuracy (%). MIA (svc) = SalUn's "
                   "MIA-Efficacy: % of the forget set an SVC on the true-class confidence calls non-member (ideal: "
