@@ -48,6 +48,16 @@ def all_methods(proto_name: str):
     return own + [m for m in available() if m not in own and m != "retrain"]
 
 
+def tunable_methods(proto_name: str):
+    """The registered method behind each of the protocol's labels (``all_methods``) that has a search space."""
+    from excise.bench import load_protocol
+    from excise.methods import get_method
+
+    table = load_protocol(proto_name)["methods"]
+    names = [table.get(m, {}).get("method", m) for m in all_methods(proto_name)]
+    return [m for m in names if get_method(m).space]
+
+
 def _bench_cmd(args, protocol, out, seeds):
     """``excise bench`` in a fresh interpreter, with deterministic kernels (so a re-run on the same kind of
     machine re-trains bit-identical models and finds its rows in the cache)."""
@@ -127,7 +137,6 @@ def cmd_tune(args) -> int:
     """One ``excise tune`` process per (protocol, method), ``--jobs`` at a time; each writes its best values into
     the protocol's shipped tuned table (writers take a lock in turn)."""
     from excise.bench import load_protocol
-    from excise.methods import get_method
 
     protocols = args.protocols or fmnist_protocols()
     journals = Path(args.journals)
@@ -135,9 +144,8 @@ def cmd_tune(args) -> int:
     jobs = []
     for p in protocols:
         name = load_protocol(p)["name"]
-        for m in args.methods or all_methods(p):
-            method = load_protocol(p)["methods"].get(m, {}).get("method", m)
-            if not get_method(method).space:
+        for method in tunable_methods(p):
+            if args.methods and method not in args.methods:
                 continue
             cmd = [sys.executable, "-m", "excise.cli", "tune", method, p, "--budget", str(args.budget),
                    "--storage", str(journals / f"{name}.{method}.journal"), "--out", str(journals), "--write",
@@ -156,7 +164,6 @@ def coverage(protocols, directory=None) -> list:
     import tomllib
 
     from excise.bench import load_protocol
-    from excise.methods import get_method
     from excise.tuning import tuned_table_path
 
     out = []
@@ -165,10 +172,7 @@ def coverage(protocols, directory=None) -> list:
         f = tuned_table_path(name, directory)
         meta = tomllib.loads(f.read_text()).get("tuning", {}) if f.exists() else {}
         cells = []
-        for m in all_methods(p):
-            method = load_protocol(p)["methods"].get(m, {}).get("method", m)
-            if not get_method(method).space:
-                continue
+        for method in tunable_methods(p):
             t = meta.get(method)
             seeds = t and (t["seed"] if isinstance(t["seed"], list) else [t["seed"]])
             cells.append(f"{method} {','.join(map(str, seeds))}/{t['trials']}" if t else f"{method} -")

@@ -18,13 +18,10 @@ def _place_labels(ax, points, fontsize=7):
     for label, x, y in sorted(points, key=lambda p: -p[2]):
         px, py = (v * scale for v in ax.transData.transform((x, y)))
         w = w_char * len(label)
-        chosen = None
-        for dx, dy in ((4, 3), (4, -h - 2), (-w - 4, 3), (-w - 4, -h - 2), (4, h + 3), (4, -2 * h - 3)):
+        for dx, dy in ((4, 3), (4, -h - 2), (-w - 4, 3), (-w - 4, -h - 2), (4, h + 3), (4, -2 * h - 3), (4, 3)):
             box = (px + dx, py + dy, px + dx + w, py + dy + h)
             if not any(b[0] < box[2] and box[0] < b[2] and b[1] < box[3] and box[1] < b[3] for b in placed):
-                chosen = (dx, dy, box)
-                break
-        dx, dy, box = chosen or (4, 3, (px + 4, py + 3, px + 4 + w, py + 3 + h))
+                break  # free; when none is, the last try is the first place again
         placed.append(box)
         ax.annotate(label, (x, y), textcoords="offset points", xytext=(dx, dy), fontsize=fontsize)
 
