@@ -150,8 +150,7 @@ def test_tuned_table_is_used_by_bench(tiny, tmp_path):
     res2 = tune("assd", str(tiny), budget=2, storage=tmp_path / "t2.journal", progress=False)
     write_tuned(res2, tmp_path / "tuned")
     values = load_tuned("digits-mlp-class", tmp_path / "tuned")
-    assert values["ssd"] == pytest.approx(res.best_params, rel=1e-5)  # written to six significant digits
-    assert values["assd"] == pytest.approx(res2.best_params, rel=1e-5)
+    assert values["ssd"] == res.best_params and values["assd"] == res2.best_params  # exactly, not rounded
     rep = run_bench(str(tiny), methods=["ssd", "lfssd"], seeds=1, progress=False, tuned=tmp_path / "tuned")
     row = [r for r in rep.rows if r["method"] == "ssd"][0]
     assert row["hparams"]["alpha"] == values["ssd"]["alpha"] and row["tuned"]
@@ -277,3 +276,16 @@ def test_tune_over_several_seeds_averages_their_objectives(tiny, tmp_path):
     assert both.oracle_metrics["VA"] == pytest.approx((one[0].oracle_metrics["VA"] + one[1].oracle_metrics["VA"]) / 2)
     table = write_tuned(both, tmp_path / "t")
     assert "seed = [0, 1]" in table.read_text()
+
+
+def test_tuned_table_keeps_values_exactly(tmp_path):
+    """A tuned value is written so that it reads back bit-identical: `bench --tuned` must replay the best
+    trial itself (a chaotic method flips under a 1e-6 relative change of its lr)."""
+    lr, k = 0.019890729214442012, 1.0 / 3.0
+    res = TuneResult(method="salun", protocol="p", seed=0, objective="avg_gap",
+                     best_params={"lr": lr, "k": k, "epochs": 3}, best_value=7.2, best_metrics={},
+                     oracle_metrics={}, original_metrics={}, default_value=60.0, n_trials=12, trials=[])
+    write_tuned(res, tmp_path)
+    back = load_tuned("p", tmp_path)["salun"]
+    assert back["lr"] == lr and back["k"] == k and back["epochs"] == 3 and isinstance(back["epochs"], int)
+    assert f"{lr:.6g}" != repr(lr)  # the case rounding to six digits used to get wrong
