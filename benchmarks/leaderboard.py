@@ -219,24 +219,27 @@ def tuned_section(names) -> list:
 def winners(reports, seed_methods=None) -> list:
     """Markdown: who wins where, computed from the rows (not written by hand). Per protocol: the method with the
     lowest mean Avg Gap, the others whose mean lies within that winner's std (not separable on these seeds),
-    the best seed method and its rank, the fastest method within one point of the winner, and the methods that
-    diverged on some seed (they rank last). ``seed_methods``: default ``excise.methods.SELECTIVE``."""
+    the best seed method and its rank, the fastest method within one point of the winner, the methods that
+    diverged on some seed (they rank last), and the untouched original's own Avg Gap — "tied" when it too lies
+    within the winner's std, i.e. no method is separable from doing nothing on these seeds.
+    ``seed_methods``: default ``excise.methods.SELECTIVE``."""
     from excise.methods import SELECTIVE
 
     seed_methods = SELECTIVE if seed_methods is None else seed_methods
     lines = ["## Who wins where", "",
              "Computed by `leaderboard.py write` from the tables below: rank = by mean Avg Gap over the seeds "
              "(lower is closer to retraining); a method that diverged on any seed ranks last. *Tied* = mean within "
-             "the winner's std over seeds.", "",
+             "the winner's std over seeds. The last column is the original model's own Avg Gap (no unlearning), "
+             "*tied* when it too lies within the winner's std.", "",
              "| protocol | winner (Avg Gap) | tied with it | best seed method (rank of n) | fastest within 1 point "
-             "of the winner | diverged |", "|---|---|---|---|---|---|"]
+             "of the winner | diverged | original |", "|---|---|---|---|---|---|---|"]
     for p, rep in reports.items():
         summ = rep.summary()
         labels = [m for m in rep.methods() if m not in ("original", "retrain")]
         div = {m for m in labels if any(r.get("diverged") for r in rep.rows if r["method"] == m)}
         ok = sorted((m for m in labels if m not in div and "avg_gap" in summ[m]), key=lambda m: summ[m]["avg_gap"][0])
         if not ok:
-            lines.append(f"| {p} | — | — | — | — | {', '.join(sorted(div)) or '—'} |")
+            lines.append(f"| {p} | — | — | — | — | {', '.join(sorted(div)) or '—'} | — |")
             continue
         gap = {m: summ[m]["avg_gap"] for m in ok}
         best = ok[0]
@@ -247,8 +250,11 @@ def winners(reports, seed_methods=None) -> list:
         near = [m for m in ok if gap[m][0] <= gap[best][0] + 1.0 and "seconds" in summ[m]]
         fast = min(near, key=lambda m: summ[m]["seconds"][0]) if near else None
         fast_cell = f"{fast} ({summ[fast]['seconds'][0]:.1f} s, {gap[fast][0]:.2f})" if fast else "—"
+        orig = summ.get("original", {}).get("avg_gap")
+        orig_cell = "—" if orig is None else (
+            f"{orig[0]:.2f}" + (" (tied)" if orig[0] <= gap[best][0] + gap[best][1] else ""))
         lines.append(f"| {p} | {best} {gap[best][0]:.2f} ± {gap[best][1]:.2f} | {', '.join(tied) or '—'} | "
-                     f"{seed_cell} | {fast_cell} | {', '.join(sorted(div)) or '—'} |")
+                     f"{seed_cell} | {fast_cell} | {', '.join(sorted(div)) or '—'} | {orig_cell} |")
     return lines + [""]
 
 

@@ -59,6 +59,12 @@ def test_winners_ranks_by_mean_gap_and_puts_diverged_methods_last(lb):
     assert cells[3] == "ssd 3.00 (2 of 4)"
     assert cells[4] == "ssd (1.0 s, 3.00)"  # scissorhands is faster but more than a point behind
     assert cells[5] == "scrub"
+    assert cells[6] == "30.00"  # the original, far from the winner
+    # a protocol where doing nothing is as close to retraining as the winner: said so
+    near = [dict(r, avg_gap=2.5) if r["method"] == "original" else r for r in rows]
+    table = "\n".join(lb.winners({"q": Report({"name": "q"}, near)}))
+    row = next(line for line in table.splitlines() if line.startswith("| q |"))
+    assert row.rstrip(" |").endswith("2.50 (tied)")
 
 
 def test_coverage_reads_which_methods_a_tuned_table_holds(lb, tmp_path):
