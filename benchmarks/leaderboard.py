@@ -243,7 +243,8 @@ def winners(reports, seed_methods=None) -> list:
             continue
         gap = {m: summ[m]["avg_gap"] for m in ok}
         best = ok[0]
-        tied = [m for m in ok[1:] if gap[m][0] <= gap[best][0] + gap[best][1]]
+        tie_limit = gap[best][0] + gap[best][1]  # within the winner's std: not separable on these seeds
+        tied = [m for m in ok[1:] if gap[m][0] <= tie_limit]
         seeds = [m for m in ok if m.split("-")[0] in seed_methods]
         seed_cell = (f"{seeds[0]} {gap[seeds[0]][0]:.2f} ({ok.index(seeds[0]) + 1} of {len(labels)})"
                      if seeds else "—")
@@ -252,7 +253,7 @@ def winners(reports, seed_methods=None) -> list:
         fast_cell = f"{fast} ({summ[fast]['seconds'][0]:.1f} s, {gap[fast][0]:.2f})" if fast else "—"
         orig = summ.get("original", {}).get("avg_gap")
         orig_cell = "—" if orig is None else (
-            f"{orig[0]:.2f}" + (" (tied)" if orig[0] <= gap[best][0] + gap[best][1] else ""))
+            f"{orig[0]:.2f}" + (" (tied)" if orig[0] <= tie_limit else ""))
         lines.append(f"| {p} | {best} {gap[best][0]:.2f} ± {gap[best][1]:.2f} | {', '.join(tied) or '—'} | "
                      f"{seed_cell} | {fast_cell} | {', '.join(sorted(div)) or '—'} | {orig_cell} |")
     return lines + [""]
