@@ -149,7 +149,8 @@ def cmd_tune(args) -> int:
                 continue
             cmd = [sys.executable, "-m", "excise.cli", "tune", method, p, "--budget", str(args.budget),
                    "--storage", str(journals / f"{name}.{method}.journal"), "--out", str(journals), "--write",
-                   "--device", args.device, "--quiet"] + (["--seed", *map(str, args.seed)] if args.seed else [])
+                   "--device", args.device, "--quiet"] + (["--seed", *map(str, args.seed)] if args.seed else []) \
+                + (["--check", str(args.check)] if args.check else [])
             jobs.append((f"{method} on {name}", _with_deadline(cmd, args.deadline, args.margin),
                          journals / f"{name}.{method}.log"))
     failed = _run_all(jobs, args.jobs, env, time.perf_counter())
@@ -357,6 +358,9 @@ def main(argv=None) -> int:
                         "resumes from its journal on the next call), studies not started by then are skipped")
     t.add_argument("--margin", type=float, default=120.0, metavar="SECONDS",
                    help="with --deadline: time kept back for the longest trial plus start-up (default 120)")
+    t.add_argument("--check", type=float, default=None, metavar="REL",
+                   help="excise tune --check REL: re-score each finished study's best values at (1 ± REL) (two "
+                        "runs more per study, after its budget: keep them inside --margin)")
     c = sub.add_parser("coverage", help="which (protocol, method) the tuned tables hold, over which seeds")
     c.add_argument("--protocols", nargs="+", default=None)
     c.add_argument("--tables", default=None, help="a folder of tuned tables (default: the shipped ones)")

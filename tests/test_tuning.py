@@ -171,6 +171,12 @@ def test_cli_tune_writes_trials_and_table(tiny, tmp_path, capsys):
     trials = json.loads((out / "digits-mlp-class.ssd.json").read_text())
     assert len(trials["trials"]) == 2
     assert "alpha" in load_tuned("digits-mlp-class", table)["ssd"]
+    # --check on the finished study: two runs near the best values, printed and kept in the JSON
+    assert main(["tune", "ssd", str(tiny), "--budget", "2", "--storage", str(tmp_path / "c.journal"),
+                 "--out", str(out), "--check", "--quiet"]) == 0
+    assert " at ±1 %: objective " in capsys.readouterr().out
+    st = json.loads((out / "digits-mlp-class.ssd.json").read_text())["stability"]
+    assert st["rel"] == 0.01 and len(st["runs"]) == 2
 
 
 def test_tune_errors(tiny, tmp_path):
@@ -289,3 +295,37 @@ def test_tuned_table_keeps_values_exactly(tmp_path):
     back = load_tuned("p", tmp_path)["salun"]
     assert back["lr"] == lr and back["k"] == k and back["epochs"] == 3 and isinstance(back["epochs"], int)
     assert f"{lr:.6g}" != repr(lr)  # the case rounding to six digits used to get wrong
+
+
+def test_check_rescores_the_best_values_nearby_and_flags_a_cliff(tiny, tmp_path, monkeypatch, capsys):
+    from excise import tuning
+
+    res = tune("ssd", str(tiny), budget=3, storage=tmp_path / "s.journal", progress=False, check=0.05)
+    st = res.stability
+    assert st["rel"] == 0.05 and [r["scale"] for r in st["runs"]] == [0.95, 1.05]
+    for r in st["runs"]:  # every continuous value scaled (inside its range), the objective re-measured
+        for k, v in r["params"].items():
+            assert v == pytest.approx(min(max(res.best_params[k] * r["scale"], 1.0 if k == "alpha" else 0.1),
+                                          300.0 if k == "alpha" else 10.0))
+        assert set(r["metrics"]) == {"forget_acc", "VA", "mia_val"}
+    assert st["shift"] == pytest.approx(max(abs(r["value"] - res.best_value) for r in st["runs"]))
+    assert st["fragile"] == (st["shift"] > tuning.STABILITY_TOLERANCE)
+    # kept in the journal: asking again re-uses it (no new runs), and the table records the shift
+    real = tuning._stability
+    monkeypatch.setattr(tuning, "_stability", lambda *a: pytest.fail("re-scored a check already made"))
+    again = tune("ssd", str(tiny), budget=3, storage=tmp_path / "s.journal", progress=False, check=0.05)
+    assert again.stability == st
+    assert ("FRAGILE" if st["fragile"] else "stable") + " at ±5 %: objective" in again.summary()
+    table = write_tuned(again, tmp_path / "t")
+    assert f"check_shift = {round(st['shift'], 4)!r}" in table.read_text()
+
+    # a cliff: the objective jumps off the exact best values, so the check calls them fragile; a plateau not
+    from excise.methods import get_method
+
+    best = dict(res.best_params)
+    jump = real(get_method("ssd"), best, 0.5, 0.01, lambda p: (0.5 if p == best else 40.0, {"metrics": {}}))
+    assert jump["fragile"] and jump["shift"] == 39.5
+    flat = real(get_method("ssd"), best, 0.5, 0.01, lambda p: (0.6, {"metrics": {}}))
+    assert not flat["fragile"] and flat["shift"] == pytest.approx(0.1)
+    with pytest.raises(ValueError, match="check must be"):
+        tune("ssd", str(tiny), budget=3, storage=tmp_path / "s.journal", progress=False, check=2.0)

@@ -193,7 +193,7 @@ def cmd_tune(args) -> int:
     seed = args.seed[0] if args.seed and len(args.seed) == 1 else args.seed
     res = tune(args.method, args.protocol, budget=args.budget, seed=seed, floor=args.floor,
                floor_ref=args.floor_ref, storage=args.storage, device=args.device, progress=not args.quiet,
-               fixed=_parse_hparams(args.hp) if args.hp else None, timeout=args.timeout)
+               fixed=_parse_hparams(args.hp) if args.hp else None, timeout=args.timeout, check=args.check)
     print(res.summary())
     o, b = res.oracle_metrics, res.best_metrics
     print("validation metrics   " + "  ".join(f"{k:>10s}" for k in o))
@@ -328,6 +328,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
                    help="start no new trial after this many seconds (the study resumes on the next call; "
                         "--write then waits until the budget is complete)")
+    t.add_argument("--check", type=float, nargs="?", const=0.01, default=None, metavar="REL",
+                   help="once the budget is complete, re-score the best values at (1 ± REL) x each continuous one "
+                        "(default REL 0.01) and say whether the objective holds (two more runs)")
     t.add_argument("--quiet", action="store_true")
     _device_arg(t)
     t.set_defaults(func=cmd_tune)

@@ -45,6 +45,7 @@ OBJECTIVES = ("avg_gap",)
 TUNE_METRICS = ("forget_acc", "VA", "mia_val")
 INFEASIBLE = 100.0
 DIVERGED = 1000.0
+STABILITY_TOLERANCE = 1.0  # tune(check=...): an objective shift above this many points marks the best values fragile
 MIA_RESOLUTION = 1e-4  # grid of the validation attack's features (mia_svc_scores(resolution=...))
 TUNED_DIR = Path(__file__).parent / "bench" / "tuned"
 
@@ -64,6 +65,7 @@ class TuneResult:
     n_trials: int
     trials: List[Dict[str, Any]]
     budget: Optional[int] = None  # the trials asked for; fewer than that when a timeout stopped the search
+    stability: Optional[Dict[str, Any]] = None  # tune(check=rel): the best values re-scored at (1 ± rel)
 
     @property
     def complete(self) -> bool:
@@ -80,8 +82,12 @@ class TuneResult:
         gain = "" if self.default_value is None else f" (defaults: {self.default_value:.2f})"
         params = ", ".join(f"{k}={_fmt(v)}" for k, v in self.best_params.items())
         of = "" if self.complete else f" of {self.budget} (stopped by the timeout; run again to resume)"
+        st = self.stability
+        check = "" if not st or not st["runs"] else (
+            f"; {'FRAGILE' if st['fragile'] else 'stable'} at ±{100 * st['rel']:g} %: objective "
+            + " / ".join(f"{r['value']:.2f}" for r in st["runs"]))
         return (f"{self.method} on {self.protocol} (seed {self.seed}): {self.objective} {self.best_value:.2f}{gain} "
-                f"after {self.n_trials} trials{of}; best: {params}")
+                f"after {self.n_trials} trials{of}; best: {params}{check}")
 
 
 def _fmt(v: Any) -> str:
@@ -173,7 +179,7 @@ def _enqueue_defaults(study, spec) -> None:
 def tune(method: str, protocol: Any, budget: int = 20, objective: str = "avg_gap", seed: Any = None,
          floor: Optional[float] = None, floor_ref: str = "oracle", storage: Optional[str | Path] = None,
          fixed: Optional[Dict[str, Any]] = None, device: Any = None, progress: bool = True,
-         sampler_seed: int = 0, timeout: Optional[float] = None) -> TuneResult:
+         sampler_seed: int = 0, timeout: Optional[float] = None, check: Optional[float] = None) -> TuneResult:
     """Search ``method``'s hyperparameters on ``protocol`` (a shipped name, a TOML path or a loaded dict).
 
     ``budget``: finished trials the study should hold (a resumed study runs only the missing ones).
@@ -185,6 +191,10 @@ def tune(method: str, protocol: Any, budget: int = 20, objective: str = "avg_gap
     ``timeout``: seconds after which no new trial starts (the one running finishes); the result then holds
     fewer than ``budget`` trials (``result.complete`` is False) and a later call resumes. Use it to split a long
     search into sessions; a process killed mid-trial also resumes, losing only that trial.
+    ``check``: once the budget is complete, re-score the best values with every continuous hyperparameter
+    scaled by (1 - check) and (1 + check) (two more runs, kept in the journal) into ``result.stability``;
+    ``stability["fragile"]`` is True when the objective moves by more than ``STABILITY_TOLERANCE`` points,
+    i.e. the best trial sits on a cliff and its values will not transfer (another seed, another device).
     """
     try:
         import optuna
@@ -207,6 +217,8 @@ def tune(method: str, protocol: Any, budget: int = 20, objective: str = "avg_gap
         raise ValueError(f"floor_ref must be 'oracle' or 'original', got {floor_ref!r}")
     if timeout is not None and not timeout > 0:
         raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
+    if check is not None and not 0 < check < 1:
+        raise ValueError(f"check must be a relative change in (0, 1), e.g. 0.01, got {check!r}")
     if floor is not None and not floor >= 0:
         raise ValueError(f"floor must be a non-negative number of points, got {floor!r}")
     proto = load_protocol(protocol) if not isinstance(protocol, dict) else protocol
@@ -239,26 +251,28 @@ def tune(method: str, protocol: Any, budget: int = 20, objective: str = "avg_gap
     original_m = _mean([r[5] for r in runs])
     ref_va = (oracle_m if floor_ref == "oracle" else original_m)["VA"]
 
-    def run_trial(trial) -> float:
-        params = {name: dim.suggest(trial, name) for name, dim in spec.space.items()}
+    def score(params: Dict[str, Any]):
+        """The objective of one set of searched values, and what a trial records about it."""
         ms, gaps, secs = [], [], 0.0
         for s, original, request, loaders, o_m, _ in runs:
             try:
                 res = unlearn(original, request, method, preset=preset, **{**fixed, **params})
                 ms.append(validation_metrics(res.model, loaders, s))  # raises too on non-finite outputs
             except FloatingPointError as err:
-                trial.set_user_attr("diverged", f"seed {s}: {err}" if len(runs) > 1 else str(err))
-                return DIVERGED
+                return DIVERGED, {"diverged": f"seed {s}: {err}" if len(runs) > 1 else str(err)}
             gaps.append(avg_gap(ms[-1], o_m))
             secs += res.seconds
         m, gap = _mean(ms), sum(gaps) / len(gaps)
-        trial.set_user_attr("metrics", m)
-        trial.set_user_attr("gap", gap)
-        trial.set_user_attr("seconds", secs / len(runs))
+        attrs = {"metrics": m, "gap": gap, "seconds": secs / len(runs)}
         if floor is not None and m["VA"] < ref_va - floor:
-            trial.set_user_attr("infeasible", True)
-            return INFEASIBLE + gap
-        return gap
+            return INFEASIBLE + gap, {**attrs, "infeasible": True}
+        return gap, attrs
+
+    def run_trial(trial) -> float:
+        value, attrs = score({name: dim.suggest(trial, name) for name, dim in spec.space.items()})
+        for k, v in attrs.items():
+            trial.set_user_attr(k, v)
+        return value
 
     name = proto.get("name", "protocol")
     path = Path(storage) if storage is not None else default_storage(name, method)
@@ -297,6 +311,13 @@ def tune(method: str, protocol: Any, budget: int = 20, objective: str = "avg_gap
             bar.close()
     done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     best = study.best_trial
+    stable = None
+    if check is not None and len(done) >= budget:
+        key = f"stability:{check!r}:trial{best.number}"  # kept in the journal: a second call re-uses it
+        stable = study.user_attrs.get(key)
+        if stable is None:
+            stable = _stability(spec, best.params, float(best.value), check, score)
+            study.set_user_attr(key, stable)
     defaults = [t for t in done if t.user_attrs.get("defaults")]
     trials = [{"number": t.number, "value": t.value, "params": t.params,
                **{k: v for k, v in t.user_attrs.items() if k != "defaults"},
@@ -305,7 +326,31 @@ def tune(method: str, protocol: Any, budget: int = 20, objective: str = "avg_gap
                       best_value=float(best.value), best_metrics=best.user_attrs.get("metrics", {}),
                       oracle_metrics=oracle_m, original_metrics=original_m,
                       default_value=float(defaults[0].value) if defaults else None, n_trials=len(done),
-                      trials=trials, budget=budget)
+                      trials=trials, budget=budget, stability=stable)
+
+
+def _stability(spec, best: Dict[str, Any], best_value: float, rel: float, score) -> Dict[str, Any]:
+    """Re-score the best values with every continuous one scaled by (1 - rel) and by (1 + rel) (kept inside its
+    range; integers and choices unchanged). A best trial that only holds at its exact digits — the sub-class
+    protocol's random-label lr went from forget accuracy 96.6 to 1.2 at a relative change of 1.5e-6 — shows
+    up as a shift of the objective far larger than ``STABILITY_TOLERANCE``."""
+    from .methods.registry import Real
+
+    real = {k: dim for k, dim in spec.space.items() if isinstance(dim, Real) and k in best}
+    out: Dict[str, Any] = {"rel": rel, "tolerance": STABILITY_TOLERANCE, "runs": []}
+    if not real:
+        out.update(shift=0.0, fragile=False, note="no continuous hyperparameter to perturb")
+        return out
+    for scale in (1.0 - rel, 1.0 + rel):
+        params = dict(best)
+        for k, dim in real.items():
+            params[k] = min(max(best[k] * scale, dim.low), dim.high)
+        value, attrs = score(params)
+        out["runs"].append({"scale": scale, "params": params, "value": value,
+                            **{k: v for k, v in attrs.items() if k != "seconds"}})
+    shift = max(abs(r["value"] - best_value) for r in out["runs"])
+    out.update(shift=shift, fragile=shift > STABILITY_TOLERANCE)
+    return out
 
 
 # ---- the per-protocol tables of tuned values ----
@@ -392,6 +437,8 @@ def _update_table(p: Path, result: TuneResult, label: Optional[str]) -> Path:
         "default_value": None if result.default_value is None else round(result.default_value, 4),
         "trials": result.n_trials, "seed": result.seed, "excise": __version__,
         "date": datetime.date.today().isoformat()}
+    if result.stability and result.stability["runs"]:  # how far the objective moved at (1 ± rel) x the values
+        table["tuning"][label].update(check_rel=result.stability["rel"], check_shift=round(result.stability["shift"], 4))
     lines = [f"# Tuned hyperparameters for the protocol {result.protocol}, written by `excise tune`",
              "# (validation split and retrain oracle only; see excise.tuning). Read by `excise bench --tuned`.", ""]
     for section in ("methods", "tuning"):
