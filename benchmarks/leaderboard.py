@@ -17,6 +17,9 @@ time), then one ``excise bench PROTOCOL`` over all its seeds, which finds every 
 report under ``--runs`` (default excise-out/leaderboard/PROTOCOL/). Rows are cached, so a re-run finishes
 what is missing. ``write`` reads those reports and writes the Markdown leaderboard, a JSON copy
 of every row and the plot (Avg Gap against seconds, one point per method, one panel per protocol).
+``write --reuse OLD.json`` takes the report of a protocol that has none under ``--runs`` from an earlier
+``write``'s JSON, after checking that the protocol and (with ``--tuned``) every tuned row's values are still
+the shipped ones; the file says which protocols were reused.
 """
 
 from __future__ import annotations
@@ -282,21 +285,56 @@ def combine_seeds(reports):
     return out.finalize()
 
 
+def stale(report, proto, tuned: bool) -> list:
+    """Why an earlier report no longer stands for ``proto`` (a loaded protocol): a changed protocol body, or a
+    tuned row whose values differ from the shipped tuned table. Empty when it still does."""
+    from excise.tuning import load_tuned
+
+    skip = ("methods", "description", "seeds", "data_root", "split_hashes", "data_fingerprint")
+    now = {k: v for k, v in proto.items() if k not in skip}
+    then = {k: v for k, v in report.protocol.items() if k not in skip}
+    why = [] if now == then else [f"protocol changed: {sorted(k for k in now.keys() | then.keys() if now.get(k) != then.get(k))}"]
+    if list(report.protocol.get("seeds", [])) != list(proto["seeds"]):
+        why.append(f"seeds {report.protocol.get('seeds')} are not the protocol's {proto['seeds']}")
+    values = load_tuned(proto["name"]) if tuned else {}
+    for row in report.rows:
+        if tuned and row["method"] in values:
+            want = {k: v for k, v in values[row["method"]].items() if k not in ("method", "preset")}
+            have = row.get("hparams") or {}
+            off = sorted(k for k, v in want.items() if k in have and have[k] != v)
+            if not row.get("tuned") or off:
+                why.append(f"{row['method']} seed {row['seed']}: not run with the shipped tuned values {off}")
+    return why
+
+
 def cmd_write(args) -> int:
     from excise.bench import load_protocol
     from excise.types import atomic_write_bytes
     from excise.evaluation.report import Report
 
     runs = Path(args.runs)
-    reports = {}
+    reports, reused = {}, []
+    old = json.loads(Path(args.reuse).read_text()) if args.reuse else {}
     for p in args.protocols or fmnist_protocols():
-        p = load_protocol(p)["name"]
+        proto = load_protocol(p)
+        p = proto["name"]
         f = runs / p / "report.json"
         if f.exists():
             reports[p] = Report.load(f)
         elif list((runs / p).glob("seed*/report.json")):
             reports[p] = combine_seeds([Report.load(g) for g in sorted((runs / p).glob("seed*/report.json"))])
             print(f"{p}: no report over all seeds; combined the per-seed ones", file=sys.stderr)
+        elif p in old:
+            d = old[p]
+            rep = Report(d["protocol"], d["rows"], d.get("notes", []), "")
+            if rep.protocol_hash != d["protocol_hash"]:
+                raise SystemExit(f"{args.reuse}: {p}'s protocol hash does not match its protocol (edited file?)")
+            why = stale(rep, proto, args.tuned)
+            if why:
+                raise SystemExit(f"{args.reuse}: the report of {p} is stale, run it again: " + "; ".join(why))
+            reports[p] = rep.finalize()
+            reused.append(p)
+            print(f"{p}: report reused from {args.reuse}", file=sys.stderr)
         else:
             print(f"no report for {p} under {runs}: left out", file=sys.stderr)
     if not reports:
@@ -306,6 +344,10 @@ def cmd_write(args) -> int:
              f"Written by `python benchmarks/leaderboard.py write` from the reports of "
              f"`python benchmarks/leaderboard.py run {args.run_args}` (each protocol: "
              "`excise bench PROTOCOL --methods ...`, rows cached under ~/.cache/excise/bench).", ""]
+    if reused:
+        lines[-1:] = [f"The reports of {', '.join(reused)} are reused from an earlier write (`--reuse "
+                      f"{args.reuse}`), checked to hold the same protocol and, where tuned, the shipped tuned "
+                      "values; the rest are from that run.", ""]
     if args.preamble and Path(args.preamble).exists():
         lines += [Path(args.preamble).read_text().rstrip(), ""]
     lines += winners(reports)
@@ -371,6 +413,9 @@ def main(argv=None) -> int:
     w.add_argument("--run-args", default="", help="the arguments the run used, quoted in the file")
     w.add_argument("--preamble", default=None, help="a Markdown file placed after the header (the reading)")
     w.add_argument("--tuned", action="store_true", help="add the tuned values of every protocol")
+    w.add_argument("--reuse", default=None, metavar="JSON",
+                   help="an earlier write's JSON: protocols with no report under --runs are taken from it, "
+                        "if their protocol and tuned values are unchanged")
     args = ap.parse_args(argv)
     return {"run": cmd_run, "tune": cmd_tune, "write": cmd_write, "coverage": cmd_coverage}[args.cmd](args)
 

@@ -76,3 +76,25 @@ def test_coverage_reads_which_methods_a_tuned_table_holds(lb, tmp_path):
     assert "ssd 0,1,2/20" in cells and "finetune 0/12" in cells and "scissorhands -" in cells
     assert "retrain" not in line  # nothing to tune
     assert line.startswith("fmnist-smallcnn-class: 2/13 tuned")
+
+
+def test_stale_refuses_a_reused_report_whose_protocol_or_tuned_values_changed(lb):
+    from excise.bench import load_protocol
+    from excise.evaluation.report import Report
+    from excise.tuning import load_tuned
+
+    proto = load_protocol("fmnist-smallcnn-class")
+    ssd = load_tuned(proto["name"])["ssd"]
+    body = {k: v for k, v in proto.items() if k not in ("methods", "description", "seeds", "data_root")}
+    ident = {**body, "seeds": list(proto["seeds"]), "split_hashes": {}, "data_fingerprint": "x"}
+    row = {"method": "ssd", "seed": 0, "tuned": True, "hparams": {**ssd, "scope": None}}
+    assert lb.stale(Report(ident, [row]), proto, tuned=True) == []
+    assert lb.stale(Report(ident, [dict(row, tuned=False)]), proto, tuned=False) == []  # a defaults board
+    changed = {**ident, "recipe": {**ident["recipe"], "epochs": 9}}
+    assert lb.stale(Report(changed, [row]), proto, tuned=True) == ["protocol changed: ['recipe']"]
+    assert "seeds" in lb.stale(Report({**ident, "seeds": [0]}, [row]), proto, tuned=True)[0]
+    off = dict(row, hparams={**row["hparams"], "alpha": ssd["alpha"] * 2})
+    assert lb.stale(Report(ident, [off]), proto, tuned=True) == [
+        "ssd seed 0: not run with the shipped tuned values ['alpha']"]
+    (why,) = lb.stale(Report(ident, [{k: v for k, v in row.items() if k != "tuned"}]), proto, tuned=True)
+    assert why.startswith("ssd seed 0: not run with")  # the defaults row of a method that is tuned now
