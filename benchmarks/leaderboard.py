@@ -5,12 +5,16 @@ Fashion-MNIST protocol, through ``excise bench``, then one Markdown file and one
     python benchmarks/leaderboard.py run   [--protocols P ...] [--seeds N] [--device D] [--jobs J] [--tuned]
     python benchmarks/leaderboard.py write [--runs DIR] [--out benchmarks/results/leaderboard.md] [--tuned]
     python benchmarks/leaderboard.py coverage [--protocols P ...]   (what the tuned tables hold so far)
+    python benchmarks/leaderboard.py check [--protocols P ...] [--rel 0.01] [--md stability.md]
 
 ``tune`` runs ``excise tune METHOD PROTOCOL --write`` for every method with a search space on every protocol
 (``--jobs`` at a time; resumable journals under ``--journals``), filling the tuned tables shipped in
 src/excise/bench/tuned/. ``--deadline SECONDS`` fits it into a time slot (a GPU lent for ten-minute calls):
 studies stop starting trials in time and the next call resumes them from their journals; a table entry is
 written only once its study holds the whole budget.
+
+``check`` re-scores every shipped tuned entry and its (1 ± rel) neighbours (``excise tune --recheck``: no
+journal needed), records the shift in the table (the leaderboard's tuned section shows it) and writes a summary.
 
 ``run`` starts one ``excise bench PROTOCOL --methods ... --seed S`` per protocol and seed (``--jobs`` at a
 time), then one ``excise bench PROTOCOL`` over all its seeds, which finds every row in the cache and leaves the
@@ -162,6 +166,66 @@ def cmd_tune(args) -> int:
     return 1 if failed else 0
 
 
+def cmd_check(args) -> int:
+    """One ``excise tune METHOD PROTOCOL --recheck --check REL --write`` per tuned entry, ``--jobs`` at a time:
+    each re-scores the shipped values and their (1 ± REL) neighbours and records the shift in the table; then
+    the Markdown summary of every check under ``--out``."""
+    from excise.bench import load_protocol
+    from excise.tuning import load_tuned
+
+    out = Path(args.out)
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
+    jobs = []
+    for p in args.protocols or fmnist_protocols():
+        name = load_protocol(p)["name"]
+        for method in load_tuned(name):
+            if args.methods and method not in args.methods:
+                continue
+            cmd = [sys.executable, "-m", "excise.cli", "tune", method, p, "--recheck", "--check", str(args.rel),
+                   "--write", "--out", str(out), "--device", args.device, "--quiet"]
+            jobs.append((f"check {method} on {name}", _with_deadline(cmd, args.deadline, args.margin),
+                         out / f"{name}.{method}.check.log"))
+    failed = _run_all(jobs, args.jobs, env, time.perf_counter())
+    if args.md:
+        from excise.types import atomic_write_bytes
+
+        atomic_write_bytes(Path(args.md), ("\n".join(stability_md(out, " ".join(sys.argv[1:]))) + "\n").encode())
+        print(f"wrote {args.md}")
+    if failed:
+        print("failed: " + ", ".join(failed) + f" (logs under {out})", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def stability_md(folder: Path, command: str = "") -> list:
+    """Markdown: every ``*.check.json`` under ``folder``, one table per protocol."""
+    checks = [json.loads(f.read_text()) for f in sorted(Path(folder).glob("*.check.json"))]
+    lines = ["# Are the tuned values on a cliff?", "",
+             f"Written by `python benchmarks/leaderboard.py {command}`. For each entry of the shipped tuned tables: "
+             "the validation objective (mean |Δ| to the oracle over forget accuracy, validation accuracy and the "
+             "validation MIA; the seeds it was tuned on) at the tuned values, re-scored on this machine, and "
+             "with every continuous value scaled by (1 − rel) and (1 + rel). An entry whose objective moves by "
+             "more than the tolerance is **fragile**: a lucky draw on one split, whose values will not carry "
+             "over to another seed or device. 'when tuned' is the objective the study recorded (another "
+             "machine's models differ bit-wise, so it may differ from the re-scored one).", ""]
+    by_proto = {}
+    for c in checks:
+        by_proto.setdefault(c["protocol"], []).append(c)
+    for p, cs in by_proto.items():
+        lines += [f"**{p}**", "", "| method | seeds | when tuned | re-scored | × (1 − rel) | × (1 + rel) | shift | "
+                  "verdict |", "|---|---|---:|---:|---:|---:|---:|---|"]
+        for c in sorted(cs, key=lambda c: c["method"]):
+            runs = {r["scale"]: r["value"] for r in c["runs"]}
+            lo, hi = (runs.get(1 - c["rel"]), runs.get(1 + c["rel"]))
+            seeds = c["seed"] if isinstance(c["seed"], list) else [c["seed"]]
+            verdict = "**fragile**" if c["fragile"] else ("stable" if c["runs"] else "no continuous value")
+            lines.append(f"| {c['method']} | {','.join(map(str, seeds))} | "
+                         f"{'-' if c['recorded'] is None else format(c['recorded'], '.2f')} | {c['value']:.2f} | "
+                         f"{'-' if lo is None else format(lo, '.2f')} | {'-' if hi is None else format(hi, '.2f')} | "
+                         f"{c['shift']:.2f} | {verdict} (±{100 * c['rel']:g} %, tolerance {c['tolerance']:g}) |")
+        lines.append("")
+    return lines
+
+
 def coverage(protocols, directory=None) -> list:
     """Lines: one per protocol, each tunable method's state in the tuned table — ``seeds/trials`` when tuned,
     ``-`` when not — so a session that splits the tuning over several machines sees what is left."""
@@ -190,6 +254,16 @@ def cmd_coverage(args) -> int:
     return 0
 
 
+def _shift_cell(meta) -> str:
+    """How far the objective moved at (1 ± rel) x the tuned values (``leaderboard.py check``), or '-'."""
+    from excise.tuning import STABILITY_TOLERANCE
+
+    if "check_shift" not in meta:
+        return "-"
+    cell = f"{meta['check_shift']:.2f} (±{100 * meta['check_rel']:g} %)"
+    return f"**{cell} fragile**" if meta["check_shift"] > STABILITY_TOLERANCE else cell
+
+
 def tuned_section(names) -> list:
     """Markdown: the tuned values each protocol's table holds, with the validation objective they reached."""
     from excise.tuning import TUNED_DIR
@@ -207,15 +281,16 @@ def tuned_section(names) -> list:
             lines += [f"- {p}: none tuned", ""]
             continue
         t = tomllib.loads(f.read_text())
-        lines += [f"**{p}**", "", "| method | tuned values | objective (tuned) | objective (defaults) | trials | seeds |",
-                  "|---|---|---|---|---|---|"]
+        lines += [f"**{p}**", "", "| method | tuned values | objective (tuned) | objective (defaults) | trials | seeds "
+                  "| shift at ±rel |", "|---|---|---|---|---|---|---|"]
         for m, vals in sorted(t.get("methods", {}).items()):
             meta = t.get("tuning", {}).get(m, {})
             shown = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in vals.items())
             seeds = meta.get("seed", "")
             seeds = ", ".join(map(str, seeds)) if isinstance(seeds, list) else seeds
             lines.append(f"| {m} | {shown} | {meta.get('value', float('nan')):.2f} | "
-                         f"{meta.get('default_value', float('nan')):.2f} | {meta.get('trials', '')} | {seeds} |")
+                         f"{meta.get('default_value', float('nan')):.2f} | {meta.get('trials', '')} | {seeds} | "
+                         f"{_shift_cell(meta)} |")
         lines.append("")
     return lines
 
@@ -403,6 +478,17 @@ def main(argv=None) -> int:
     t.add_argument("--check", type=float, default=None, metavar="REL",
                    help="excise tune --check REL: re-score each finished study's best values at (1 ± REL) (two "
                         "runs more per study, after its budget: keep them inside --margin)")
+    k = sub.add_parser("check", help="re-score every shipped tuned entry at (1 ± REL) (excise tune --recheck)")
+    k.add_argument("--protocols", nargs="+", default=None)
+    k.add_argument("--methods", nargs="+", default=None)
+    k.add_argument("--rel", type=float, default=0.01)
+    k.add_argument("--device", default="auto")
+    k.add_argument("--jobs", type=int, default=1)
+    k.add_argument("--threads", type=int, default=2)
+    k.add_argument("--out", default="excise-out/check", help="folder for each check's JSON and log")
+    k.add_argument("--md", default=None, help="write the summary of every check under --out here")
+    k.add_argument("--deadline", type=float, default=None, metavar="SECONDS")
+    k.add_argument("--margin", type=float, default=120.0, metavar="SECONDS")
     c = sub.add_parser("coverage", help="which (protocol, method) the tuned tables hold, over which seeds")
     c.add_argument("--protocols", nargs="+", default=None)
     c.add_argument("--tables", default=None, help="a folder of tuned tables (default: the shipped ones)")
@@ -417,7 +503,8 @@ def main(argv=None) -> int:
                    help="an earlier write's JSON: protocols with no report under --runs are taken from it, "
                         "if their protocol and tuned values are unchanged")
     args = ap.parse_args(argv)
-    return {"run": cmd_run, "tune": cmd_tune, "write": cmd_write, "coverage": cmd_coverage}[args.cmd](args)
+    return {"run": cmd_run, "tune": cmd_tune, "write": cmd_write, "coverage": cmd_coverage,
+            "check": cmd_check}[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """benchmarks/leaderboard.py's scheduling helpers (the part a GPU session relies on to fit its time slot)."""
 
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
@@ -98,3 +99,20 @@ def test_stale_refuses_a_reused_report_whose_protocol_or_tuned_values_changed(lb
         "ssd seed 0: not run with the shipped tuned values ['alpha']"]
     (why,) = lb.stale(Report(ident, [{k: v for k, v in row.items() if k != "tuned"}]), proto, tuned=True)
     assert why.startswith("ssd seed 0: not run with")  # the defaults row of a method that is tuned now
+
+
+def test_stability_summary_and_the_tuned_sections_shift_cell(lb, tmp_path):
+    base = {"protocol": "p", "seed": 0, "recorded": 0.5, "value": 0.52, "rel": 0.01, "tolerance": 1.0}
+    (tmp_path / "p.ssd.check.json").write_text(json.dumps({
+        **base, "method": "ssd", "shift": 0.03, "fragile": False,
+        "runs": [{"scale": 0.99, "value": 0.55}, {"scale": 1.01, "value": 0.50}]}))
+    (tmp_path / "p.random_labels.check.json").write_text(json.dumps({
+        **base, "method": "random_labels", "seed": [0, 1], "shift": 40.1, "fragile": True,
+        "runs": [{"scale": 0.99, "value": 40.62}, {"scale": 1.01, "value": 0.6}]}))
+    text = "\n".join(lb.stability_md(tmp_path, "check --rel 0.01"))
+    assert "`python benchmarks/leaderboard.py check --rel 0.01`" in text
+    assert "| random_labels | 0,1 | 0.50 | 0.52 | 40.62 | 0.60 | 40.10 | **fragile** (±1 %, tolerance 1) |" in text
+    assert "| ssd | 0 | 0.50 | 0.52 | 0.55 | 0.50 | 0.03 | stable (±1 %, tolerance 1) |" in text
+    assert lb._shift_cell({}) == "-"
+    assert lb._shift_cell({"check_shift": 0.03, "check_rel": 0.01}) == "0.03 (±1 %)"
+    assert lb._shift_cell({"check_shift": 40.1, "check_rel": 0.01}) == "**40.10 (±1 %) fragile**"

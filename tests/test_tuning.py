@@ -329,3 +329,37 @@ def test_check_rescores_the_best_values_nearby_and_flags_a_cliff(tiny, tmp_path,
     assert not flat["fragile"] and flat["shift"] == pytest.approx(0.1)
     with pytest.raises(ValueError, match="check must be"):
         tune("ssd", str(tiny), budget=3, storage=tmp_path / "s.journal", progress=False, check=2.0)
+
+
+def test_recheck_rescores_a_tables_entry_without_its_journal(tiny, tmp_path, capsys):
+    from excise.tuning import check_tuned, record_check
+
+    res = tune("ssd", str(tiny), budget=3, storage=tmp_path / "s.journal", progress=False)
+    table = write_tuned(res, tmp_path / "t")
+    (tmp_path / "s.journal").unlink()  # a fresh machine: the table only
+    chk = check_tuned("ssd", str(tiny), rel=0.05, table=table, progress=False)
+    assert chk["values"] == res.best_params and chk["recorded"] == round(res.best_value, 4)
+    assert chk["value"] == pytest.approx(res.best_value, abs=1e-6)  # same models, same values: same objective
+    assert [r["scale"] for r in chk["runs"]] == [0.95, 1.05]
+    assert chk["shift"] == pytest.approx(max(abs(r["value"] - chk["value"]) for r in chk["runs"]))
+    before = load_tuned("digits-mlp-class", table)
+    record_check(chk)
+    assert load_tuned("digits-mlp-class", table) == before  # the values stay; the check is recorded beside them
+    assert f"check_shift = {round(chk['shift'], 4)!r}" in table.read_text() and "check_rel = 0.05" in table.read_text()
+    with pytest.raises(ValueError, match="no tuned entry for 'lfssd'.*it has: ssd"):
+        check_tuned("lfssd", str(tiny), table=table, progress=False)
+    table.write_text(table.read_text().replace("[methods.ssd]\n", "[methods.ssd]\nlam = 2.0\n", 1)
+                     if "lam =" not in table.read_text() else
+                     table.read_text().replace("lam = ", "lam = 1", 1))
+    with pytest.raises(ValueError, match="changed since it was checked"):
+        record_check(chk)
+    # the CLI: no search, the verdict printed, the JSON written, the check recorded with --write
+    out = tmp_path / "out"
+    assert main(["tune", "ssd", str(tiny), "--recheck", "--check", "0.02", "--write", str(table), "--out", str(out),
+                 "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert " at ±2 %: the objective moves by " in printed and "recorded the check in" in printed
+    assert json.loads((out / "digits-mlp-class.ssd.check.json").read_text())["rel"] == 0.02
+    assert "check_rel = 0.02" in table.read_text()
+    with pytest.raises(SystemExit, match="--recheck re-scores"):
+        main(["tune", "ssd", str(tiny), "--recheck", "--seed", "1", "--write", str(table)])

@@ -190,6 +190,8 @@ def cmd_tune(args) -> int:
     from .tuning import tune, write_tuned
     from .types import atomic_write_bytes
 
+    if args.recheck:
+        return _recheck(args)
     seed = args.seed[0] if args.seed and len(args.seed) == 1 else args.seed
     res = tune(args.method, args.protocol, budget=args.budget, seed=seed, floor=args.floor,
                floor_ref=args.floor_ref, storage=args.storage, device=args.device, progress=not args.quiet,
@@ -214,6 +216,31 @@ def cmd_tune(args) -> int:
             return 1
         path = write_tuned(res, None if args.write is True else args.write)
         print(f"wrote the tuned values into {path}")
+    return 0
+
+
+def _recheck(args) -> int:
+    from .tuning import check_tuned, record_check
+    from .types import atomic_write_bytes
+
+    if args.seed or args.hp or args.storage or args.timeout:
+        raise SystemExit("error: --recheck re-scores the table's entry as it was tuned (its seeds, the protocol's "
+                         "fixed values); --seed, --hp, --storage and --timeout do not apply")
+    table = None if args.write in (None, True) else args.write
+    res = check_tuned(args.method, args.protocol, rel=args.check or 0.01, table=table, floor=args.floor,
+                      floor_ref=args.floor_ref, device=args.device, progress=not args.quiet)
+    verdict = "FRAGILE" if res["fragile"] else "stable"
+    rec = "" if res["recorded"] is None else f" (recorded when tuned: {res['recorded']:.2f})"
+    print(f"{res['method']} on {res['protocol']}: tuned values {res['values']} score {res['value']:.2f}{rec}")
+    for r in res["runs"]:
+        print(f"  x{r['scale']:.4g}: {r['value']:.2f}")
+    print(f"{verdict} at ±{res['rel'] * 100:g} %: the objective moves by {res['shift']:.2f} (tolerance {res['tolerance']})"
+          + (f"; {res['note']}" if res.get("note") else ""))
+    out = Path(args.out) / f"{res['protocol']}.{res['method']}.check.json"
+    atomic_write_bytes(out, json.dumps(res, indent=1).encode())
+    print(f"wrote {out}")
+    if args.write is not None:
+        print(f"recorded the check in {record_check(res, table)}")
     return 0
 
 
@@ -331,6 +358,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--check", type=float, nargs="?", const=0.01, default=None, metavar="REL",
                    help="once the budget is complete, re-score the best values at (1 ± REL) x each continuous one "
                         "(default REL 0.01) and say whether the objective holds (two more runs)")
+    t.add_argument("--recheck", action="store_true",
+                   help="no search: re-score the tuned table's values for METHOD (shipped, or --write TABLE) on the "
+                        "seeds they were tuned on, and at (1 ± --check REL); with --write, record the shift there")
     t.add_argument("--quiet", action="store_true")
     _device_arg(t)
     t.set_defaults(func=cmd_tune)

@@ -176,6 +176,75 @@ def _enqueue_defaults(study, spec) -> None:
     study.enqueue_trial(params, user_attrs={"defaults": True})
 
 
+def _check_rel(check: Optional[float]) -> None:
+    if check is not None and not 0 < check < 1:
+        raise ValueError(f"check must be a relative change in (0, 1), e.g. 0.01, got {check!r}")
+
+
+def _fixed_values(proto: Dict[str, Any], method: str, spec, fixed: Optional[Dict[str, Any]]):
+    """The protocol's preset for ``method`` and the values held fixed (the protocol's entry, or ``fixed``),
+    less the searched ones."""
+    entry = dict(proto.get("methods", {}).get(method, {}))
+    entry.pop("method", None)
+    preset = entry.pop("preset", None)
+    fixed = entry if fixed is None else dict(fixed)
+    clash = set(fixed) & set(spec.space)
+    if clash:  # the protocol pins a searched value: the search wins, and says so
+        import warnings
+
+        warnings.warn(f"tuning {method}: {sorted(clash)} are searched, so the protocol's / given values for them "
+                      "are not used", stacklevel=3)
+        fixed = {k: v for k, v in fixed.items() if k not in clash}
+    return preset, fixed
+
+
+def _seed_list(proto: Dict[str, Any], seed: Any) -> List[int]:
+    seeds = [proto["seeds"][0]] if seed is None else (list(seed) if isinstance(seed, (list, tuple)) else [seed])
+    bad_seeds = [s for s in seeds if s not in proto["seeds"]]
+    if bad_seeds or not seeds:
+        raise ValueError(f"seed {bad_seeds or seeds} is not among the protocol's seeds {proto['seeds']}")
+    return seeds
+
+
+def _scorer(proto, method, preset, fixed, seeds, floor, floor_ref, device, progress):
+    """Prepare every seed's original, request, validation loaders and oracle metrics once; return
+    ``score(params) -> (objective, attrs)`` and the oracle's and original's mean validation metrics."""
+    from . import unlearn
+    from .bench.runner import _setup
+    from .protocol import prepare
+    from .types import resolve_device
+
+    device = resolve_device(device)
+    runs = []  # per seed: the original, its request, validation loaders, the oracle's validation metrics
+    for s in seeds:
+        prep = prepare(_setup(proto, s), progress=progress, device=device)
+        loaders = _validation_loaders(prep, s)
+        runs.append((s, prep.original, prep.request(), loaders, validation_metrics(prep.oracle, loaders, s),
+                     validation_metrics(prep.original, loaders, s)))
+    oracle_m = _mean([r[4] for r in runs])
+    original_m = _mean([r[5] for r in runs])
+    ref_va = (oracle_m if floor_ref == "oracle" else original_m)["VA"]
+
+    def score(params: Dict[str, Any]):
+        """The objective of one set of searched values, and what a trial records about it."""
+        ms, gaps, secs = [], [], 0.0
+        for s, original, request, loaders, o_m, _ in runs:
+            try:
+                res = unlearn(original, request, method, preset=preset, **{**fixed, **params})
+                ms.append(validation_metrics(res.model, loaders, s))  # raises too on non-finite outputs
+            except FloatingPointError as err:
+                return DIVERGED, {"diverged": f"seed {s}: {err}" if len(runs) > 1 else str(err)}
+            gaps.append(avg_gap(ms[-1], o_m))
+            secs += res.seconds
+        m, gap = _mean(ms), sum(gaps) / len(gaps)
+        attrs = {"metrics": m, "gap": gap, "seconds": secs / len(runs)}
+        if floor is not None and m["VA"] < ref_va - floor:
+            return INFEASIBLE + gap, {**attrs, "infeasible": True}
+        return gap, attrs
+
+    return score, oracle_m, original_m
+
+
 def tune(method: str, protocol: Any, budget: int = 20, objective: str = "avg_gap", seed: Any = None,
          floor: Optional[float] = None, floor_ref: str = "oracle", storage: Optional[str | Path] = None,
          fixed: Optional[Dict[str, Any]] = None, device: Any = None, progress: bool = True,
@@ -203,11 +272,8 @@ def tune(method: str, protocol: Any, budget: int = 20, objective: str = "avg_gap
     except ImportError:
         raise ImportError("excise.tune needs Optuna: pip install 'excise[tune]' (or pip install optuna)") from None
 
-    from . import unlearn
-    from .bench.runner import _setup, load_protocol
+    from .bench.runner import load_protocol
     from .methods import get_method
-    from .protocol import prepare
-    from .types import resolve_device
 
     if objective not in OBJECTIVES:
         raise ValueError(f"unknown objective {objective!r}; known: {OBJECTIVES}")
@@ -217,56 +283,15 @@ def tune(method: str, protocol: Any, budget: int = 20, objective: str = "avg_gap
         raise ValueError(f"floor_ref must be 'oracle' or 'original', got {floor_ref!r}")
     if timeout is not None and not timeout > 0:
         raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
-    if check is not None and not 0 < check < 1:
-        raise ValueError(f"check must be a relative change in (0, 1), e.g. 0.01, got {check!r}")
+    _check_rel(check)
     if floor is not None and not floor >= 0:
         raise ValueError(f"floor must be a non-negative number of points, got {floor!r}")
     proto = load_protocol(protocol) if not isinstance(protocol, dict) else protocol
     spec = get_method(method)
     _check_space(spec)
-    entry = dict(proto.get("methods", {}).get(method, {}))
-    entry.pop("method", None)
-    preset = entry.pop("preset", None)
-    fixed = entry if fixed is None else dict(fixed)
-    clash = set(fixed) & set(spec.space)
-    if clash:  # the protocol pins a searched value: the search wins, and says so
-        import warnings
-
-        warnings.warn(f"tuning {method}: {sorted(clash)} are searched, so the protocol's / given values for them "
-                      "are not used", stacklevel=2)
-        fixed = {k: v for k, v in fixed.items() if k not in clash}
-    seeds = [proto["seeds"][0]] if seed is None else (list(seed) if isinstance(seed, (list, tuple)) else [seed])
-    bad_seeds = [s for s in seeds if s not in proto["seeds"]]
-    if bad_seeds or not seeds:
-        raise ValueError(f"seed {bad_seeds or seeds} is not among the protocol's seeds {proto['seeds']}")
-    device = resolve_device(device)
-
-    runs = []  # per seed: the original, its request, validation loaders, the oracle's validation metrics
-    for s in seeds:
-        prep = prepare(_setup(proto, s), progress=progress, device=device)
-        loaders = _validation_loaders(prep, s)
-        runs.append((s, prep.original, prep.request(), loaders, validation_metrics(prep.oracle, loaders, s),
-                     validation_metrics(prep.original, loaders, s)))
-    oracle_m = _mean([r[4] for r in runs])
-    original_m = _mean([r[5] for r in runs])
-    ref_va = (oracle_m if floor_ref == "oracle" else original_m)["VA"]
-
-    def score(params: Dict[str, Any]):
-        """The objective of one set of searched values, and what a trial records about it."""
-        ms, gaps, secs = [], [], 0.0
-        for s, original, request, loaders, o_m, _ in runs:
-            try:
-                res = unlearn(original, request, method, preset=preset, **{**fixed, **params})
-                ms.append(validation_metrics(res.model, loaders, s))  # raises too on non-finite outputs
-            except FloatingPointError as err:
-                return DIVERGED, {"diverged": f"seed {s}: {err}" if len(runs) > 1 else str(err)}
-            gaps.append(avg_gap(ms[-1], o_m))
-            secs += res.seconds
-        m, gap = _mean(ms), sum(gaps) / len(gaps)
-        attrs = {"metrics": m, "gap": gap, "seconds": secs / len(runs)}
-        if floor is not None and m["VA"] < ref_va - floor:
-            return INFEASIBLE + gap, {**attrs, "infeasible": True}
-        return gap, attrs
+    preset, fixed = _fixed_values(proto, method, spec, fixed)
+    seeds = _seed_list(proto, seed)
+    score, oracle_m, original_m = _scorer(proto, method, preset, fixed, seeds, floor, floor_ref, device, progress)
 
     def run_trial(trial) -> float:
         value, attrs = score({name: dim.suggest(trial, name) for name, dim in spec.space.items()})
@@ -418,13 +443,30 @@ class _locked:
         self.f.close()  # closing releases the lock
 
 
-def _update_table(p: Path, result: TuneResult, label: Optional[str]) -> Path:
+def _read_table(p: Path) -> Dict[str, Any]:
     table: Dict[str, Any] = {"methods": {}, "tuning": {}}
     if p.exists():
         with open(p, "rb") as f:
             old = tomllib.load(f)
         table["methods"].update(old.get("methods", {}))
         table["tuning"].update(old.get("tuning", {}))
+    return table
+
+
+def _write_table(p: Path, protocol: str, table: Dict[str, Any]) -> Path:
+    lines = [f"# Tuned hyperparameters for the protocol {protocol}, written by `excise tune`",
+             "# (validation split and retrain oracle only; see excise.tuning). Read by `excise bench --tuned`.", ""]
+    for section in ("methods", "tuning"):
+        for name in sorted(table[section]):
+            lines.append(f"[{section}.{name}]")
+            lines += [f"{k} = {_toml_value(v)}" for k, v in table[section][name].items() if v is not None]
+            lines.append("")
+    atomic_write_bytes(p, "\n".join(lines).encode())
+    return p
+
+
+def _update_table(p: Path, result: TuneResult, label: Optional[str]) -> Path:
+    table = _read_table(p)
     from . import __version__
 
     label = label or result.method
@@ -439,12 +481,55 @@ def _update_table(p: Path, result: TuneResult, label: Optional[str]) -> Path:
         "date": datetime.date.today().isoformat()}
     if result.stability and result.stability["runs"]:  # how far the objective moved at (1 ± rel) x the values
         table["tuning"][label].update(check_rel=result.stability["rel"], check_shift=round(result.stability["shift"], 4))
-    lines = [f"# Tuned hyperparameters for the protocol {result.protocol}, written by `excise tune`",
-             "# (validation split and retrain oracle only; see excise.tuning). Read by `excise bench --tuned`.", ""]
-    for section in ("methods", "tuning"):
-        for name in sorted(table[section]):
-            lines.append(f"[{section}.{name}]")
-            lines += [f"{k} = {_toml_value(v)}" for k, v in table[section][name].items() if v is not None]
-            lines.append("")
-    atomic_write_bytes(p, "\n".join(lines).encode())
-    return p
+    return _write_table(p, result.protocol, table)
+
+
+def check_tuned(method: str, protocol: Any, rel: float = 0.01, table: Optional[str | Path] = None,
+                floor: Optional[float] = None, floor_ref: str = "oracle", device: Any = None,
+                progress: bool = True) -> Dict[str, Any]:
+    """No search: is a tuned table's entry on a cliff? Re-score the values the table (shipped, or ``table``)
+    holds for ``method`` on the protocol seeds they were tuned on, then with every continuous one scaled by
+    (1 - rel) and (1 + rel): three runs, no journal needed (a fresh machine can check what is shipped).
+
+    Returns the entry, its recorded objective (``recorded``), the objective re-scored here (``value``; it
+    differs from ``recorded`` when the models were trained on another device) and the stability of
+    :func:`tune`'s ``check`` measured against ``value``: ``runs``, ``shift``, ``fragile``."""
+    from .bench.runner import load_protocol
+    from .methods import get_method
+
+    _check_rel(rel)
+    proto = load_protocol(protocol) if not isinstance(protocol, dict) else protocol
+    name = proto.get("name", "protocol")
+    spec = get_method(method)
+    _check_space(spec)
+    p = Path(table) if table is not None else tuned_table_path(name)
+    if p.is_dir():
+        p = tuned_table_path(name, p)
+    entries = _read_table(p)
+    if method not in entries["methods"]:
+        raise ValueError(f"{p} holds no tuned entry for {method!r} (it has: {', '.join(sorted(entries['methods'])) or 'none'})")
+    values = dict(entries["methods"][method])
+    info = entries["tuning"].get(method, {})
+    preset, fixed = _fixed_values(proto, method, spec, None)
+    seeds = _seed_list(proto, info.get("seed"))
+    score, _, _ = _scorer(proto, method, preset, fixed, seeds, floor, floor_ref, device, progress)
+    value, attrs = score(values)
+    out = {"method": method, "protocol": name, "table": str(p), "seed": seeds[0] if len(seeds) == 1 else seeds,
+           "values": values, "recorded": info.get("value"), "value": value, "metrics": attrs.get("metrics")}
+    out.update(_stability(spec, values, value, rel, score))
+    return out
+
+
+def record_check(check: Dict[str, Any], table: Optional[str | Path] = None) -> Path:
+    """Write a :func:`check_tuned` result's ``check_rel`` and ``check_shift`` into the entry's tuning section
+    (the table it was read from, or ``table``), leaving the tuned values as they are."""
+    p = Path(table) if table is not None else Path(check["table"])
+    if p.is_dir():
+        p = tuned_table_path(check["protocol"], p)
+    with _locked(p.parent / f".{p.name}.lock"):
+        entries = _read_table(p)
+        if entries["methods"].get(check["method"]) != check["values"]:
+            raise ValueError(f"{p}: the entry for {check['method']} changed since it was checked; check it again")
+        entries["tuning"].setdefault(check["method"], {}).update(check_rel=check["rel"],
+                                                                 check_shift=round(check["shift"], 4))
+        return _write_table(p, check["protocol"], entries)
