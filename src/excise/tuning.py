@@ -384,12 +384,17 @@ def tuned_table_path(protocol: str, directory: Optional[str | Path] = None) -> P
     return Path(directory or TUNED_DIR) / f"{protocol}.toml"
 
 
+def _table_file(protocol: str, path: Optional[str | Path] = None) -> Path:
+    """The table file of ``protocol``: ``path`` itself, ``<protocol>.toml`` inside the folder ``path``, or the
+    shipped one."""
+    p = Path(path) if path is not None else tuned_table_path(protocol)
+    return tuned_table_path(protocol, p) if p.is_dir() else p
+
+
 def load_tuned(protocol: str, path: Optional[str | Path] = None) -> Dict[str, Dict[str, Any]]:
     """``{method label: hyperparameters}`` tuned for ``protocol`` (empty when none were tuned). ``path``: a table
     file, or a folder of ``<protocol>.toml`` tables (default: the tables shipped with excise)."""
-    p = Path(path) if path is not None else tuned_table_path(protocol)
-    if p.is_dir():
-        p = tuned_table_path(protocol, p)
+    p = _table_file(protocol, path)
     if not p.exists():
         return {}
     with open(p, "rb") as f:
@@ -502,9 +507,7 @@ def check_tuned(method: str, protocol: Any, rel: float = 0.01, table: Optional[s
     name = proto.get("name", "protocol")
     spec = get_method(method)
     _check_space(spec)
-    p = Path(table) if table is not None else tuned_table_path(name)
-    if p.is_dir():
-        p = tuned_table_path(name, p)
+    p = _table_file(name, table)
     entries = _read_table(p)
     if method not in entries["methods"]:
         raise ValueError(f"{p} holds no tuned entry for {method!r} (it has: {', '.join(sorted(entries['methods'])) or 'none'})")
@@ -523,9 +526,7 @@ def check_tuned(method: str, protocol: Any, rel: float = 0.01, table: Optional[s
 def record_check(check: Dict[str, Any], table: Optional[str | Path] = None) -> Path:
     """Write a :func:`check_tuned` result's ``check_rel`` and ``check_shift`` into the entry's tuning section
     (the table it was read from, or ``table``), leaving the tuned values as they are."""
-    p = Path(table) if table is not None else Path(check["table"])
-    if p.is_dir():
-        p = tuned_table_path(check["protocol"], p)
+    p = _table_file(check["protocol"], table if table is not None else check["table"])
     with _locked(p.parent / f".{p.name}.lock"):
         entries = _read_table(p)
         if entries["methods"].get(check["method"]) != check["values"]:
