@@ -365,7 +365,7 @@ def stale(report, proto, tuned: bool) -> list:
     tuned row whose values differ from the shipped tuned table. Empty when it still does."""
     from excise.tuning import load_tuned
 
-    skip = ("methods", "description", "seeds", "data_root", "split_hashes", "data_fingerprint")
+    skip = ("methods", "description", "seeds", "data_root", "search", "split_hashes", "data_fingerprint")
     now = {k: v for k, v in proto.items() if k not in skip}
     then = {k: v for k, v in report.protocol.items() if k not in skip}
     why = [] if now == then else [f"protocol changed: {sorted(k for k in now.keys() | then.keys() if now.get(k) != then.get(k))}"]

@@ -323,9 +323,9 @@ def test_check_rescores_the_best_values_nearby_and_flags_a_cliff(tiny, tmp_path,
     from excise.methods import get_method
 
     best = dict(res.best_params)
-    jump = real(get_method("ssd"), best, 0.5, 0.01, lambda p: (0.5 if p == best else 40.0, {"metrics": {}}))
+    jump = real(get_method("ssd").space, best, 0.5, 0.01, lambda p: (0.5 if p == best else 40.0, {"metrics": {}}))
     assert jump["fragile"] and jump["shift"] == 39.5
-    flat = real(get_method("ssd"), best, 0.5, 0.01, lambda p: (0.6, {"metrics": {}}))
+    flat = real(get_method("ssd").space, best, 0.5, 0.01, lambda p: (0.6, {"metrics": {}}))
     assert not flat["fragile"] and flat["shift"] == pytest.approx(0.1)
     with pytest.raises(ValueError, match="check must be"):
         tune("ssd", str(tiny), budget=3, storage=tmp_path / "s.journal", progress=False, check=2.0)
@@ -363,3 +363,50 @@ def test_recheck_rescores_a_tables_entry_without_its_journal(tiny, tmp_path, cap
     assert "check_rel = 0.02" in table.read_text()
     with pytest.raises(SystemExit, match="--recheck re-scores"):
         main(["tune", "ssd", str(tiny), "--recheck", "--seed", "1", "--write", str(table)])
+
+
+def test_a_protocols_search_table_narrows_or_holds_what_is_searched(tiny, tmp_path):
+    """[search.METHOD] in the protocol: a range narrowed, a value held; both stay searched values, so the tuned
+    table records them and bench --tuned replays them. Bad entries fail before any model is trained."""
+    from excise.methods import get_method
+    from excise.methods.registry import Int, Real
+    from excise.tuning import search_space
+
+    narrowed = tmp_path / "narrow.toml"
+    narrowed.write_text(TINY + "\n[search.ssd]\nalpha = [20.0, 30.0]\nlam = 0.5\n")
+    res = tune("ssd", str(narrowed), budget=3, storage=tmp_path / "n.journal", progress=False)
+    assert res.n_trials == 3
+    for t in res.trials:
+        assert 20.0 <= t["params"]["alpha"] <= 30.0 and t["params"]["lam"] == 0.5
+    assert get_method("ssd").defaults["alpha"] == 50.0  # outside the narrowed range: the defaults trial drops it
+    table = write_tuned(res, tmp_path / "t")
+    assert load_tuned("digits-mlp-class", table)["ssd"]["lam"] == 0.5
+    rep = run_bench(str(narrowed), methods=["ssd"], seeds=1, progress=False, tuned=table)
+    row = [r for r in rep.rows if r["method"] == "ssd"][0]
+    assert row["tuned"] and row["hparams"]["lam"] == 0.5 and 20.0 <= row["hparams"]["alpha"] <= 30.0
+    # the unnarrowed protocol's study is another study (its journal name differs), and its space the method's
+    plain = tune("ssd", str(tiny), budget=1, storage=tmp_path / "n.journal", progress=False)
+    assert plain.n_trials == 1 and plain.trials[0]["params"]["alpha"] == 50.0
+
+    proto = {"name": "p", "search": {"scrub": {"epochs": 1, "max_lr": [0.01, 0.02]}}}
+    space = search_space(proto, "scrub")
+    assert space["epochs"] == Int(1, 1) and space["max_lr"] == Real(0.01, 0.02, log=True)
+    assert space["lr"] == get_method("scrub").space["lr"]  # the rest untouched
+    assert search_space(proto, "ssd") == get_method("ssd").space
+    assert search_space({"search": {"saps": {"update": "steps"}}}, "saps")["update"].options == ("steps",)
+    bad = {
+        "does not search 'momentum'": {"finetune": {"momentum": 0.5}},
+        "an integer or \\[low, high\\]": {"finetune": {"epochs": 1.5}},
+        "low <= high": {"finetune": {"lr": [0.1, 0.01]}},
+        "> 0": {"finetune": {"lr": [0.0, 0.01]}},
+        "not among": {"saps": {"update": ["newton"]}},
+        "unknown methods \\['nope'\\]": {"nope": {}},
+        "one table per method": {"finetune": 1},
+    }
+    for msg, search in bad.items():
+        with pytest.raises(ValueError, match=msg):
+            search_space({"name": "p", "search": search}, "finetune" if "saps" not in search else "saps")
+    broken = tmp_path / "broken.toml"
+    broken.write_text(TINY + "\n[search.ssd]\nalpha = [300.0, 1.0]\n")
+    with pytest.raises(ValueError, match="low <= high"):
+        tune("ssd", str(broken), budget=1, storage=tmp_path / "b.journal", progress=False)

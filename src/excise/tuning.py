@@ -135,11 +135,15 @@ def _validation_loaders(prep, seed: int) -> Dict[str, Any]:
 
 
 def study_name(method: str, protocol: str, seeds: List[int], objective: str, floor: Optional[float],
-               floor_ref: str, preset: Optional[str], fixed: Dict[str, Any]) -> str:
-    """Everything that changes what a trial measures names the study: a journal never mixes two set-ups."""
-    digest = hashlib.sha256(json.dumps(fixed, sort_keys=True, default=str).encode()).hexdigest()[:8]
+               floor_ref: str, preset: Optional[str], fixed: Dict[str, Any],
+               search: Optional[Dict[str, Any]] = None) -> str:
+    """Everything that changes what a trial measures names the study: a journal never mixes two set-ups
+    (``search``: the protocol's narrowing of the space, if any)."""
+    def digest(d):
+        return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:8]
+
     return (f"{method}@{protocol}@seed{'+'.join(map(str, seeds))}@{objective}@floor{floor}:{floor_ref}"
-            f"@preset{preset}@fixed{digest}")
+            f"@preset{preset}@fixed{digest(fixed)}" + (f"@search{digest(search)}" if search else ""))
 
 
 def default_storage(protocol: str, method: str) -> Path:
@@ -151,7 +155,50 @@ def _check_space(spec) -> None:
         raise ValueError(f"{spec.name} has no search space to tune (it has no hyperparameters worth searching)")
 
 
-def _enqueue_defaults(study, spec) -> None:
+def search_space(proto: Dict[str, Any], method: str, spec=None) -> Dict[str, Any]:
+    """What :func:`tune` searches for ``method`` on ``proto``: the method's space, narrowed by the protocol's
+    ``[search.METHOD]`` table. There ``NAME = [low, high]`` narrows a number's range (its log scale kept),
+    ``NAME = [a, b, ...]`` a choice's options, and ``NAME = value`` holds it at one value. The held or narrowed
+    value stays a searched one, so the tuned table records it and ``excise bench --tuned`` replays it: e.g. a
+    protocol too costly to search several epochs per trial on (ResNet-18 on a CPU) holds ``epochs = 1``."""
+    from .methods import get_method
+    from .methods.registry import Choice, Int, Real, available
+
+    spec = spec or get_method(method)
+    search = proto.get("search", {})
+    if not isinstance(search, dict) or not all(isinstance(v, dict) for v in search.values()):
+        raise ValueError(f"protocol {proto.get('name')!r}: 'search' must hold one table per method, "
+                         "e.g. [search.finetune] epochs = 1")
+    space = dict(spec.space)
+    for name, want in search.get(method, {}).items():
+        where = f"protocol {proto.get('name')!r}, [search.{method}] {name}"
+        if name not in space:
+            raise ValueError(f"{where}: {method} does not search {name!r} (it searches: {', '.join(space) or 'nothing'})")
+        dim = space[name]
+        if isinstance(dim, Choice):
+            options = tuple(want) if isinstance(want, list) else (want,)
+            bad = [o for o in options if o not in dim.options]
+            if bad or not options:
+                raise ValueError(f"{where}: {bad or 'no options'} not among {list(dim.options)}")
+            space[name] = Choice(options)
+            continue
+        low, high = (want if isinstance(want, list) and len(want) == 2 else
+                     [want, want] if not isinstance(want, list) else [None, None])
+        number = (int,) if isinstance(dim, Int) else (int, float)
+        if not all(isinstance(v, number) and not isinstance(v, bool) for v in (low, high)) or not low <= high \
+                or (dim.log and low <= 0):
+            kind = "an integer" if isinstance(dim, Int) else "a number"
+            raise ValueError(f"{where}: want {kind} or [low, high] with low <= high{' > 0' if dim.log else ''}, "
+                             f"got {want!r}")
+        space[name] = (Int(int(low), int(high), dim.log) if isinstance(dim, Int)
+                       else Real(float(low), float(high), dim.log))
+    unknown = sorted(set(search) - set(available()))
+    if unknown:
+        raise ValueError(f"protocol {proto.get('name')!r}: [search] names unknown methods {unknown}")
+    return space
+
+
+def _enqueue_defaults(study, spec, space=None) -> None:
     """The defaults as the first trial, for the searched values that lie inside the space. Also on resuming a
     study whose defaults trial never finished (its process was killed while it ran: it stays RUNNING in the
     journal for ever), so the defaults are always measured."""
@@ -165,7 +212,7 @@ def _enqueue_defaults(study, spec) -> None:
             return
 
     params = {}
-    for name, dim in spec.space.items():
+    for name, dim in (spec.space if space is None else space).items():
         v = spec.defaults[name]
         if isinstance(dim, Choice):
             ok = v in dim.options
@@ -193,7 +240,8 @@ def _fixed_values(proto: Dict[str, Any], method: str, spec, fixed: Optional[Dict
         import warnings
 
         warnings.warn(f"tuning {method}: {sorted(clash)} are searched, so the protocol's / given values for them "
-                      "are not used", stacklevel=3)
+                      f"are not used (to hold a searched value, give the protocol [search.{method}] NAME = value)",
+                      stacklevel=3)
         fixed = {k: v for k, v in fixed.items() if k not in clash}
     return preset, fixed
 
@@ -290,11 +338,12 @@ def tune(method: str, protocol: Any, budget: int = 20, objective: str = "avg_gap
     spec = get_method(method)
     _check_space(spec)
     preset, fixed = _fixed_values(proto, method, spec, fixed)
+    space = search_space(proto, method, spec)
     seeds = _seed_list(proto, seed)
     score, oracle_m, original_m = _scorer(proto, method, preset, fixed, seeds, floor, floor_ref, device, progress)
 
     def run_trial(trial) -> float:
-        value, attrs = score({name: dim.suggest(trial, name) for name, dim in spec.space.items()})
+        value, attrs = score({name: dim.suggest(trial, name) for name, dim in space.items()})
         for k, v in attrs.items():
             trial.set_user_attr(k, v)
         return value
@@ -304,10 +353,11 @@ def tune(method: str, protocol: Any, budget: int = 20, objective: str = "avg_gap
     path.parent.mkdir(parents=True, exist_ok=True)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(
-        study_name=study_name(method, name, seeds, objective, floor, floor_ref, preset, fixed),
+        study_name=study_name(method, name, seeds, objective, floor, floor_ref, preset, fixed,
+                              proto.get("search", {}).get(method)),
         storage=JournalStorage(JournalFileBackend(str(path))), direction="minimize",
         sampler=optuna.samplers.TPESampler(seed=sampler_seed), load_if_exists=True)
-    _enqueue_defaults(study, spec)
+    _enqueue_defaults(study, spec, space)
     done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     remaining = budget - len(done)
     started = time.perf_counter()
@@ -341,7 +391,7 @@ def tune(method: str, protocol: Any, budget: int = 20, objective: str = "avg_gap
         key = f"stability:{check!r}:trial{best.number}"  # kept in the journal: a second call re-uses it
         stable = study.user_attrs.get(key)
         if stable is None:
-            stable = _stability(spec, best.params, float(best.value), check, score)
+            stable = _stability(space, best.params, float(best.value), check, score)
             study.set_user_attr(key, stable)
     defaults = [t for t in done if t.user_attrs.get("defaults")]
     trials = [{"number": t.number, "value": t.value, "params": t.params,
@@ -354,14 +404,14 @@ def tune(method: str, protocol: Any, budget: int = 20, objective: str = "avg_gap
                       trials=trials, budget=budget, stability=stable)
 
 
-def _stability(spec, best: Dict[str, Any], best_value: float, rel: float, score) -> Dict[str, Any]:
+def _stability(space, best: Dict[str, Any], best_value: float, rel: float, score) -> Dict[str, Any]:
     """Re-score the best values with every continuous one scaled by (1 - rel) and by (1 + rel) (kept inside its
     range; integers and choices unchanged). A best trial that only holds at its exact digits — the sub-class
     protocol's random-label lr went from forget accuracy 96.6 to 1.2 at a relative change of 1.5e-6 — shows
     up as a shift of the objective far larger than ``STABILITY_TOLERANCE``."""
     from .methods.registry import Real
 
-    real = {k: dim for k, dim in spec.space.items() if isinstance(dim, Real) and k in best}
+    real = {k: dim for k, dim in space.items() if isinstance(dim, Real) and k in best}
     out: Dict[str, Any] = {"rel": rel, "tolerance": STABILITY_TOLERANCE, "runs": []}
     if not real:
         out.update(shift=0.0, fragile=False, note="no continuous hyperparameter to perturb")
@@ -519,7 +569,7 @@ def check_tuned(method: str, protocol: Any, rel: float = 0.01, table: Optional[s
     value, attrs = score(values)
     out = {"method": method, "protocol": name, "table": str(p), "seed": seeds[0] if len(seeds) == 1 else seeds,
            "values": values, "recorded": info.get("value"), "value": value, "metrics": attrs.get("metrics")}
-    out.update(_stability(spec, values, value, rel, score))
+    out.update(_stability(search_space(proto, method, spec), values, value, rel, score))
     return out
 
 

@@ -28,7 +28,7 @@ from ..types import atomic_write_bytes, resolve_device
 
 PROTOCOL_DIR = Path(__file__).parent / "protocols"
 _KEYS = {"name", "dataset", "arch", "arch_kwargs", "recipe", "forget", "val_fraction", "seeds", "importance_batch",
-         "methods", "data_root", "description"}
+         "methods", "data_root", "description", "search"}
 
 
 def list_protocols() -> List[str]:
@@ -68,7 +68,8 @@ def _setup(proto: Dict[str, Any], seed: int):
 
 
 def _protocol_identity(proto: Dict[str, Any], seeds: Sequence[int], split_hashes: Dict[int, str], data_fp: str):
-    body = {k: v for k, v in proto.items() if k not in ("methods", "description", "seeds", "data_root")}
+    # ``search`` narrows what ``excise tune`` searches; it changes no row, so it is not part of the identity
+    body = {k: v for k, v in proto.items() if k not in ("methods", "description", "seeds", "data_root", "search")}
     return {**body, "seeds": list(seeds), "split_hashes": {str(k): v for k, v in split_hashes.items()},
             "data_fingerprint": data_fp}
 
