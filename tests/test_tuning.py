@@ -114,7 +114,7 @@ def test_timeout_stops_between_trials_and_a_killed_trial_is_redone(tiny, tmp_pat
     storage = JournalStorage(JournalFileBackend(str(tmp_path / "k.journal")))
     name = study_name("ssd", "digits-mlp-class", [0], "avg_gap", None, "oracle", None, {})
     study = optuna.create_study(study_name=name, storage=storage, direction="minimize")
-    _enqueue_defaults(study, get_method("ssd"))
+    _enqueue_defaults(study, get_method("ssd"), get_method("ssd").space)
     killed = study.ask()
     assert killed.user_attrs.get("defaults")
     resumed = tune("ssd", str(tiny), budget=3, storage=tmp_path / "k.journal", progress=False)

@@ -182,8 +182,9 @@ def search_space(proto: Dict[str, Any], method: str, spec=None) -> Dict[str, Any
                 raise ValueError(f"{where}: {bad or 'no options'} not among {list(dim.options)}")
             space[name] = Choice(options)
             continue
-        low, high = (want if isinstance(want, list) and len(want) == 2 else
-                     [want, want] if not isinstance(want, list) else [None, None])
+        if not isinstance(want, list):
+            want = [want, want]  # held
+        low, high = want if len(want) == 2 else (None, None)
         number = (int,) if isinstance(dim, Int) else (int, float)
         if not all(isinstance(v, number) and not isinstance(v, bool) for v in (low, high)) or not low <= high \
                 or (dim.log and low <= 0):
@@ -198,7 +199,7 @@ def search_space(proto: Dict[str, Any], method: str, spec=None) -> Dict[str, Any
     return space
 
 
-def _enqueue_defaults(study, spec, space=None) -> None:
+def _enqueue_defaults(study, spec, space) -> None:
     """The defaults as the first trial, for the searched values that lie inside the space. Also on resuming a
     study whose defaults trial never finished (its process was killed while it ran: it stays RUNNING in the
     journal for ever), so the defaults are always measured."""
@@ -212,7 +213,7 @@ def _enqueue_defaults(study, spec, space=None) -> None:
             return
 
     params = {}
-    for name, dim in (spec.space if space is None else space).items():
+    for name, dim in space.items():
         v = spec.defaults[name]
         if isinstance(dim, Choice):
             ok = v in dim.options
