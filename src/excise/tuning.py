@@ -565,12 +565,13 @@ def check_tuned(method: str, protocol: Any, rel: float = 0.01, table: Optional[s
     values = dict(entries["methods"][method])
     info = entries["tuning"].get(method, {})
     preset, fixed = _fixed_values(proto, method, spec, None)
+    space = search_space(proto, method, spec)  # a bad [search] table fails before any model is prepared
     seeds = _seed_list(proto, info.get("seed"))
     score, _, _ = _scorer(proto, method, preset, fixed, seeds, floor, floor_ref, device, progress)
     value, attrs = score(values)
     out = {"method": method, "protocol": name, "table": str(p), "seed": seeds[0] if len(seeds) == 1 else seeds,
            "values": values, "recorded": info.get("value"), "value": value, "metrics": attrs.get("metrics")}
-    out.update(_stability(search_space(proto, method, spec), values, value, rel, score))
+    out.update(_stability(space, values, value, rel, score))
     return out
 
 
