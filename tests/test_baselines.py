@@ -75,6 +75,20 @@ def test_baselines_are_deterministic_under_a_seed(digits_class):
     assert torch.equal(pa, pb) and not torch.equal(pa, pc)
 
 
+def test_neggrad_counts_its_work_in_steps_passing_over_the_forget_set_as_often_as_needed(digits_class):
+    prep = digits_class
+    req = prep.request()
+    per_pass = math.ceil(len(req.forget.dataset) / 32)
+    long = unlearn(prep.original, req, "neggrad", lr=1e-4, max_steps=2 * per_pass + 3, batch_size=32)
+    assert long.info["steps"] == 2 * per_pass + 3  # more than one pass: it loops
+    short = unlearn(prep.original, req, "neggrad", lr=1e-4, max_steps=2, batch_size=32)
+    assert short.info["steps"] == 2
+    by_epochs = unlearn(prep.original, req, "neggrad", lr=1e-4, max_steps=None, epochs=2, batch_size=32)
+    assert by_epochs.info["steps"] == 2 * per_pass
+    with pytest.raises(ValueError, match="max_steps"):
+        unlearn(prep.original, req, "neggrad", max_steps=0)
+
+
 def test_baseline_errors(digits_class):
     prep = digits_class
     req = prep.request()

@@ -62,7 +62,7 @@ def test_bad_protocols(tmp_path):
         load_protocol(bad)
 
 
-def test_cli_bench_end_to_end_and_from_cache(tiny, tmp_path, capsys):
+def test_cli_bench_end_to_end_and_from_cache(tiny, tmp_path, capsys, monkeypatch):
     out = tmp_path / "out"
     assert main(["bench", str(tiny), "--out", str(out), "--quiet"]) == 0
     rep = json.loads((out / "report.json").read_text())
@@ -83,6 +83,14 @@ def test_cli_bench_end_to_end_and_from_cache(tiny, tmp_path, capsys):
     assert all(r["from_cache"] for r in again["rows"])
     assert [r["UA"] for r in again["rows"]] == [r["UA"] for r in rep["rows"]]
     assert again["protocol_hash"] == rep["protocol_hash"]
+    # a method whose behaviour changed (its registered revision raised) does not reuse its older rows
+    from excise.methods import get_method
+
+    spec = get_method("assd")
+    monkeypatch.setattr(spec, "revision", spec.revision + 1)
+    assert main(["bench", str(tiny), "--out", str(out), "--quiet"]) == 0
+    third = json.loads((out / "report.json").read_text())
+    assert {r["method"] for r in third["rows"] if not r["from_cache"]} == {"assd"}
     # one seed and one method
     one = run_bench(str(tiny), methods=["assd"], seeds=1, progress=False)
     assert [r["method"] for r in one.rows] == ["original", "retrain", "assd"]

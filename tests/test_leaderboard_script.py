@@ -71,10 +71,13 @@ def test_winners_ranks_by_mean_gap_and_puts_diverged_methods_last(lb):
 def test_coverage_reads_which_methods_a_tuned_table_holds(lb, tmp_path):
     (tmp_path / "fmnist-smallcnn-class.toml").write_text(
         '[methods.ssd]\nalpha = 3.0\n[tuning.ssd]\nseed = [0, 1, 2]\ntrials = 20\n'
-        '[methods.finetune]\nlr = 0.01\n[tuning.finetune]\nseed = 0\ntrials = 12\n')
+        '[methods.finetune]\nlr = 0.01\n[tuning.finetune]\nseed = 0\ntrials = 12\n'
+        '[methods.neggrad]\nlr = 0.01\n[tuning.neggrad]\nseed = 0\ntrials = 12\n')
     (line,) = lb.coverage(["fmnist-smallcnn-class"], tmp_path)
     cells = line.split(" | ")
     assert "ssd 0,1,2/20" in cells and "finetune 0/12" in cells and "scissorhands -" in cells
+    # tuned before neggrad's revision 1 (max_steps loops over the forget set): no longer counted
+    assert "neggrad - (tuned at revision 0, the method is at 1)" in cells
     assert "retrain" not in line  # nothing to tune
     assert line.startswith("fmnist-smallcnn-class: 2/13 tuned")
 
@@ -99,6 +102,11 @@ def test_stale_refuses_a_reused_report_whose_protocol_or_tuned_values_changed(lb
         "ssd seed 0: not run with the shipped tuned values ['alpha']"]
     (why,) = lb.stale(Report(ident, [{k: v for k, v in row.items() if k != "tuned"}]), proto, tuned=True)
     assert why.startswith("ssd seed 0: not run with")  # the defaults row of a method that is tuned now
+    # a row measured before its method's behaviour changed (neggrad is at revision 1)
+    ng = {"method": "neggrad", "seed": 1, "hparams": {}}
+    assert lb.stale(Report(ident, [ng]), proto, tuned=False) == [
+        "neggrad seed 1: run at revision 0 of neggrad, which is at 1 now"]
+    assert lb.stale(Report(ident, [dict(ng, revision=1)]), proto, tuned=False) == []
 
 
 def test_stability_summary_and_the_tuned_sections_shift_cell(lb, tmp_path):

@@ -113,6 +113,10 @@ def test_timeout_stops_between_trials_and_a_killed_trial_is_redone(tiny, tmp_pat
     # study measures the defaults again and then draws what a straight run draws
     storage = JournalStorage(JournalFileBackend(str(tmp_path / "k.journal")))
     name = study_name("ssd", "digits-mlp-class", [0], "avg_gap", None, "oracle", None, {})
+    # a method's raised revision names a new study (its older trials measured something else); revision 0
+    # leaves the name as it was, so existing journals resume
+    assert study_name("ssd", "digits-mlp-class", [0], "avg_gap", None, "oracle", None, {}, revision=1) != name
+    assert study_name("ssd", "digits-mlp-class", [0], "avg_gap", None, "oracle", None, {}, revision=0) == name
     study = optuna.create_study(study_name=name, storage=storage, direction="minimize")
     _enqueue_defaults(study, get_method("ssd"), get_method("ssd").space)
     killed = study.ask()

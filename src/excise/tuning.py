@@ -136,14 +136,15 @@ def _validation_loaders(prep, seed: int) -> Dict[str, Any]:
 
 def study_name(method: str, protocol: str, seeds: List[int], objective: str, floor: Optional[float],
                floor_ref: str, preset: Optional[str], fixed: Dict[str, Any],
-               search: Optional[Dict[str, Any]] = None) -> str:
+               search: Optional[Dict[str, Any]] = None, revision: int = 0) -> str:
     """Everything that changes what a trial measures names the study: a journal never mixes two set-ups
-    (``search``: the protocol's narrowing of the space, if any)."""
+    (``search``: the protocol's narrowing of the space, if any; ``revision``: the method's, when raised)."""
     def digest(d):
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:8]
 
     return (f"{method}@{protocol}@seed{'+'.join(map(str, seeds))}@{objective}@floor{floor}:{floor_ref}"
-            f"@preset{preset}@fixed{digest(fixed)}" + (f"@search{digest(search)}" if search else ""))
+            f"@preset{preset}@fixed{digest(fixed)}" + (f"@search{digest(search)}" if search else "")
+            + (f"@rev{revision}" if revision else ""))
 
 
 def default_storage(protocol: str, method: str) -> Path:
@@ -355,7 +356,7 @@ def tune(method: str, protocol: Any, budget: int = 20, objective: str = "avg_gap
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(
         study_name=study_name(method, name, seeds, objective, floor, floor_ref, preset, fixed,
-                              proto.get("search", {}).get(method)),
+                              proto.get("search", {}).get(method), spec.revision),
         storage=JournalStorage(JournalFileBackend(str(path))), direction="minimize",
         sampler=optuna.samplers.TPESampler(seed=sampler_seed), load_if_exists=True)
     _enqueue_defaults(study, spec, space)
@@ -535,6 +536,11 @@ def _update_table(p: Path, result: TuneResult, label: Optional[str]) -> Path:
         "default_value": None if result.default_value is None else round(result.default_value, 4),
         "trials": result.n_trials, "seed": result.seed, "excise": __version__,
         "date": datetime.date.today().isoformat()}
+    from .methods import get_method
+
+    revision = get_method(result.method).revision
+    if revision:  # the method's behaviour these values were tuned for (leaderboard.py coverage flags older ones)
+        table["tuning"][label]["revision"] = revision
     if result.stability and result.stability["runs"]:  # how far the objective moved at (1 ± rel) x the values
         table["tuning"][label].update(check_rel=result.stability["rel"], check_shift=round(result.stability["shift"], 4))
     return _write_table(p, result.protocol, table)

@@ -109,6 +109,7 @@ def run_bench(protocol: str | Dict[str, Any], methods: Optional[Sequence[str]] =
     ``tuned``: ``True`` for the tuned tables shipped with excise, or a table file / folder written by
     ``excise tune``: each method label found there runs with its tuned values over the protocol's entry."""
     from .. import unlearn
+    from ..methods import get_method
     from ..protocol import prepare
 
     proto = load_protocol(protocol) if not isinstance(protocol, dict) else protocol
@@ -174,9 +175,10 @@ def run_bench(protocol: str | Dict[str, Any], methods: Optional[Sequence[str]] =
                     row["selected_per_layer"] = {k: float(v.float().mean()) for k, v in res.mask.items()}
                 return row
 
+            rev = get_method(name).revision  # a method whose behaviour changed does not reuse older rows
             key = cache_key(kind="method", model=o_hash, split=prep.splits.hash, method=name, preset=preset,
-                            hparams=entry, v=__version__)
-            rows.append({"method": label, "seed": seed, **_cached_row(key, compute),
+                            hparams=entry, v=__version__, **({"rev": rev} if rev else {}))
+            rows.append({"method": label, "seed": seed, **_cached_row(key, compute), **({"revision": rev} if rev else {}),
                          **({"tuned": True} if label in hit else {})})
         rows_by_seed[seed] = rows
     report = Report(_protocol_identity(proto, seed_list, split_hashes, fp))

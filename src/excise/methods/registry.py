@@ -58,6 +58,9 @@ class MethodSpec:
     presets: Dict[str, Dict[str, Any]]
     summary: str
     space: Dict[str, Any] = dataclasses.field(default_factory=dict)  # what ``excise.tune`` searches
+    # Raised when the method's behaviour at the same hyperparameters changes: it keys cached benchmark rows and
+    # names tuning studies, so results measured before the change are not reused (0: never changed).
+    revision: int = 0
 
 
 _METHODS: Dict[str, MethodSpec] = {}
@@ -68,9 +71,10 @@ SELECTIVE = ("ssd", "lfssd", "assd", "scissorhands", "saps")
 
 
 def register(name: str, defaults: Dict[str, Any], presets: Optional[Dict[str, Dict[str, Any]]] = None,
-             summary: str = "", space: Optional[Dict[str, Any]] = None):
+             summary: str = "", space: Optional[Dict[str, Any]] = None, revision: int = 0):
     """Register ``fn`` under ``name``. ``space``: hyperparameter → :class:`Real` / :class:`Int` / :class:`Choice`,
-    the ranges the tuner searches (each must be one of ``defaults``)."""
+    the ranges the tuner searches (each must be one of ``defaults``). ``revision``: raise it when the same
+    hyperparameters start to do something different (:attr:`MethodSpec.revision`)."""
     space = dict(space or {})
     unknown = set(space) - set(defaults)
     if unknown:
@@ -78,7 +82,7 @@ def register(name: str, defaults: Dict[str, Any], presets: Optional[Dict[str, Di
 
     def deco(fn):
         _METHODS[name] = MethodSpec(name, fn, dict(defaults), dict(presets or {}),
-                                    summary or (fn.__doc__ or "").strip().split("\n")[0], space)
+                                    summary or (fn.__doc__ or "").strip().split("\n")[0], space, revision)
         return fn
 
     return deco
