@@ -301,6 +301,22 @@ def test_tuned_table_keeps_values_exactly(tmp_path):
     assert f"{lr:.6g}" != repr(lr)  # the case rounding to six digits used to get wrong
 
 
+def test_a_tuned_entry_records_the_methods_revision_and_an_older_one_warns(tmp_path):
+    import warnings
+
+    res = TuneResult(method="neggrad", protocol="p", seed=0, objective="avg_gap",
+                     best_params={"lr": 5e-4, "max_steps": 60}, best_value=1.0, best_metrics={},
+                     oracle_metrics={}, original_metrics={}, default_value=2.0, n_trials=12, trials=[])
+    f = write_tuned(res, tmp_path)
+    assert "revision = 1" in f.read_text()  # neggrad's revision when it was tuned
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert load_tuned("p", tmp_path)["neggrad"]["max_steps"] == 60
+    f.write_text(f.read_text().replace("revision = 1\n", ""))  # as tuned before neggrad's max_steps looped
+    with pytest.warns(UserWarning, match="neggrad was tuned at revision 0 of neggrad, which is at revision 1"):
+        load_tuned("p", tmp_path)
+
+
 def test_check_rescores_the_best_values_nearby_and_flags_a_cliff(tiny, tmp_path, monkeypatch, capsys):
     from excise import tuning
 

@@ -31,6 +31,7 @@ import json
 import math
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -451,7 +452,16 @@ def load_tuned(protocol: str, path: Optional[str | Path] = None) -> Dict[str, Di
         return {}
     with open(p, "rb") as f:
         table = tomllib.load(f)
-    return {k: dict(v) for k, v in table.get("methods", {}).items()}
+    from .methods import available, get_method
+
+    values = {k: dict(v) for k, v in table.get("methods", {}).items()}
+    for label, v in values.items():
+        name, then = v.get("method", label), table.get("tuning", {}).get(label, {}).get("revision", 0)
+        if name in available() and then != get_method(name).revision:
+            warnings.warn(f"{p.name}: {label} was tuned at revision {then} of {name}, which is at revision "
+                          f"{get_method(name).revision} now (its behaviour changed): its values may no longer be "
+                          f"the best; tune it again", stacklevel=2)
+    return values
 
 
 def _toml_value(v: Any) -> str:
