@@ -23,7 +23,10 @@ what is missing. ``write`` reads those reports and writes the Markdown leaderboa
 of every row and the plot (Avg Gap against seconds, one point per method, one panel per protocol).
 ``write --reuse OLD.json`` takes the report of a protocol that has none under ``--runs`` from an earlier
 ``write``'s JSON, after checking that the protocol and (with ``--tuned``) every tuned row's values are still
-the shipped ones; the file says which protocols were reused.
+the shipped ones; the file says which protocols were reused. ``write --reuse OLD.json --patch DIR`` re-runs
+part of a reused report: DIR/PROTOCOL/report.json (``excise bench PROTOCOL --methods M ... [--tuned] --out
+DIR/PROTOCOL``, every seed) replaces those methods' rows, once its original and oracle rows are checked to be
+the reused report's (the same models), e.g. after a method's revision was raised.
 """
 
 from __future__ import annotations
@@ -371,6 +374,39 @@ def combine_seeds(reports):
     return out.finalize()
 
 
+# what identifies a model's evaluation in a row: equal in two reports only when the same models were evaluated
+_MODEL_KEYS = ("forget_acc", "RA", "TA", "VA", "mia_svc_confidence", "mia_loss_cv")
+
+
+def patch(report, fresh):
+    """``report`` (an earlier write's, reused) with the rows of ``fresh`` (a report of some methods on the same
+    protocol, e.g. ``excise bench P --methods neggrad --tuned``) in place of its rows of those methods, seed by
+    seed. Refuses unless both evaluate the same protocol and the same original and oracle (their rows agree
+    exactly), so that the patched rows are comparable with the rest. Returns the patched report and the
+    methods replaced."""
+    from excise.evaluation.report import ORACLE, Report
+
+    if fresh.protocol_hash != report.protocol_hash:
+        raise SystemExit("a patch report's protocol (body, seeds, splits or data) differs from the reused one's")
+    anchors = {(r["method"], r["seed"]): r for r in report.rows if r["method"] in ("original", ORACLE)}
+    for r in fresh.rows:
+        if r["method"] in ("original", ORACLE):
+            old = anchors.get((r["method"], r["seed"]))
+            if old is None or any(old.get(k) != r.get(k) for k in _MODEL_KEYS):
+                raise SystemExit(f"a patch report's {r['method']} (seed {r['seed']}) is not the reused one's: "
+                                 "its models differ (another device or training run), so its rows are not "
+                                 "comparable with the rest")
+    methods = sorted({r["method"] for r in fresh.rows} - {"original", ORACLE})
+    new = {(r["method"], r["seed"]): r for r in fresh.rows if r["method"] in methods}
+    missing = sorted({(m, s) for m in methods for s in report.protocol["seeds"]} - set(new))
+    if missing:
+        raise SystemExit(f"a patch report lacks the rows {missing}: run it on every seed of the protocol")
+    rows = [new.pop((r["method"], r["seed"]), None) or r if r["method"] in methods else r for r in report.rows]
+    rows += list(new.values())  # a method the reused report did not have
+    out = Report(report.protocol, [{k: v for k, v in r.items()} for r in rows], list(report.notes), "")
+    return out.finalize(), methods
+
+
 def stale(report, proto, tuned: bool) -> list:
     """Why an earlier report no longer stands for ``proto`` (a loaded protocol): a changed protocol body, or a
     tuned row whose values differ from the shipped tuned table. Empty when it still does."""
@@ -405,7 +441,7 @@ def cmd_write(args) -> int:
     from excise.evaluation.report import Report
 
     runs = Path(args.runs)
-    reports, reused = {}, []
+    reports, reused, patched = {}, [], []
     old = json.loads(Path(args.reuse).read_text()) if args.reuse else {}
     for p in args.protocols or fmnist_protocols():
         proto = load_protocol(p)
@@ -421,6 +457,11 @@ def cmd_write(args) -> int:
             rep = Report(d["protocol"], d["rows"], d.get("notes", []), "")
             if rep.protocol_hash != d["protocol_hash"]:
                 raise SystemExit(f"{args.reuse}: {p}'s protocol hash does not match its protocol (edited file?)")
+            fresh = Path(args.patch) / p / "report.json" if args.patch else None
+            if fresh is not None and fresh.exists():
+                rep, methods = patch(rep, Report.load(fresh))
+                patched.append(f"{p} ({', '.join(methods)})")
+                print(f"{p}: rows of {', '.join(methods)} from {fresh}", file=sys.stderr)
             why = stale(rep, proto, args.tuned)
             if why:
                 raise SystemExit(f"{args.reuse}: the report of {p} is stale, run it again: " + "; ".join(why))
@@ -440,6 +481,10 @@ def cmd_write(args) -> int:
         lines[-1:] = [f"The reports of {', '.join(reused)} are reused from an earlier write (`--reuse "
                       f"{args.reuse}`), checked to hold the same protocol and, where tuned, the shipped tuned "
                       "values; the rest are from that run.", ""]
+    if patched:
+        lines[-1:] = [f"In the reused reports, the rows of {'; '.join(patched)} were run again (`--patch "
+                      f"{args.patch}`: `excise bench PROTOCOL --methods ...` on every seed), checked to evaluate "
+                      "the same original and oracle as the rest.", ""]
     if args.preamble and Path(args.preamble).exists():
         lines += [Path(args.preamble).read_text().rstrip(), ""]
     lines += winners(reports)
@@ -516,6 +561,9 @@ def main(argv=None) -> int:
     w.add_argument("--run-args", default="", help="the arguments the run used, quoted in the file")
     w.add_argument("--preamble", default=None, help="a Markdown file placed after the header (the reading)")
     w.add_argument("--tuned", action="store_true", help="add the tuned values of every protocol")
+    w.add_argument("--patch", default=None, metavar="DIR",
+                   help="with --reuse: DIR/PROTOCOL/report.json (some methods, every seed) replaces those "
+                        "methods' rows in the reused report of PROTOCOL")
     w.add_argument("--reuse", default=None, metavar="JSON",
                    help="an earlier write's JSON: protocols with no report under --runs are taken from it, "
                         "if their protocol and tuned values are unchanged")

@@ -124,3 +124,32 @@ def test_stability_summary_and_the_tuned_sections_shift_cell(lb, tmp_path):
     assert lb._shift_cell({}) == "-"
     assert lb._shift_cell({"check_shift": 0.03, "check_rel": 0.01}) == "0.03 (±1 %)"
     assert lb._shift_cell({"check_shift": 40.1, "check_rel": 0.01}) == "**40.10 (±1 %) fragile**"
+
+
+def test_patch_replaces_some_methods_rows_only_when_the_models_are_the_same(lb):
+    from excise.evaluation.report import Report
+
+    ident = {"name": "q", "seeds": [0, 1], "split_hashes": {"0": "a", "1": "b"}}
+
+    def row(method, seed, fa, **kw):
+        return {"method": method, "seed": seed, "forget_acc": fa, "UA": 100.0 - fa, "RA": 99.0, "TA": 90.0, "VA": 90.0,
+                "mia_svc_confidence": 50.0, "mia_loss_cv": 50.0, "seconds": 1.0, **kw}
+
+    anchors = [row("original", s, 98.0) for s in (0, 1)] + [row("retrain", s, 0.0, seconds=100.0) for s in (0, 1)]
+    old = Report(ident, anchors + [row("ssd", s, 5.0) for s in (0, 1)] + [row("neggrad", s, 40.0) for s in (0, 1)])
+    fresh = Report(ident, anchors + [row("neggrad", s, 1.0, revision=1) for s in (0, 1)])
+    out, methods = lb.patch(old, fresh)
+    assert methods == ["neggrad"]
+    got = {(r["method"], r["seed"]): r for r in out.rows}
+    assert [r["method"] for r in out.rows] == [r["method"] for r in old.rows]  # same rows, same order
+    assert got[("neggrad", 1)]["forget_acc"] == 1.0 and got[("neggrad", 1)]["revision"] == 1
+    assert got[("ssd", 0)]["forget_acc"] == 5.0  # untouched
+    assert got[("neggrad", 0)]["avg_gap"] < 1  # gaps recomputed against the same oracle
+    # another original (a model trained elsewhere): its rows are not comparable, refused
+    other = Report(ident, [row("original", 0, 97.0)] + anchors[1:] + [row("neggrad", s, 1.0) for s in (0, 1)])
+    with pytest.raises(SystemExit, match="models differ"):
+        lb.patch(old, other)
+    with pytest.raises(SystemExit, match="lacks the rows"):
+        lb.patch(old, Report(ident, anchors + [row("neggrad", 0, 1.0)]))
+    with pytest.raises(SystemExit, match="protocol"):
+        lb.patch(old, Report({**ident, "split_hashes": {"0": "x", "1": "b"}}, fresh.rows))
