@@ -24,9 +24,10 @@ of every row and the plot (Avg Gap against seconds, one point per method, one pa
 ``write --reuse OLD.json`` takes the report of a protocol that has none under ``--runs`` from an earlier
 ``write``'s JSON, after checking that the protocol and (with ``--tuned``) every tuned row's values are still
 the shipped ones; the file says which protocols were reused. ``write --reuse OLD.json --patch DIR`` re-runs
-part of a reused report: DIR/PROTOCOL/report.json (``excise bench PROTOCOL --methods M ... [--tuned] --out
-DIR/PROTOCOL``, every seed) replaces those methods' rows, once its original and oracle rows are checked to be
-the reused report's (the same models), e.g. after a method's revision was raised.
+part of a reused report, e.g. after a method's revision was raised: DIR/PROTOCOL/report.json (or several,
+DIR/PROTOCOL/*/report.json) from ``excise bench PROTOCOL --methods M ... [--tuned] --out ...`` replaces those
+methods' rows seed by seed where its original and oracle rows are the reused report's (the same models), and
+must re-run every method of a seed whose models differ (trained again, not bit-identical): see ``patch``.
 """
 
 from __future__ import annotations
@@ -379,32 +380,47 @@ _MODEL_KEYS = ("forget_acc", "RA", "TA", "VA", "mia_svc_confidence", "mia_loss_c
 
 
 def patch(report, fresh):
-    """``report`` (an earlier write's, reused) with the rows of ``fresh`` (a report of some methods on the same
-    protocol, e.g. ``excise bench P --methods neggrad --tuned``) in place of its rows of those methods, seed by
-    seed. Refuses unless both evaluate the same protocol and the same original and oracle (their rows agree
-    exactly), so that the patched rows are comparable with the rest. Returns the patched report and the
-    methods replaced."""
+    """``report`` (an earlier write's, reused) with rows of ``fresh`` (a report on the same protocol, e.g.
+    ``excise bench P --methods neggrad --tuned``) in their place. Rows compared within a seed must share that
+    seed's original and oracle, so per seed: where ``fresh``'s original and oracle rows equal the reused ones
+    (the same models), its rows replace those of the same methods; where they differ (the models were trained
+    again elsewhere, not bit-identical), ``fresh`` must hold every method of that seed, and the whole seed is
+    replaced. Returns the patched report and a description of what was replaced."""
     from excise.evaluation.report import ORACLE, Report
 
-    if fresh.protocol_hash != report.protocol_hash:
+    anchor = ("original", ORACLE)
+    def body(ident):
+        return {k: v for k, v in ident.items() if k not in ("seeds", "split_hashes")}
+
+    mine, theirs = report.protocol.get("split_hashes", {}), fresh.protocol.get("split_hashes", {})
+    if body(fresh.protocol) != body(report.protocol) or any(mine.get(s) != h for s, h in theirs.items()):
         raise SystemExit("a patch report's protocol (body, seeds, splits or data) differs from the reused one's")
-    anchors = {(r["method"], r["seed"]): r for r in report.rows if r["method"] in ("original", ORACLE)}
-    for r in fresh.rows:
-        if r["method"] in ("original", ORACLE):
-            old = anchors.get((r["method"], r["seed"]))
-            if old is None or any(old.get(k) != r.get(k) for k in _MODEL_KEYS):
-                raise SystemExit(f"a patch report's {r['method']} (seed {r['seed']}) is not the reused one's: "
-                                 "its models differ (another device or training run), so its rows are not "
-                                 "comparable with the rest")
-    methods = sorted({r["method"] for r in fresh.rows} - {"original", ORACLE})
-    new = {(r["method"], r["seed"]): r for r in fresh.rows if r["method"] in methods}
-    missing = sorted({(m, s) for m in methods for s in report.protocol["seeds"]} - set(new))
-    if missing:
-        raise SystemExit(f"a patch report lacks the rows {missing}: run it on every seed of the protocol")
-    rows = [new.pop((r["method"], r["seed"]), None) or r if r["method"] in methods else r for r in report.rows]
-    rows += list(new.values())  # a method the reused report did not have
-    out = Report(report.protocol, [{k: v for k, v in r.items()} for r in rows], list(report.notes), "")
-    return out.finalize(), methods
+    old = {(r["method"], r["seed"]): r for r in report.rows}
+    new = {(r["method"], r["seed"]): r for r in fresh.rows}
+    rows, what = list(report.rows), []
+    for seed in sorted({r["seed"] for r in fresh.rows}):
+        methods = sorted(m for m, s in new if s == seed and m not in anchor)
+        if any((m, seed) not in new for m in anchor):
+            raise SystemExit(f"a patch report lacks the original or oracle row of seed {seed}")
+        same = all(old.get((m, seed)) is not None
+                   and all(old[(m, seed)].get(k) == new[(m, seed)].get(k) for k in _MODEL_KEYS) for m in anchor)
+        if same:
+            rows = [new[(r["method"], seed)] if r["seed"] == seed and r["method"] in methods else r for r in rows]
+            rows += [new[(m, seed)] for m in methods if (m, seed) not in old]
+            what.append(f"{', '.join(methods)} on seed {seed}")
+            continue
+        lacking = sorted(m for m, s in old if s == seed and (m, s) not in new)
+        if lacking:
+            raise SystemExit(f"a patch report's original or oracle of seed {seed} is not the reused one's (its models "
+                             f"differ: trained again, not bit-identical), so it must re-run the whole seed; it "
+                             f"lacks {lacking}")
+        rows = [new[(r["method"], seed)] if r["seed"] == seed else r for r in rows]
+        rows += [r for (m, s), r in new.items() if s == seed and (m, s) not in old]
+        what.append(f"every row of seed {seed} (its models were trained again)")
+    if not what:
+        raise SystemExit("a patch report holds no rows")
+    out = Report(report.protocol, [dict(r) for r in rows], list(report.notes), "")
+    return out.finalize(), what
 
 
 def stale(report, proto, tuned: bool) -> list:
@@ -457,11 +473,13 @@ def cmd_write(args) -> int:
             rep = Report(d["protocol"], d["rows"], d.get("notes", []), "")
             if rep.protocol_hash != d["protocol_hash"]:
                 raise SystemExit(f"{args.reuse}: {p}'s protocol hash does not match its protocol (edited file?)")
-            fresh = Path(args.patch) / p / "report.json" if args.patch else None
+            fresh = Path(args.patch) / p if args.patch else None
+            fresh = fresh / "report.json" if fresh is not None and (fresh / "report.json").exists() else fresh
             if fresh is not None and fresh.exists():
-                rep, methods = patch(rep, Report.load(fresh))
-                patched.append(f"{p} ({', '.join(methods)})")
-                print(f"{p}: rows of {', '.join(methods)} from {fresh}", file=sys.stderr)
+                for f in ([fresh] if fresh.is_file() else sorted(fresh.glob("*/report.json"))):
+                    rep, what = patch(rep, Report.load(f))
+                    patched.append(f"{p}: {'; '.join(what)}")
+                    print(f"{p}: {'; '.join(what)} from {f}", file=sys.stderr)
             why = stale(rep, proto, args.tuned)
             if why:
                 raise SystemExit(f"{args.reuse}: the report of {p} is stale, run it again: " + "; ".join(why))
@@ -482,9 +500,9 @@ def cmd_write(args) -> int:
                       f"{args.reuse}`), checked to hold the same protocol and, where tuned, the shipped tuned "
                       "values; the rest are from that run.", ""]
     if patched:
-        lines[-1:] = [f"In the reused reports, the rows of {'; '.join(patched)} were run again (`--patch "
-                      f"{args.patch}`: `excise bench PROTOCOL --methods ...` on every seed), checked to evaluate "
-                      "the same original and oracle as the rest.", ""]
+        lines[-1:] = ["In the reused reports, these rows were run again (`--patch "
+                      f"{args.patch}`: `excise bench PROTOCOL ...`), each seed's checked to evaluate the same "
+                      "original and oracle as the rows beside it: " + " | ".join(patched) + ".", ""]
     if args.preamble and Path(args.preamble).exists():
         lines += [Path(args.preamble).read_text().rstrip(), ""]
     lines += winners(reports)
@@ -562,8 +580,8 @@ def main(argv=None) -> int:
     w.add_argument("--preamble", default=None, help="a Markdown file placed after the header (the reading)")
     w.add_argument("--tuned", action="store_true", help="add the tuned values of every protocol")
     w.add_argument("--patch", default=None, metavar="DIR",
-                   help="with --reuse: DIR/PROTOCOL/report.json (some methods, every seed) replaces those "
-                        "methods' rows in the reused report of PROTOCOL")
+                   help="with --reuse: DIR/PROTOCOL/report.json, or DIR/PROTOCOL/*/report.json (some methods or "
+                        "whole seeds) replaces those rows in the reused report of PROTOCOL (leaderboard.patch)")
     w.add_argument("--reuse", default=None, metavar="JSON",
                    help="an earlier write's JSON: protocols with no report under --runs are taken from it, "
                         "if their protocol and tuned values are unchanged")

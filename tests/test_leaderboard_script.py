@@ -126,30 +126,37 @@ def test_stability_summary_and_the_tuned_sections_shift_cell(lb, tmp_path):
     assert lb._shift_cell({"check_shift": 40.1, "check_rel": 0.01}) == "**40.10 (±1 %) fragile**"
 
 
-def test_patch_replaces_some_methods_rows_only_when_the_models_are_the_same(lb):
+def test_patch_replaces_rows_seed_by_seed_only_beside_the_same_models(lb):
     from excise.evaluation.report import Report
 
     ident = {"name": "q", "seeds": [0, 1], "split_hashes": {"0": "a", "1": "b"}}
 
     def row(method, seed, fa, **kw):
-        return {"method": method, "seed": seed, "forget_acc": fa, "UA": 100.0 - fa, "RA": 99.0, "TA": 90.0, "VA": 90.0,
-                "mia_svc_confidence": 50.0, "mia_loss_cv": 50.0, "seconds": 1.0, **kw}
+        return {"method": method, "seed": seed, "forget_acc": fa, "UA": 100.0 - fa, "RA": 99.0, "TA": 90.0,
+                "VA": 90.0, "mia_svc_confidence": 50.0, "mia_loss_cv": 50.0, "seconds": 1.0, **kw}
 
     anchors = [row("original", s, 98.0) for s in (0, 1)] + [row("retrain", s, 0.0, seconds=100.0) for s in (0, 1)]
     old = Report(ident, anchors + [row("ssd", s, 5.0) for s in (0, 1)] + [row("neggrad", s, 40.0) for s in (0, 1)])
     fresh = Report(ident, anchors + [row("neggrad", s, 1.0, revision=1) for s in (0, 1)])
-    out, methods = lb.patch(old, fresh)
-    assert methods == ["neggrad"]
+    out, what = lb.patch(old, fresh)
+    assert what == ["neggrad on seed 0", "neggrad on seed 1"]
     got = {(r["method"], r["seed"]): r for r in out.rows}
     assert [r["method"] for r in out.rows] == [r["method"] for r in old.rows]  # same rows, same order
     assert got[("neggrad", 1)]["forget_acc"] == 1.0 and got[("neggrad", 1)]["revision"] == 1
     assert got[("ssd", 0)]["forget_acc"] == 5.0  # untouched
     assert got[("neggrad", 0)]["avg_gap"] < 1  # gaps recomputed against the same oracle
-    # another original (a model trained elsewhere): its rows are not comparable, refused
-    other = Report(ident, [row("original", 0, 97.0)] + anchors[1:] + [row("neggrad", s, 1.0) for s in (0, 1)])
-    with pytest.raises(SystemExit, match="models differ"):
-        lb.patch(old, other)
-    with pytest.raises(SystemExit, match="lacks the rows"):
-        lb.patch(old, Report(ident, anchors + [row("neggrad", 0, 1.0)]))
+    # seed 0's original trained again (not bit-identical): one method's row is not comparable, refused ...
+    one = {"name": "q", "seeds": [0], "split_hashes": {"0": "a"}}
+    other = [row("original", 0, 97.0), row("retrain", 0, 0.0, seconds=90.0)]
+    with pytest.raises(SystemExit, match=r"whole seed; it lacks \['ssd'\]"):
+        lb.patch(old, Report(one, other + [row("neggrad", 0, 1.0)]))
+    # ... the whole seed re-run with those models replaces seed 0, and seed 1 stays
+    out, what = lb.patch(old, Report(one, other + [row("ssd", 0, 2.0), row("neggrad", 0, 1.0)]))
+    assert what == ["every row of seed 0 (its models were trained again)"]
+    got = {(r["method"], r["seed"]): r for r in out.rows}
+    assert got[("original", 0)]["forget_acc"] == 97.0 and got[("ssd", 0)]["forget_acc"] == 2.0
+    assert got[("ssd", 1)]["forget_acc"] == 5.0 and got[("retrain", 0)]["seconds"] == 90.0
+    with pytest.raises(SystemExit, match="original or oracle row"):
+        lb.patch(old, Report(one, [row("neggrad", 0, 1.0)]))
     with pytest.raises(SystemExit, match="protocol"):
-        lb.patch(old, Report({**ident, "split_hashes": {"0": "x", "1": "b"}}, fresh.rows))
+        lb.patch(old, Report({**one, "split_hashes": {"0": "x"}}, fresh.rows))
