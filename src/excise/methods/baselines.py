@@ -83,8 +83,8 @@ def finetune(model, request, ctx, **hp):
 # neggrad sits on a cliff: on the Fashion-MNIST small CNN (class 9, 50 steps of 128) lr 3e-4 left 78 % forget
 # accuracy, 5e-4 left 0.1 % with 78.3 % validation accuracy (oracle 0.0 / 81.8), 7e-4 collapsed validation to
 # 44 % and 1e-3 to 10 %. The default is that sweet spot; the tuner searches lr and max_steps. (Those were
-# 47 steps: one pass over the 6,000 Ankle boots, before revision 1. At 50 steps the tuner's defaults trial kept
-# 71 % validation accuracy against the oracle's 82 %, and lr 7.6e-4 x 34 steps 79 %: a cliff either way.)
+# 43 steps, one pass over the training split's 5,386 Ankle boots, before revision 1. At 50 steps the tuner's
+# defaults trial kept 71 % validation accuracy against the oracle's 82 %, lr 7.6e-4 x 34 steps 79 %: a cliff.)
 # Its work is counted in steps: ``max_steps`` ascent steps, passing over D_f as often as that takes (a small
 # forget set is short: 2,500 samples are 20 batches of 128); ``epochs`` counts passes only when max_steps is
 # None. (Revision 1: before, max_steps only capped one pass, so values above a pass searched nothing.)
