@@ -236,7 +236,7 @@ def coverage(protocols, directory=None) -> list:
     import tomllib
 
     from excise.bench import load_protocol
-    from excise.tuning import tuned_table_path
+    from excise.tuning import revision_gap, tuned_table_path
 
     out = []
     for p in protocols:
@@ -247,21 +247,13 @@ def coverage(protocols, directory=None) -> list:
         for method in tunable_methods(p):
             t = meta.get(method)
             seeds = t and (t["seed"] if isinstance(t["seed"], list) else [t["seed"]])
-            old = t and _older_revision(method, t)
+            gap = t and revision_gap(method, t.get("revision", 0))
+            old = gap and f"tuned at revision {gap[0]}, the method is at {gap[1]}"
             cells.append(f"{method} -" if not t else f"{method} - ({old})" if old
                          else f"{method} {','.join(map(str, seeds))}/{t['trials']}")
         done = sum(" -" not in c for c in cells)
         out.append(f"{name}: {done}/{len(cells)} tuned | " + " | ".join(cells))
     return out
-
-
-def _older_revision(method: str, meta) -> str:
-    """Why a tuned entry (its ``[tuning.METHOD]`` block) no longer stands: tuned before the method's behaviour
-    changed (its registered revision was raised since). Empty when it stands."""
-    from excise.methods import get_method
-
-    now, then = get_method(method).revision, meta.get("revision", 0)
-    return f"tuned at revision {then}, the method is at {now}" if then != now else ""
 
 
 def cmd_coverage(args) -> int:
@@ -435,13 +427,14 @@ def stale(report, proto, tuned: bool) -> list:
     if list(report.protocol.get("seeds", [])) != list(proto["seeds"]):
         why.append(f"seeds {report.protocol.get('seeds')} are not the protocol's {proto['seeds']}")
     values = load_tuned(proto["name"]) if tuned else {}
-    from excise.methods import available, get_method
+    from excise.tuning import revision_gap
 
     for row in report.rows:
         name = (proto["methods"].get(row["method"]) or {}).get("method", row["method"])
-        if name in available() and row.get("revision", 0) != get_method(name).revision:
-            why.append(f"{row['method']} seed {row['seed']}: run at revision {row.get('revision', 0)} of {name}, "
-                       f"which is at {get_method(name).revision} now")
+        gap = revision_gap(name, row.get("revision", 0))
+        if gap:
+            why.append(f"{row['method']} seed {row['seed']}: run at revision {gap[0]} of {name}, which is at "
+                       f"{gap[1]} now")
         if tuned and row["method"] in values:
             want = {k: v for k, v in values[row["method"]].items() if k not in ("method", "preset")}
             have = row.get("hparams") or {}

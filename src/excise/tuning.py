@@ -33,7 +33,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -452,16 +452,26 @@ def load_tuned(protocol: str, path: Optional[str | Path] = None) -> Dict[str, Di
         return {}
     with open(p, "rb") as f:
         table = tomllib.load(f)
-    from .methods import available, get_method
-
     values = {k: dict(v) for k, v in table.get("methods", {}).items()}
     for label, v in values.items():
-        name, then = v.get("method", label), table.get("tuning", {}).get(label, {}).get("revision", 0)
-        if name in available() and then != get_method(name).revision:
-            warnings.warn(f"{p.name}: {label} was tuned at revision {then} of {name}, which is at revision "
-                          f"{get_method(name).revision} now (its behaviour changed): its values may no longer be "
-                          f"the best; tune it again", stacklevel=2)
+        name = v.get("method", label)
+        gap = revision_gap(name, table.get("tuning", {}).get(label, {}).get("revision", 0))
+        if gap:
+            warnings.warn(f"{p.name}: {label} was tuned at revision {gap[0]} of {name}, which is at revision "
+                          f"{gap[1]} now (its behaviour changed): its values may no longer be the best; tune it "
+                          f"again", stacklevel=2)
     return values
+
+
+def revision_gap(method: str, recorded: int) -> Optional[Tuple[int, int]]:
+    """``(recorded, now)`` when ``recorded`` (the revision a tuned entry or a bench row was measured at; 0 when
+    none was recorded) is not ``method``'s registered revision ``now``; None when it is, or for a name that is
+    not a registered method."""
+    from .methods import available, get_method
+
+    if method not in available() or get_method(method).revision == recorded:
+        return None
+    return recorded, get_method(method).revision
 
 
 def _toml_value(v: Any) -> str:
