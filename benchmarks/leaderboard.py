@@ -367,8 +367,17 @@ def combine_seeds(reports):
     return out.finalize()
 
 
-# what identifies a model's evaluation in a row: equal in two reports only when the same models were evaluated
+# what identifies a model's evaluation in a row that records no model_hash: equal in two reports only when the
+# same models were evaluated
 _MODEL_KEYS = ("forget_acc", "RA", "TA", "VA", "mia_svc_confidence", "mia_loss_cv")
+
+
+def _same_model(a, b) -> bool:
+    """Whether two original (or oracle) rows evaluated the same model: by its state hash where both rows
+    record one (reports from 0.4.0 on), else by equal metrics."""
+    if a.get("model_hash") and b.get("model_hash"):
+        return a["model_hash"] == b["model_hash"]
+    return all(a.get(k) == b.get(k) for k in _MODEL_KEYS)
 
 
 def patch(report, fresh):
@@ -394,8 +403,7 @@ def patch(report, fresh):
         methods = sorted(m for m, s in new if s == seed and m not in anchor)
         if any((m, seed) not in new for m in anchor):
             raise SystemExit(f"a patch report lacks the original or oracle row of seed {seed}")
-        same = all(old.get((m, seed)) is not None
-                   and all(old[(m, seed)].get(k) == new[(m, seed)].get(k) for k in _MODEL_KEYS) for m in anchor)
+        same = all(old.get((m, seed)) is not None and _same_model(old[(m, seed)], new[(m, seed)]) for m in anchor)
         if same:
             rows = [new[(r["method"], seed)] if r["seed"] == seed and r["method"] in methods else r for r in rows]
             rows += [new[(m, seed)] for m in methods if (m, seed) not in old]

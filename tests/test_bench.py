@@ -73,6 +73,8 @@ def test_cli_bench_end_to_end_and_from_cache(tiny, tmp_path, capsys, monkeypatch
     assert all(r["hparams"]["alpha"] == 5.0 for r in ssd)
     assert [r for r in rep["rows"] if r["method"] == "ssd-paper"][0]["hparams"]["alpha"] == 10.0
     assert all(r["from_cache"] is False for r in rep["rows"])
+    anchors = [r for r in rep["rows"] if r["method"] in ("original", "retrain")]
+    assert len({r["model_hash"] for r in anchors}) == 4 and all(r["threads"] >= 1 for r in anchors)
     for f in ("report.md", "report.csv", "per_class_accuracy.png", "selected_per_layer.png"):
         assert (out / f).exists(), f
     md = (out / "report.md").read_text()

@@ -156,6 +156,13 @@ def test_patch_replaces_rows_seed_by_seed_only_beside_the_same_models(lb):
     got = {(r["method"], r["seed"]): r for r in out.rows}
     assert got[("original", 0)]["forget_acc"] == 97.0 and got[("ssd", 0)]["forget_acc"] == 2.0
     assert got[("ssd", 1)]["forget_acc"] == 5.0 and got[("retrain", 0)]["seconds"] == 90.0
+    # where both reports record the models' hashes, those decide (equal metrics are not enough)
+    hashed = Report(ident, [{**r, "model_hash": f"h{r['method']}{r['seed']}"} for r in old.rows])
+    with pytest.raises(SystemExit, match="whole seed"):
+        lb.patch(hashed, Report(one, [{**r, "model_hash": "other"} for r in anchors if r["seed"] == 0]
+                                + [row("neggrad", 0, 1.0)]))
+    same = [{**r, "model_hash": f"h{r['method']}0"} for r in other]  # other metrics, the same models
+    assert lb.patch(hashed, Report(one, same + [row("neggrad", 0, 1.0)]))[1] == ["neggrad on seed 0"]
     with pytest.raises(SystemExit, match="original or oracle row"):
         lb.patch(old, Report(one, [row("neggrad", 0, 1.0)]))
     with pytest.raises(SystemExit, match="protocol"):

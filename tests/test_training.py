@@ -41,6 +41,9 @@ def test_checkpoint_cache_hits_on_second_call(digits, tmp_path):
     m2, meta2, hit2 = cache.get_or_train({"k": 1}, build, fit)
     assert (hit1, hit2) == (False, True) and len(calls) == 1
     assert state_hash(m1) == state_hash(m2) and meta2["train_seconds"] == meta1["train_seconds"]
+    # what decides a CPU-trained model's bits beside its recipe is recorded with it
+    assert meta2["threads"] == torch.get_num_threads() and meta2["device"] == "cpu"
+    assert meta2["torch"] == torch.__version__
     _, _, hit3 = cache.get_or_train({"k": 2}, build, fit)
     assert not hit3 and len(calls) == 2
 

@@ -116,6 +116,16 @@ def state_hash(model: nn.Module) -> str:
     return h.hexdigest()
 
 
+def training_environment(model: nn.Module) -> Dict[str, Any]:
+    """What, beside the data, seed and recipe, decides a trained model's bits: on a CPU the thread count
+    changes the order of floating-point reductions, so the same recipe trained with 1 and with 2 threads gives
+    models that differ in the last bits (and, after a full run, in a few predictions). Recorded with every
+    cached model so that two that should match but do not can be told apart."""
+    device = model_device(model)
+    return {"torch": torch.__version__, "device": str(device),
+            "threads": torch.get_num_threads() if device.type == "cpu" else None}
+
+
 def cache_key(**parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
@@ -158,7 +168,7 @@ class CheckpointCache:
         self.misses += 1
         t0 = time.perf_counter()
         fit(model)
-        meta = {"key_parts": key_parts, "train_seconds": time.perf_counter() - t0}
+        meta = {"key_parts": key_parts, "train_seconds": time.perf_counter() - t0, **training_environment(model)}
         self.store(model, key, meta)
         return model, meta, False
 

@@ -147,11 +147,15 @@ def run_bench(protocol: str | Dict[str, Any], methods: Optional[Sequence[str]] =
         def eval_row(model_preds):
             return metrics_from_predictions(model_preds, oracle_preds, seed=seed)
 
+        def made(meta, digest):  # which model a row evaluated, and how it was trained (when recorded)
+            return {"model_hash": digest, **{k: (meta or {})[k] for k in ("torch", "device", "threads")
+                                              if k in (meta or {})}}
+
         rows = [
-            {"method": "original", "seed": seed, **_cached_row(
+            {"method": "original", "seed": seed, **made(prep.original_meta, o_hash), **_cached_row(
                 cache_key(kind="eval", model=o_hash, oracle=r_hash, split=prep.splits.hash, v=__version__),
                 lambda: {**eval_row(model_predictions(prep.original, loaders)), "seconds": None})},
-            {"method": ORACLE, "seed": seed, **_cached_row(
+            {"method": ORACLE, "seed": seed, **made(prep.oracle_meta, r_hash), **_cached_row(
                 cache_key(kind="eval", model=r_hash, oracle=r_hash, split=prep.splits.hash, v=__version__),
                 lambda: {**eval_row(oracle_preds), "seconds": prep.oracle_meta["train_seconds"]})},
         ]
