@@ -380,6 +380,13 @@ def _same_model(a, b) -> bool:
     return all(a.get(k) == b.get(k) for k in _MODEL_KEYS)
 
 
+def patch_reports(folder, protocol) -> list:
+    """The reports ``write --patch FOLDER`` applies to ``protocol``: FOLDER/PROTOCOL/report.json, else every
+    FOLDER/PROTOCOL/*/report.json in name order (none when the protocol has no folder there)."""
+    where = Path(folder) / protocol
+    return [where / "report.json"] if (where / "report.json").exists() else sorted(where.glob("*/report.json"))
+
+
 def patch(report, fresh):
     """``report`` (an earlier write's, reused) with rows of ``fresh`` (a report on the same protocol, e.g.
     ``excise bench P --methods neggrad --tuned``) in their place. Rows compared within a seed must share that
@@ -474,13 +481,10 @@ def cmd_write(args) -> int:
             rep = Report(d["protocol"], d["rows"], d.get("notes", []), "")
             if rep.protocol_hash != d["protocol_hash"]:
                 raise SystemExit(f"{args.reuse}: {p}'s protocol hash does not match its protocol (edited file?)")
-            fresh = Path(args.patch) / p if args.patch else None
-            fresh = fresh / "report.json" if fresh is not None and (fresh / "report.json").exists() else fresh
-            if fresh is not None and fresh.exists():
-                for f in ([fresh] if fresh.is_file() else sorted(fresh.glob("*/report.json"))):
-                    rep, what = patch(rep, Report.load(f))
-                    patched.append(f"{p}: {'; '.join(what)}")
-                    print(f"{p}: {'; '.join(what)} from {f}", file=sys.stderr)
+            for f in patch_reports(args.patch, p) if args.patch else []:
+                rep, what = patch(rep, Report.load(f))
+                patched.append(f"{p}: {'; '.join(what)}")
+                print(f"{p}: {'; '.join(what)} from {f}", file=sys.stderr)
             why = stale(rep, proto, args.tuned)
             if why:
                 raise SystemExit(f"{args.reuse}: the report of {p} is stale, run it again: " + "; ".join(why))

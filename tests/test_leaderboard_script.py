@@ -167,3 +167,13 @@ def test_patch_replaces_rows_seed_by_seed_only_beside_the_same_models(lb):
         lb.patch(old, Report(one, [row("neggrad", 0, 1.0)]))
     with pytest.raises(SystemExit, match="protocol"):
         lb.patch(old, Report({**one, "split_hashes": {"0": "x"}}, fresh.rows))
+
+
+def test_patch_reports_reads_one_report_or_every_subfolder_in_order(lb, tmp_path):
+    assert lb.patch_reports(tmp_path, "p") == []  # no folder for the protocol: nothing to patch
+    for sub in ("b-neggrad", "a-seed0"):
+        (tmp_path / "p" / sub).mkdir(parents=True)
+        (tmp_path / "p" / sub / "report.json").write_text("{}")
+    assert [f.parent.name for f in lb.patch_reports(tmp_path, "p")] == ["a-seed0", "b-neggrad"]
+    (tmp_path / "p" / "report.json").write_text("{}")  # a report over the whole protocol wins
+    assert lb.patch_reports(tmp_path, "p") == [tmp_path / "p" / "report.json"]
