@@ -161,7 +161,7 @@ def cmd_tune(args) -> int:
             cmd = [sys.executable, "-m", "excise.cli", "tune", method, p, "--budget", str(args.budget),
                    "--storage", str(journals / f"{name}.{method}.journal"), "--out", str(journals), "--write",
                    "--device", args.device, "--quiet"] + (["--seed", *map(str, args.seed)] if args.seed else []) \
-                + (["--check", str(args.check)] if args.check else [])
+                + (["--check", str(args.check)] if args.check else []) + (["--start-tuned"] if args.start_tuned else [])
             jobs.append((f"{method} on {name}", _with_deadline(cmd, args.deadline, args.margin),
                          journals / f"{name}.{method}.log"))
     failed = _run_all(jobs, args.jobs, env, time.perf_counter())
@@ -563,6 +563,9 @@ def main(argv=None) -> int:
     t.add_argument("--check", type=float, default=None, metavar="REL",
                    help="excise tune --check REL: re-score each finished study's best values at (1 ± REL) (two "
                         "runs more per study, after its budget: keep them inside --margin)")
+    t.add_argument("--start-tuned", action="store_true",
+                   help="excise tune --start-tuned: each study tries the shipped entry's values once (re-tuning "
+                        "a method whose revision was raised)")
     k = sub.add_parser("check", help="re-score every shipped tuned entry at (1 ± REL) (excise tune --recheck)")
     k.add_argument("--protocols", nargs="+", default=None)
     k.add_argument("--methods", nargs="+", default=None)

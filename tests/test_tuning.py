@@ -89,6 +89,22 @@ def test_tune_resumes_and_is_seeded(tiny, tmp_path):
     assert [t["value"] for t in b.trials] == pytest.approx([t["value"] for t in a5.trials])
 
 
+def test_starting_points_are_tried_once_after_the_defaults(tiny, tmp_path):
+    point = {"alpha": 3.25, "lam": 0.75}
+    j = tmp_path / "s.journal"
+    r = tune("ssd", str(tiny), budget=3, storage=j, progress=False, start=[point])
+    assert r.trials[0]["defaults"] and r.trials[1]["params"] == point and r.trials[1]["start"]
+    assert not any(t.get("start") for t in (r.trials[0], r.trials[2]))
+    again = tune("ssd", str(tiny), budget=4, storage=j, progress=False, start=[point])  # resumed: not run twice
+    assert sum(t["params"] == point for t in again.trials) == 1 and again.n_trials == 4
+    part = tune("ssd", str(tiny), budget=2, storage=tmp_path / "p.journal", progress=False, start=[{"lam": 0.6}])
+    assert part.trials[1]["params"]["lam"] == 0.6  # alpha sampled
+    with pytest.raises(ValueError, match="not searched"):
+        tune("ssd", str(tiny), budget=1, storage=tmp_path / "x.journal", start=[{"lr": 0.1}])
+    with pytest.raises(ValueError, match="outside the search space"):
+        tune("ssd", str(tiny), budget=1, storage=tmp_path / "x.journal", start=[{"alpha": -1.0}])
+
+
 def test_timeout_stops_between_trials_and_a_killed_trial_is_redone(tiny, tmp_path, capsys):
     import optuna
     from optuna.storages import JournalStorage
@@ -181,6 +197,16 @@ def test_cli_tune_writes_trials_and_table(tiny, tmp_path, capsys):
     assert " at ±1 %: objective " in capsys.readouterr().out
     st = json.loads((out / "digits-mlp-class.ssd.json").read_text())["stability"]
     assert st["rel"] == 0.01 and len(st["runs"]) == 2
+    # a new study that starts from the table's entry (re-tuning after a revision, say) tries it second
+    held = {k: v for k, v in load_tuned("digits-mlp-class", table)["ssd"].items() if k in ("alpha", "lam")}
+    assert main(["tune", "ssd", str(tiny), "--budget", "2", "--storage", str(tmp_path / "d.journal"),
+                 "--out", str(out), "--start-tuned", "--write", str(table), "--quiet"]) == 0
+    second = json.loads((out / "digits-mlp-class.ssd.json").read_text())["trials"][1]
+    assert second["params"] == held and second["start"]
+    assert main(["tune", "ssd", str(tiny), "--budget", "2", "--storage", str(tmp_path / "e.journal"),
+                 "--out", str(out), "--start", "alpha=2.5,lam=0.9", "--quiet"]) == 0
+    second = json.loads((out / "digits-mlp-class.ssd.json").read_text())["trials"][1]
+    assert second["params"] == {"alpha": 2.5, "lam": 0.9}
 
 
 def test_tune_errors(tiny, tmp_path):

@@ -195,7 +195,8 @@ def cmd_tune(args) -> int:
     seed = args.seed[0] if args.seed and len(args.seed) == 1 else args.seed
     res = tune(args.method, args.protocol, budget=args.budget, seed=seed, floor=args.floor,
                floor_ref=args.floor_ref, storage=args.storage, device=args.device, progress=not args.quiet,
-               fixed=_parse_hparams(args.hp) if args.hp else None, timeout=args.timeout, check=args.check)
+               fixed=_parse_hparams(args.hp) if args.hp else None, timeout=args.timeout, check=args.check,
+               start=_starts(args))
     print(res.summary())
     o, b = res.oracle_metrics, res.best_metrics
     print("validation metrics   " + "  ".join(f"{k:>10s}" for k in o))
@@ -217,6 +218,27 @@ def cmd_tune(args) -> int:
         path = write_tuned(res, None if args.write is True else args.write)
         print(f"wrote the tuned values into {path}")
     return 0
+
+
+def _starts(args) -> List[Dict[str, Any]]:
+    """``--start NAME=VALUE,NAME=VALUE`` (repeatable) and ``--start-tuned`` (the searched values that the tuned
+    table holds for the method now) as starting points for ``tune``."""
+    from .bench import load_protocol
+    from .methods import get_method
+    from .tuning import load_tuned, search_space
+
+    starts = [_parse_hparams(item.split(",")) for item in args.start or []]
+    if args.start_tuned:
+        proto = load_protocol(args.protocol)
+        table = None if args.write in (None, True) else args.write
+        entry = load_tuned(proto["name"], table).get(args.method)
+        if entry is None:
+            print(f"--start-tuned: the tuned table holds no {args.method} entry for {proto['name']}; "
+                  "searching without it", file=sys.stderr)
+        else:
+            space = search_space(proto, args.method, get_method(args.method))
+            starts.append({k: v for k, v in entry.items() if k in space})
+    return starts
 
 
 def _recheck(args) -> int:
@@ -358,6 +380,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--check", type=float, nargs="?", const=0.01, default=None, metavar="REL",
                    help="once the budget is complete, re-score the best values at (1 ± REL) x each continuous one "
                         "(default REL 0.01) and say whether the objective holds (two more runs)")
+    t.add_argument("--start", action="append", metavar="NAME=VALUE,...",
+                   help="a starting point tried once after the defaults (repeatable; names some or all of the "
+                        "searched hyperparameters)")
+    t.add_argument("--start-tuned", action="store_true",
+                   help="try the values the tuned table holds for METHOD now (shipped, or --write TABLE) as a "
+                        "starting point: e.g. when re-tuning after the method's revision was raised")
     t.add_argument("--recheck", action="store_true",
                    help="no search: re-score the tuned table's values for METHOD (shipped, or --write TABLE) on the "
                         "seeds they were tuned on, and at (1 ± --check REL); with --write, record the shift there")

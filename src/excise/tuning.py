@@ -33,7 +33,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -207,23 +207,44 @@ def _enqueue_defaults(study, spec, space) -> None:
     journal for ever), so the defaults are always measured."""
     import optuna
 
-    from .methods.registry import Choice
-
     for t in study.trials:
         if t.user_attrs.get("defaults") and t.state in (optuna.trial.TrialState.COMPLETE,
                                                         optuna.trial.TrialState.WAITING):
             return
 
-    params = {}
-    for name, dim in space.items():
-        v = spec.defaults[name]
-        if isinstance(dim, Choice):
-            ok = v in dim.options
-        else:
-            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and dim.low <= v <= dim.high
-        if ok:
-            params[name] = v
+    params = {name: spec.defaults[name] for name, dim in space.items() if _inside(dim, spec.defaults[name])}
     study.enqueue_trial(params, user_attrs={"defaults": True})
+
+
+def _inside(dim, v) -> bool:
+    from .methods.registry import Choice
+
+    if isinstance(dim, Choice):
+        return v in dim.options
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and dim.low <= v <= dim.high
+
+
+def _enqueue_starts(study, method: str, space, starts) -> None:
+    """Given starting points, each tried once after the defaults: e.g. the values a tuned table held before
+    the method's revision was raised, which a new search need not find again by chance. A point names some
+    or all of the searched hyperparameters (the rest are sampled); one already tried or waiting is skipped,
+    so a resumed study does not run it twice."""
+    import optuna
+
+    for point in starts or []:
+        unknown = sorted(set(point) - set(space))
+        if unknown:
+            raise ValueError(f"starting point {point}: {unknown} are not searched for {method} "
+                             f"(searched: {sorted(space)})")
+        outside = sorted(k for k, v in point.items() if not _inside(space[k], v))
+        if outside:
+            raise ValueError(f"starting point {point}: {outside} lie outside the search space "
+                             f"{ {k: space[k] for k in outside} }")
+        params = {k: point[k] for k in space if k in point}
+        if any(t.user_attrs.get("start") == params for t in study.trials
+               if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.WAITING)):
+            continue
+        study.enqueue_trial(params, user_attrs={"start": params})
 
 
 def _check_rel(check: Optional[float]) -> None:
@@ -299,7 +320,8 @@ def _scorer(proto, method, preset, fixed, seeds, floor, floor_ref, device, progr
 def tune(method: str, protocol: Any, budget: int = 20, objective: str = "avg_gap", seed: Any = None,
          floor: Optional[float] = None, floor_ref: str = "oracle", storage: Optional[str | Path] = None,
          fixed: Optional[Dict[str, Any]] = None, device: Any = None, progress: bool = True,
-         sampler_seed: int = 0, timeout: Optional[float] = None, check: Optional[float] = None) -> TuneResult:
+         sampler_seed: int = 0, timeout: Optional[float] = None, check: Optional[float] = None,
+         start: Optional[Sequence[Dict[str, Any]]] = None) -> TuneResult:
     """Search ``method``'s hyperparameters on ``protocol`` (a shipped name, a TOML path or a loaded dict).
 
     ``budget``: finished trials the study should hold (a resumed study runs only the missing ones).
@@ -315,6 +337,8 @@ def tune(method: str, protocol: Any, budget: int = 20, objective: str = "avg_gap
     scaled by (1 - check) and (1 + check) (two more runs, kept in the journal) into ``result.stability``;
     ``stability["fragile"]`` is True when the objective moves by more than ``STABILITY_TOLERANCE`` points,
     i.e. the best trial sits on a cliff and its values will not transfer (another seed, another device).
+    ``start``: points (dicts of searched hyperparameters) tried once each after the defaults, as trials of
+    the budget: e.g. the values the tuned table holds, when a method is re-tuned after its revision was raised.
     """
     try:
         import optuna
@@ -361,6 +385,7 @@ def tune(method: str, protocol: Any, budget: int = 20, objective: str = "avg_gap
         storage=JournalStorage(JournalFileBackend(str(path))), direction="minimize",
         sampler=optuna.samplers.TPESampler(seed=sampler_seed), load_if_exists=True)
     _enqueue_defaults(study, spec, space)
+    _enqueue_starts(study, method, space, start)
     done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     remaining = budget - len(done)
     started = time.perf_counter()
@@ -398,8 +423,9 @@ def tune(method: str, protocol: Any, budget: int = 20, objective: str = "avg_gap
             study.set_user_attr(key, stable)
     defaults = [t for t in done if t.user_attrs.get("defaults")]
     trials = [{"number": t.number, "value": t.value, "params": t.params,
-               **{k: v for k, v in t.user_attrs.items() if k != "defaults"},
-               "defaults": bool(t.user_attrs.get("defaults"))} for t in done]
+               **{k: v for k, v in t.user_attrs.items() if k not in ("defaults", "start")},
+               "defaults": bool(t.user_attrs.get("defaults")),
+               **({"start": True} if "start" in t.user_attrs else {})} for t in done]
     return TuneResult(method=method, protocol=name, seed=seeds[0] if len(seeds) == 1 else seeds, objective=objective, best_params=dict(best.params),
                       best_value=float(best.value), best_metrics=best.user_attrs.get("metrics", {}),
                       oracle_metrics=oracle_m, original_metrics=original_m,
