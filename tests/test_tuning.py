@@ -89,6 +89,21 @@ def test_tune_resumes_and_is_seeded(tiny, tmp_path):
     assert [t["value"] for t in b.trials] == pytest.approx([t["value"] for t in a5.trials])
 
 
+def test_a_study_resumed_on_other_originals_warns(tiny, tmp_path):
+    import optuna
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    j = tmp_path / "m.journal"
+    first = tune("ssd", str(tiny), budget=1, storage=j, progress=False)
+    study = optuna.load_study(study_name=optuna.get_all_study_names(JournalStorage(JournalFileBackend(str(j))))[0],
+                              storage=JournalStorage(JournalFileBackend(str(j))))
+    assert study.user_attrs["models"] == first.models
+    study.set_user_attr("models", ["f" * 16])  # as if its earlier trials ran on models trained elsewhere
+    with pytest.warns(UserWarning, match="earlier trials scored other originals"):
+        tune("ssd", str(tiny), budget=1, storage=j, progress=False)
+
+
 def test_starting_points_are_tried_once_after_the_defaults(tiny, tmp_path):
     point = {"alpha": 3.25, "lam": 0.75}
     j = tmp_path / "s.journal"
@@ -386,6 +401,9 @@ def test_recheck_rescores_a_tables_entry_without_its_journal(tiny, tmp_path, cap
     chk = check_tuned("ssd", str(tiny), rel=0.05, table=table, progress=False)
     assert chk["values"] == res.best_params and chk["recorded"] == round(res.best_value, 4)
     assert chk["value"] == pytest.approx(res.best_value, abs=1e-6)  # same models, same values: same objective
+    assert chk["same_models"] is True and len(res.models) == 1 and res.environment["device"] == "cpu"
+    text = table.read_text()
+    assert f'models = ["{res.models[0]}"]' in text and f"threads = {res.environment['threads']}" in text
     assert [r["scale"] for r in chk["runs"]] == [0.95, 1.05]
     assert chk["shift"] == pytest.approx(max(abs(r["value"] - chk["value"]) for r in chk["runs"]))
     before = load_tuned("digits-mlp-class", table)
@@ -394,6 +412,13 @@ def test_recheck_rescores_a_tables_entry_without_its_journal(tiny, tmp_path, cap
     assert f"check_shift = {round(chk['shift'], 4)!r}" in table.read_text() and "check_rel = 0.05" in table.read_text()
     with pytest.raises(ValueError, match="no tuned entry for 'lfssd'.*it has: ssd"):
         check_tuned("lfssd", str(tiny), table=table, progress=False)
+    # an entry tuned on other originals (trained again elsewhere) is re-scored, and says so
+    table.write_text(table.read_text().replace(res.models[0], "0" * 16))
+    other = check_tuned("ssd", str(tiny), rel=0.05, table=table, progress=False)
+    assert other["same_models"] is False
+    assert main(["tune", "ssd", str(tiny), "--recheck", "--write", str(table), "--out", str(tmp_path / "o"),
+                 "--quiet"]) == 0
+    assert "not the ones the entry was tuned on" in capsys.readouterr().out
     table.write_text(table.read_text().replace("[methods.ssd]\n", "[methods.ssd]\nlam = 2.0\n", 1)
                      if "lam =" not in table.read_text() else
                      table.read_text().replace("lam = ", "lam = 1", 1))

@@ -254,6 +254,9 @@ def _recheck(args) -> int:
     verdict = "FRAGILE" if res["fragile"] else "stable"
     rec = "" if res["recorded"] is None else f" (recorded when tuned: {res['recorded']:.2f})"
     print(f"{res['method']} on {res['protocol']}: tuned values {res['values']} score {res['value']:.2f}{rec}")
+    if res.get("same_models") is False:
+        print("  note: these originals are not the ones the entry was tuned on (trained again: another device "
+              "or CPU thread count gives other bits), so the two objectives need not match")
     for r in res["runs"]:
         print(f"  x{r['scale']:.4g}: {r['value']:.2f}")
     print(f"{verdict} at ±{res['rel'] * 100:g} %: the objective moves by {res['shift']:.2f} (tolerance {res['tolerance']})"

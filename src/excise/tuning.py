@@ -67,6 +67,10 @@ class TuneResult:
     trials: List[Dict[str, Any]]
     budget: Optional[int] = None  # the trials asked for; fewer than that when a timeout stopped the search
     stability: Optional[Dict[str, Any]] = None  # tune(check=rel): the best values re-scored at (1 ± rel)
+    # which originals the search scored (a state-hash prefix per seed) and where: CPU models trained at another
+    # thread count differ in their bits, and values tuned on one model need not score the same on another
+    models: Optional[List[str]] = None
+    environment: Optional[Dict[str, Any]] = None
 
     @property
     def complete(self) -> bool:
@@ -295,6 +299,10 @@ def _scorer(proto, method, preset, fixed, seeds, floor, floor_ref, device, progr
                      validation_metrics(prep.original, loaders, s)))
     oracle_m = _mean([r[4] for r in runs])
     original_m = _mean([r[5] for r in runs])
+    from .training import state_hash, training_environment
+
+    models = [state_hash(r[1])[:16] for r in runs]
+    environment = {k: v for k, v in training_environment(runs[0][1]).items() if k != "torch"}
     ref_va = (oracle_m if floor_ref == "oracle" else original_m)["VA"]
 
     def score(params: Dict[str, Any]):
@@ -314,6 +322,7 @@ def _scorer(proto, method, preset, fixed, seeds, floor, floor_ref, device, progr
             return INFEASIBLE + gap, {**attrs, "infeasible": True}
         return gap, attrs
 
+    score.models, score.environment = models, environment
     return score, oracle_m, original_m
 
 
@@ -386,6 +395,14 @@ def tune(method: str, protocol: Any, budget: int = 20, objective: str = "avg_gap
         sampler=optuna.samplers.TPESampler(seed=sampler_seed), load_if_exists=True)
     _enqueue_defaults(study, spec, space)
     _enqueue_starts(study, method, space, start)
+    earlier = study.user_attrs.get("models")
+    if earlier is None:
+        study.set_user_attr("models", score.models)
+    elif earlier != score.models:  # resumed on models trained again (another device or thread count, say)
+        warnings.warn(f"tuning {method} on {name}: this study's earlier trials scored other originals "
+                      f"({earlier}) than this call prepared ({score.models}); their objectives are not "
+                      "comparable with the new trials'. Start a new journal, or train the models as before.",
+                      UserWarning, stacklevel=2)
     done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     remaining = budget - len(done)
     started = time.perf_counter()
@@ -430,7 +447,8 @@ def tune(method: str, protocol: Any, budget: int = 20, objective: str = "avg_gap
                       best_value=float(best.value), best_metrics=best.user_attrs.get("metrics", {}),
                       oracle_metrics=oracle_m, original_metrics=original_m,
                       default_value=float(defaults[0].value) if defaults else None, n_trials=len(done),
-                      trials=trials, budget=budget, stability=stable)
+                      trials=trials, budget=budget, stability=stable, models=score.models,
+                      environment=score.environment)
 
 
 def _stability(space, best: Dict[str, Any], best_value: float, rel: float, score) -> Dict[str, Any]:
@@ -587,6 +605,10 @@ def _update_table(p: Path, result: TuneResult, label: Optional[str]) -> Path:
     revision = get_method(result.method).revision
     if revision:  # the method's behaviour these values were tuned for (leaderboard.py coverage flags older ones)
         table["tuning"][label]["revision"] = revision
+    if result.models:  # the originals the values were tuned on (check_tuned says when it scores others)
+        table["tuning"][label]["models"] = list(result.models)
+    if result.environment:
+        table["tuning"][label].update({k: v for k, v in result.environment.items() if v is not None})
     if result.stability and result.stability["runs"]:  # how far the objective moved at (1 ± rel) x the values
         table["tuning"][label].update(check_rel=result.stability["rel"], check_shift=round(result.stability["shift"], 4))
     return _write_table(p, result.protocol, table)
@@ -600,7 +622,8 @@ def check_tuned(method: str, protocol: Any, rel: float = 0.01, table: Optional[s
     (1 - rel) and (1 + rel): three runs, no journal needed (a fresh machine can check what is shipped).
 
     Returns the entry, its recorded objective (``recorded``), the objective re-scored here (``value``; it
-    differs from ``recorded`` when the models were trained on another device) and the stability of
+    differs from ``recorded`` when the models were trained again elsewhere: ``same_models`` is False when the
+    table recorded other originals, None when it recorded none) and the stability of
     :func:`tune`'s ``check`` measured against ``value``: ``runs``, ``shift``, ``fragile``."""
     from .bench.runner import load_protocol
     from .methods import get_method
@@ -622,7 +645,8 @@ def check_tuned(method: str, protocol: Any, rel: float = 0.01, table: Optional[s
     score, _, _ = _scorer(proto, method, preset, fixed, seeds, floor, floor_ref, device, progress)
     value, attrs = score(values)
     out = {"method": method, "protocol": name, "table": str(p), "seed": seeds[0] if len(seeds) == 1 else seeds,
-           "values": values, "recorded": info.get("value"), "value": value, "metrics": attrs.get("metrics")}
+           "values": values, "recorded": info.get("value"), "value": value, "metrics": attrs.get("metrics"),
+           "same_models": None if "models" not in info else list(info["models"]) == score.models}
     out.update(_stability(space, values, value, rel, score))
     return out
 
