@@ -148,8 +148,7 @@ def run_bench(protocol: str | Dict[str, Any], methods: Optional[Sequence[str]] =
             return metrics_from_predictions(model_preds, oracle_preds, seed=seed)
 
         def made(meta, digest):  # which model a row evaluated, and how it was trained (when recorded)
-            return {"model_hash": digest, **{k: (meta or {})[k] for k in ("torch", "device", "threads")
-                                              if k in (meta or {})}}
+            return {"model_hash": digest, **{k: v for k, v in (meta or {}).items() if k in ("torch", "device", "threads")}}
 
         rows = [
             {"method": "original", "seed": seed, **made(prep.original_meta, o_hash), **_cached_row(
