@@ -33,7 +33,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -282,9 +282,18 @@ def _seed_list(proto: Dict[str, Any], seed: Any) -> List[int]:
     return seeds
 
 
-def _scorer(proto, method, preset, fixed, seeds, floor, floor_ref, device, progress):
-    """Prepare every seed's original, request, validation loaders and oracle metrics once; return
-    ``score(params) -> (objective, attrs)`` and the oracle's and original's mean validation metrics."""
+class _Scoring(NamedTuple):
+    """What :func:`_scorer` prepares: the objective function and what it was measured against."""
+
+    score: Callable[[Dict[str, Any]], Tuple[float, Dict[str, Any]]]  # params -> (objective, trial attrs)
+    oracle: Dict[str, float]  # the oracle's mean validation metrics
+    original: Dict[str, float]  # the original's
+    models: List[str]  # a state-hash prefix of each seed's original
+    environment: Dict[str, Any]  # device and thread count the originals were trained with
+
+
+def _scorer(proto, method, preset, fixed, seeds, floor, floor_ref, device, progress) -> _Scoring:
+    """Prepare every seed's original, request, validation loaders and oracle metrics once."""
     from . import unlearn
     from .bench.runner import _setup
     from .protocol import prepare
@@ -322,8 +331,7 @@ def _scorer(proto, method, preset, fixed, seeds, floor, floor_ref, device, progr
             return INFEASIBLE + gap, {**attrs, "infeasible": True}
         return gap, attrs
 
-    score.models, score.environment = models, environment
-    return score, oracle_m, original_m
+    return _Scoring(score, oracle_m, original_m, models, environment)
 
 
 def tune(method: str, protocol: Any, budget: int = 20, objective: str = "avg_gap", seed: Any = None,
@@ -376,7 +384,8 @@ def tune(method: str, protocol: Any, budget: int = 20, objective: str = "avg_gap
     preset, fixed = _fixed_values(proto, method, spec, fixed)
     space = search_space(proto, method, spec)
     seeds = _seed_list(proto, seed)
-    score, oracle_m, original_m = _scorer(proto, method, preset, fixed, seeds, floor, floor_ref, device, progress)
+    scoring = _scorer(proto, method, preset, fixed, seeds, floor, floor_ref, device, progress)
+    score = scoring.score
 
     def run_trial(trial) -> float:
         value, attrs = score({name: dim.suggest(trial, name) for name, dim in space.items()})
@@ -397,10 +406,10 @@ def tune(method: str, protocol: Any, budget: int = 20, objective: str = "avg_gap
     _enqueue_starts(study, method, space, start)
     earlier = study.user_attrs.get("models")
     if earlier is None:
-        study.set_user_attr("models", score.models)
-    elif earlier != score.models:  # resumed on models trained again (another device or thread count, say)
+        study.set_user_attr("models", scoring.models)
+    elif earlier != scoring.models:  # resumed on models trained again (another device or thread count, say)
         warnings.warn(f"tuning {method} on {name}: this study's earlier trials scored other originals "
-                      f"({earlier}) than this call prepared ({score.models}); their objectives are not "
+                      f"({earlier}) than this call prepared ({scoring.models}); their objectives are not "
                       "comparable with the new trials'. Start a new journal, or train the models as before.",
                       UserWarning, stacklevel=2)
     done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
@@ -445,10 +454,10 @@ def tune(method: str, protocol: Any, budget: int = 20, objective: str = "avg_gap
                **({"start": True} if "start" in t.user_attrs else {})} for t in done]
     return TuneResult(method=method, protocol=name, seed=seeds[0] if len(seeds) == 1 else seeds, objective=objective, best_params=dict(best.params),
                       best_value=float(best.value), best_metrics=best.user_attrs.get("metrics", {}),
-                      oracle_metrics=oracle_m, original_metrics=original_m,
+                      oracle_metrics=scoring.oracle, original_metrics=scoring.original,
                       default_value=float(defaults[0].value) if defaults else None, n_trials=len(done),
-                      trials=trials, budget=budget, stability=stable, models=score.models,
-                      environment=score.environment)
+                      trials=trials, budget=budget, stability=stable, models=scoring.models,
+                      environment=scoring.environment)
 
 
 def _stability(space, best: Dict[str, Any], best_value: float, rel: float, score) -> Dict[str, Any]:
@@ -642,11 +651,12 @@ def check_tuned(method: str, protocol: Any, rel: float = 0.01, table: Optional[s
     preset, fixed = _fixed_values(proto, method, spec, None)
     space = search_space(proto, method, spec)  # a bad [search] table fails before any model is prepared
     seeds = _seed_list(proto, info.get("seed"))
-    score, _, _ = _scorer(proto, method, preset, fixed, seeds, floor, floor_ref, device, progress)
+    scoring = _scorer(proto, method, preset, fixed, seeds, floor, floor_ref, device, progress)
+    score = scoring.score
     value, attrs = score(values)
     out = {"method": method, "protocol": name, "table": str(p), "seed": seeds[0] if len(seeds) == 1 else seeds,
            "values": values, "recorded": info.get("value"), "value": value, "metrics": attrs.get("metrics"),
-           "same_models": None if "models" not in info else list(info["models"]) == score.models}
+           "same_models": None if "models" not in info else list(info["models"]) == scoring.models}
     out.update(_stability(space, values, value, rel, score))
     return out
 
