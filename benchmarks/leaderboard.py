@@ -4,7 +4,7 @@ Fashion-MNIST protocol, through ``excise bench``, then one Markdown file and one
     python benchmarks/leaderboard.py tune  [--protocols P ...] [--methods M ...] [--budget N] [--jobs J]
     python benchmarks/leaderboard.py run   [--protocols P ...] [--seeds N] [--device D] [--jobs J] [--tuned]
     python benchmarks/leaderboard.py write [--runs DIR] [--out benchmarks/results/leaderboard.md] [--tuned]
-    python benchmarks/leaderboard.py coverage [--protocols P ...]   (what the tuned tables hold so far)
+    python benchmarks/leaderboard.py coverage [--protocols P ...] [--journals DIR]   (what the tuned tables hold)
     python benchmarks/leaderboard.py check [--protocols P ...] [--rel 0.01] [--md stability.md]
 
 ``tune`` runs ``excise tune METHOD PROTOCOL --write`` for every method with a search space on every protocol
@@ -230,9 +230,45 @@ def stability_md(folder: Path, command: str = "") -> list:
     return lines
 
 
-def coverage(protocols, directory=None) -> list:
+def journal_state(path: Path):
+    """What the latest study in a journal holds so far, or None when there is none: trials complete, the best
+    value, the median seconds of a complete trial, and when the trial marked running (if any) started — one
+    whose process was killed stays marked running, so its start tells which it is."""
+    if not Path(path).exists():
+        return None
+    import optuna
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    storage = JournalStorage(JournalFileBackend(str(path)))
+    studies = optuna.get_all_study_summaries(storage)  # in creation order; a method's revision starts a new one
+    if not studies:
+        return None
+    trials = optuna.load_study(study_name=studies[-1].study_name, storage=storage).trials
+    done = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+    secs = sorted((t.datetime_complete - t.datetime_start).total_seconds() for t in done)
+    running = [t.datetime_start for t in trials if t.state == optuna.trial.TrialState.RUNNING]
+    return {"complete": len(done), "best": min((t.value for t in done), default=None),
+            "trial_seconds": secs[len(secs) // 2] if secs else None, "running_since": max(running, default=None)}
+
+
+def _journal_cell(state) -> str:
+    parts = [f"journal: {state['complete']} trials"]
+    if state["best"] is not None:
+        parts.append(f"best {state['best']:.3g}")
+    if state["trial_seconds"] is not None:
+        parts.append(f"~{state['trial_seconds'] / 60:.0f} min a trial")
+    if state["running_since"] is not None:
+        parts.append(f"one marked running since {state['running_since']:%Y-%m-%d %H:%M}")
+    return "(" + ", ".join(parts) + ")"
+
+
+def coverage(protocols, directory=None, journals=None) -> list:
     """Lines: one per protocol, each tunable method's state in the tuned table — ``seeds/trials`` when tuned,
-    ``-`` when not — so a session that splits the tuning over several machines sees what is left."""
+    ``-`` when not — so a session that splits the tuning over several machines sees what is left. With
+    ``journals`` (``tune --journals``), a study under way there is described after its method (trials done,
+    best so far, a trial's median cost, whether one is running)."""
     import tomllib
 
     from excise.bench import load_protocol
@@ -249,15 +285,19 @@ def coverage(protocols, directory=None) -> list:
             seeds = t and (t["seed"] if isinstance(t["seed"], list) else [t["seed"]])
             gap = t and revision_gap(method, t.get("revision", 0))
             old = gap and f"tuned at revision {gap[0]}, the method is at {gap[1]}"
-            cells.append(f"{method} -" if not t else f"{method} - ({old})" if old
-                         else f"{method} {','.join(map(str, seeds))}/{t['trials']}")
-        done = sum(" -" not in c for c in cells)
+            cell = (f"{method} -" if not t else f"{method} - ({old})" if old
+                    else f"{method} {','.join(map(str, seeds))}/{t['trials']}")
+            state = journals is not None and journal_state(Path(journals) / f"{name}.{method}.journal")
+            if state and (not t or old or state["complete"] > t["trials"]):
+                cell += " " + _journal_cell(state)  # a study beyond the table's entry: under way
+            cells.append(cell)
+        done = sum(not c.startswith(f"{m} -") for m, c in zip(tunable_methods(p), cells))
         out.append(f"{name}: {done}/{len(cells)} tuned | " + " | ".join(cells))
     return out
 
 
 def cmd_coverage(args) -> int:
-    print("\n".join(coverage(args.protocols or fmnist_protocols(), args.tables)))
+    print("\n".join(coverage(args.protocols or fmnist_protocols(), args.tables, args.journals)))
     return 0
 
 
@@ -580,6 +620,8 @@ def main(argv=None) -> int:
     c = sub.add_parser("coverage", help="which (protocol, method) the tuned tables hold, over which seeds")
     c.add_argument("--protocols", nargs="+", default=None)
     c.add_argument("--tables", default=None, help="a folder of tuned tables (default: the shipped ones)")
+    c.add_argument("--journals", default=None,
+                   help="tune's --journals folder: also describe the studies under way there")
     w = sub.add_parser("write")
     w.add_argument("--protocols", nargs="+", default=None)
     w.add_argument("--runs", default="excise-out/leaderboard")

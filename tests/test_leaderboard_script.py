@@ -177,3 +177,35 @@ def test_patch_reports_reads_one_report_or_every_subfolder_in_order(lb, tmp_path
     assert [f.parent.name for f in lb.patch_reports(tmp_path, "p")] == ["a-seed0", "b-neggrad"]
     (tmp_path / "p" / "report.json").write_text("{}")  # a report over the whole protocol wins
     assert lb.patch_reports(tmp_path, "p") == [tmp_path / "p" / "report.json"]
+
+
+def test_coverage_describes_the_latest_study_under_way_in_a_journal(lb, tmp_path):
+    optuna = pytest.importorskip("optuna")
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    (tmp_path / "fmnist-smallcnn-class.toml").write_text(
+        '[methods.ssd]\nalpha = 3.0\n[tuning.ssd]\nseed = 0\ntrials = 2\n')
+    journals = tmp_path / "journals"
+    journals.mkdir()
+    storage = JournalStorage(JournalFileBackend(str(journals / "fmnist-smallcnn-class.finetune.journal")))
+    old = optuna.create_study(study_name="revision 0", storage=storage)
+    old.add_trial(optuna.trial.create_trial(params={}, distributions={}, value=0.01))  # an earlier revision's
+    new = optuna.create_study(study_name="revision 1", storage=storage)
+    for v in (3.0, 1.5):
+        new.add_trial(optuna.trial.create_trial(params={}, distributions={}, value=v))
+    new.ask()  # a trial under way (or whose process was killed)
+    ssd = JournalStorage(JournalFileBackend(str(journals / "fmnist-smallcnn-class.ssd.journal")))
+    optuna.create_study(study_name="ssd", storage=ssd).add_trial(
+        optuna.trial.create_trial(params={}, distributions={}, value=0.5))
+
+    state = lb.journal_state(journals / "fmnist-smallcnn-class.finetune.journal")
+    assert state["complete"] == 2 and state["best"] == 1.5 and state["running_since"] is not None
+    assert lb.journal_state(journals / "missing.journal") is None
+    (line,) = lb.coverage(["fmnist-smallcnn-class"], tmp_path, journals)
+    cells = line.split(" | ")
+    finetune = next(c for c in cells if c.startswith("finetune"))
+    assert finetune.startswith("finetune - (journal: 2 trials, best 1.5,") and "marked running since" in finetune
+    assert "ssd 0/2" in cells  # the table holds as many trials as the journal: nothing under way to describe
+    assert line.startswith("fmnist-smallcnn-class: 1/13 tuned")
+    assert lb.coverage(["fmnist-smallcnn-class"], tmp_path)[0].split(" | ")[2] == "lfssd -"
