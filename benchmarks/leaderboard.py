@@ -193,18 +193,28 @@ def cmd_check(args) -> int:
     if args.md:
         from excise.types import atomic_write_bytes
 
-        atomic_write_bytes(Path(args.md), ("\n".join(stability_md(out, " ".join(sys.argv[1:]))) + "\n").encode())
+        md = Path(args.md)
+        text = "\n".join(stability_md(out, " ".join(sys.argv[1:]), md.read_text() if md.exists() else "")) + "\n"
+        atomic_write_bytes(md, text.encode())
         print(f"wrote {args.md}")
     if failed:
         print("failed: " + ", ".join(failed) + f" (logs under {out})", file=sys.stderr)
     return 1 if failed else 0
 
 
-def stability_md(folder: Path, command: str = "") -> list:
-    """Markdown: every ``*.check.json`` under ``folder``, one table per protocol."""
+READING = "**Reading.**"
+
+
+def stability_md(folder: Path, command: str = "", previous: str = "") -> list:
+    """Markdown: every ``*.check.json`` under ``folder``, one table per protocol. Checks are run a group of
+    entries at a time, so the page names the latest call and keeps the hand-written reading of the page it
+    replaces (``previous``: from the line that starts with ``**Reading.**`` to the end)."""
     checks = [json.loads(f.read_text()) for f in sorted(Path(folder).glob("*.check.json"))]
     lines = ["# Are the tuned values on a cliff?", "",
-             f"Written by `python benchmarks/leaderboard.py {command}`. For each entry of the shipped tuned tables: "
+             f"Written by `python benchmarks/leaderboard.py check --protocols P --methods M ... --out {folder} "
+             f"--md FILE`, one call per group of entries below, each adding its check JSONs to {folder}; the "
+             f"summary is written from every check JSON there (the latest call: `{command}`). "
+             "For each entry of the shipped tuned tables: "
              "the validation objective (mean |Δ| to the oracle over forget accuracy, validation accuracy and the "
              "validation MIA; the seeds it was tuned on) at the tuned values, re-scored on this machine, and "
              "with every continuous value scaled by (1 − rel) and (1 + rel). An entry whose objective moves by "
@@ -227,6 +237,9 @@ def stability_md(folder: Path, command: str = "") -> list:
                          f"{'-' if lo is None else format(lo, '.2f')} | {'-' if hi is None else format(hi, '.2f')} | "
                          f"{c['shift']:.2f} | {verdict} (±{100 * c['rel']:g} %, tolerance {c['tolerance']:g}) |")
         lines.append("")
+    at = previous.find(READING)
+    if at >= 0 and (at == 0 or previous[at - 1] == "\n"):
+        lines += previous[at:].rstrip("\n").split("\n")
     return lines
 
 

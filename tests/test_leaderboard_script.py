@@ -118,7 +118,12 @@ def test_stability_summary_and_the_tuned_sections_shift_cell(lb, tmp_path):
         **base, "method": "random_labels", "seed": [0, 1], "shift": 40.1, "fragile": True,
         "runs": [{"scale": 0.99, "value": 40.62}, {"scale": 1.01, "value": 0.6}]}))
     text = "\n".join(lb.stability_md(tmp_path, "check --rel 0.01"))
-    assert "`python benchmarks/leaderboard.py check --rel 0.01`" in text
+    assert "(the latest call: `check --rel 0.01`)" in text
+    assert "**Reading.**" not in text
+    # a regenerated page keeps the reading written by hand under the tables of the page it replaces
+    kept = "\n".join(lb.stability_md(tmp_path, "check", text + "\n**Reading.** SSD holds.\nSecond line.\n"))
+    assert kept.endswith("\n**Reading.** SSD holds.\nSecond line.")
+    assert kept.count("| ssd | 0 |") == 1
     assert "| random_labels | 0,1 | 0.50 | 0.52 | 40.62 | 0.60 | 40.10 | **fragile** (±1 %, tolerance 1) |" in text
     assert "| ssd | 0 | 0.50 | 0.52 | 0.55 | 0.50 | 0.03 | stable (±1 %, tolerance 1) |" in text
     assert lb._shift_cell({}) == "-"
