@@ -164,9 +164,10 @@ def test_cg_on_a_subsample_and_the_curvature_is_cached():
     cache = ImportanceCache()
     a = unlearn(model, req, "saps", update="second_order", cg_samples=10, k=0.2, importance_cache=cache)
     assert a.info["cg_samples"] == 10 and a.info["curvature_samples"] == 46
-    assert a.info["curvature_cache"] == "miss"
+    assert a.info["curvature_cache"] == "miss" and a.counters.importance_cache_misses == 1
     b = unlearn(model, req, "saps", update="diagonal", k=0.2, importance_cache=cache)
     assert b.info["curvature_cache"] == "hit"
+    assert b.counters.importance_cache_hits == 1 and b.counters.importance_cache_misses == 0
     assert torch.equal(torch.cat([m.flatten() for m in a.mask.values()]),
                        torch.cat([m.flatten() for m in b.mask.values()]))  # same curvature → same selection
     full = unlearn(model, req, "saps", update="second_order", k=0.2, importance_cache=cache)

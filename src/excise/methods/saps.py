@@ -200,6 +200,10 @@ def saps(model, request, ctx, k, selector, largest, estimator, backend, curvatur
                     lambda: importance.hessian_diag(model, h_loader, task, estimator, probes=probes,
                                                     mc_samples=mc_samples, seed=seed, counters=ctx.counters,
                                                     progress_bar=ctx.progress, backend=backend), opts)
+            if info["curvature_cache"] == "hit":
+                ctx.counters.importance_cache_hits += 1
+            elif info["curvature_cache"] == "miss":
+                ctx.counters.importance_cache_misses += 1
         return cache["h"]
 
     with ctx.timer.phase("importance_forget"):
