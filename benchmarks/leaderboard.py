@@ -415,8 +415,16 @@ def combine_seeds(reports):
     seeds = sorted(s for r in reports for s in r.protocol["seeds"])
     hashes = {k: v for r in reports for k, v in r.protocol["split_hashes"].items()}
     out = Report({**body, "seeds": seeds, "split_hashes": {str(s): hashes[str(s)] for s in seeds}})
+    from excise.bench.runner import ONE_OFF_NOTE, one_off_note
+
     out.rows = [row for r in reports for row in r.rows]
-    out.notes = [n for n in reports[0].notes if "of the protocol's" not in n]
+    # every report's notes, once each, but for the per-run ones: the seed count and the one-off importance
+    # note, which is written again over all the rows
+    out.notes = list(dict.fromkeys(n for r in reports for n in r.notes
+                                   if "of the protocol's" not in n and not n.startswith(ONE_OFF_NOTE)))
+    note = one_off_note(out.rows)
+    if note:
+        out.notes.append(note)
     return out.finalize()
 
 

@@ -214,3 +214,25 @@ def test_coverage_describes_the_latest_study_under_way_in_a_journal(lb, tmp_path
     assert "ssd 0/2" in cells  # the table holds as many trials as the journal: nothing under way to describe
     assert line.startswith("fmnist-smallcnn-class: 1/13 tuned")
     assert lb.coverage(["fmnist-smallcnn-class"], tmp_path)[0].split(" | ")[2] == "lfssd -"
+
+
+def test_combine_seeds_keeps_every_seeds_notes_and_one_off_importance(lb):
+    from excise.bench.runner import one_off_note
+    from excise.evaluation.report import Report
+
+    def row(method, seed, **kw):
+        return {"method": method, "seed": seed, "forget_acc": 1.0, "UA": 99.0, "RA": 99.0, "TA": 90.0, "VA": 90.0,
+                "mia_svc_confidence": 50.0, "mia_loss_cv": 50.0, "seconds": 2.0, **kw}
+
+    def seed_report(s):
+        rows = [row("original", s), row("retrain", s, seconds=100.0),
+                row("ssd", s, one_off={"importance_ref_seconds": 40.0 + s, "first_run_seconds": 45.0})]
+        notes = [f"run on 1 of the protocol's 3 seeds ([{s}])", "shared note", one_off_note(rows), f"only seed {s}"]
+        return Report({"name": "q", "seeds": [s], "split_hashes": {str(s): f"h{s}"}}, rows, notes)
+
+    out = lb.combine_seeds([seed_report(0), seed_report(1)])
+    assert out.protocol["seeds"] == [0, 1] and len(out.rows) == 6
+    assert out.notes[:3] == ["shared note", "only seed 0", "only seed 1"]
+    assert len(out.notes) == 4 and "ssd (seed 0: 40 s), ssd (seed 1: 41 s)" in out.notes[3]
+    with pytest.raises(ValueError, match="different protocols"):
+        lb.combine_seeds([seed_report(0), Report({"name": "other", "seeds": [1], "split_hashes": {"1": "x"}})])

@@ -79,6 +79,20 @@ def _loaders(prep) -> Dict[str, Any]:
             if k in prep.loaders}
 
 
+ONE_OFF_NOTE = "the importance on D was computed on first use for "
+
+
+def one_off_note(rows) -> Optional[str]:
+    """The report note naming the rows whose importance on D was computed on first use (their ``one_off``
+    seconds), or None when no row did."""
+    first = [r for r in rows if r.get("one_off")]
+    if not first:
+        return None
+    return (ONE_OFF_NOTE + ", ".join(
+        f"{r['method']} (seed {r['seed']}: {r['one_off']['importance_ref_seconds']:.0f} s)" for r in first)
+        + "; a one-off per model, cached since: those rows' seconds are a second run that loads it")
+
+
 def _row_cache(key: str) -> Path:
     return default_cache_dir() / "bench" / f"{key}.json"
 
@@ -200,12 +214,9 @@ def run_bench(protocol: str | Dict[str, Any], methods: Optional[Sequence[str]] =
             report.rows.append(r)
     if tuned_note:
         report.notes.append(tuned_note)
-    first = [r for r in report.rows if r.get("one_off")]
-    if first:
-        report.notes.append(
-            "the importance on D was computed on first use for " + ", ".join(
-                f"{r['method']} (seed {r['seed']}: {r['one_off']['importance_ref_seconds']:.0f} s)" for r in first)
-            + "; a one-off per model, cached since: those rows' seconds are a second run that loads it")
+    note = one_off_note(report.rows)
+    if note:
+        report.notes.append(note)
     if seed_list != list(proto["seeds"]):
         report.notes.append(f"run on {len(seed_list)} of the protocol's {len(proto['seeds'])} seeds ({seed_list})")
     report.notes.append("mia_svc_confidence fits its SVC on a seeded random subset of the retain set as large as "
