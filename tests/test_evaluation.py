@@ -180,3 +180,25 @@ def test_plot_labels_of_coinciding_points_do_not_overlap(tmp_path):
     boxes = [t.get_window_extent() for t in ax.texts]
     assert not any(boxes[i].overlaps(boxes[j]) for i in range(3) for j in range(i + 1, 3))
     plt.close(fig)
+
+
+def test_plot_labels_stay_inside_the_axes_near_an_edge(tmp_path):
+    pytest.importorskip("matplotlib")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from excise.evaluation.plots import _place_labels
+
+    fig, ax = plt.subplots()
+    ax.plot([0, 10], [0, 10], "o")
+    ax.set_xlim(0, 10)
+    ax.set_ylim(0, 10)
+    _place_labels(ax, [("a_rather_long_label", 9.9, 5.0), ("top", 5.0, 9.95)])
+    fig.canvas.draw()
+    inner = ax.get_window_extent()
+    for t in ax.texts:  # the right-edge label goes left of its point, the top one below
+        b = t.get_window_extent()
+        assert inner.x0 <= b.x0 and b.x1 <= inner.x1 and inner.y0 <= b.y0 and b.y1 <= inner.y1, t.get_text()
+    plt.close(fig)
