@@ -406,6 +406,7 @@ def _fmt(v, spec=".2f"):
 def combine_seeds(reports):
     """One Report from single-seed reports of one protocol: the identity a run over all those seeds has (the
     same body, the union of seeds and split hashes), the rows of each."""
+    from excise.bench.runner import ONE_OFF_NOTE, one_off_note
     from excise.evaluation.report import Report
 
     body = {k: v for k, v in reports[0].protocol.items() if k not in ("seeds", "split_hashes")}
@@ -415,8 +416,6 @@ def combine_seeds(reports):
     seeds = sorted(s for r in reports for s in r.protocol["seeds"])
     hashes = {k: v for r in reports for k, v in r.protocol["split_hashes"].items()}
     out = Report({**body, "seeds": seeds, "split_hashes": {str(s): hashes[str(s)] for s in seeds}})
-    from excise.bench.runner import ONE_OFF_NOTE, one_off_note
-
     out.rows = [row for r in reports for row in r.rows]
     # every report's notes, once each, but for the per-run ones: the seed count and the one-off importance
     # note, which is written again over all the rows

@@ -16,22 +16,22 @@ def _place_labels(ax, points, fontsize=7):
     w_char, h = 0.6 * fontsize, fontsize + 1.0
     ax_box = [v * scale for v in ax.get_window_extent().extents]  # the axes (x0, y0, x1, y1) in points
     placed = []  # boxes (x0, y0, x1, y1) in points
+
+    def free(box):
+        return not any(b[0] < box[2] and box[0] < b[2] and b[1] < box[3] and box[1] < b[3] for b in placed)
+
+    def inside(box):
+        return ax_box[0] <= box[0] and box[2] <= ax_box[2] and ax_box[1] <= box[1] and box[3] <= ax_box[3]
+
     for label, x, y in sorted(points, key=lambda p: -p[2]):
         px, py = (v * scale for v in ax.transData.transform((x, y)))
         w = w_char * len(label)
         tries = [(dx, dy, (px + dx, py + dy, px + dx + w, py + dy + h)) for dx, dy in (
             (4, 3), (4, -h - 2), (-w - 4, 3), (-w - 4, -h - 2), (4, h + 3), (4, -2 * h - 3))]
-
-        def free(box):
-            return not any(b[0] < box[2] and box[0] < b[2] and b[1] < box[3] and box[1] < b[3] for b in placed)
-
-        def inside(box):
-            return ax_box[0] <= box[0] and box[2] <= ax_box[2] and ax_box[1] <= box[1] and box[3] <= ax_box[3]
-
         # free and inside the axes (a label past the edge is cut off in the saved figure), else free, else
         # the first place
-        dx, dy, box = next((t for t in tries if free(t[2]) and inside(t[2])),
-                           next((t for t in tries if free(t[2])), tries[0]))
+        ok = [t for t in tries if free(t[2])]
+        dx, dy, box = next((t for t in ok if inside(t[2])), ok[0] if ok else tries[0])
         placed.append(box)
         ax.annotate(label, (x, y), textcoords="offset points", xytext=(dx, dy), fontsize=fontsize)
 
