@@ -169,6 +169,8 @@ def test_plot_labels_of_coinciding_points_do_not_overlap(tmp_path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from matplotlib.text import Text
+
     from excise.evaluation.plots import _place_labels
 
     fig, ax = plt.subplots()
@@ -177,7 +179,7 @@ def test_plot_labels_of_coinciding_points_do_not_overlap(tmp_path):
     offsets = [a.xyann for a in ax.texts]
     assert len(offsets) == 3 and len(set(offsets)) == 3  # three different places around the one point
     fig.canvas.draw()
-    boxes = [t.get_window_extent() for t in ax.texts]
+    boxes = [Text.get_window_extent(t) for t in ax.texts]  # the text alone, without a leader line
     assert not any(boxes[i].overlaps(boxes[j]) for i in range(3) for j in range(i + 1, 3))
     plt.close(fig)
 
@@ -201,4 +203,44 @@ def test_plot_labels_stay_inside_the_axes_near_an_edge(tmp_path):
     for t in ax.texts:  # the right-edge label goes left of its point, the top one below
         b = t.get_window_extent()
         assert inner.x0 <= b.x0 and b.x1 <= inner.x1 and inner.y0 <= b.y0 and b.y1 <= inner.y1, t.get_text()
+    plt.close(fig)
+
+
+def test_plot_labels_keep_off_other_markers_and_the_legend(tmp_path):
+    pytest.importorskip("matplotlib")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from matplotlib.text import Text
+
+    from excise.evaluation.plots import _place_labels
+
+    fig, ax = plt.subplots(figsize=(4, 3))
+    ax.set_xlim(0, 10)
+    ax.set_ylim(0, 10)
+    # B sits where A's first choice (right of A, a little above) would put A's label; C sits under the legend's
+    # corner-right spot; a crowd around D pushes one label out to a leader line
+    pts = [("label_a", 3.0, 5.0), ("b", 3.6, 5.15), ("c", 8.0, 8.6), ("d1", 5.0, 2.0), ("d2", 5.0, 2.0),
+           ("d3", 5.0, 2.0), ("d4", 5.0, 2.0), ("d5", 5.0, 2.0), ("d6", 5.0, 2.0), ("d7", 5.0, 2.0),
+           ("d8", 5.0, 2.0), ("d9", 5.0, 2.0)]
+    for _, x, y in pts:
+        ax.plot([x], [y], "o", label="points" if _ == "b" else None)
+    ax.legend(loc="upper right")
+    _place_labels(ax, pts)
+    fig.canvas.draw()
+    legend = ax.get_legend().get_window_extent()
+    texts = {t.get_text(): t for t in ax.texts}
+    for name, x, y in pts:
+        box = Text.get_window_extent(texts[name])  # the text alone, without a leader line
+        assert not box.overlaps(legend), name
+        for other, ox, oy in pts:
+            if (ox, oy) != (x, y):
+                px, py = ax.transData.transform((ox, oy))
+                assert not box.contains(px, py), (name, other)
+    boxes = [Text.get_window_extent(t) for t in ax.texts]
+    assert not any(boxes[i].overlaps(boxes[j]) for i in range(len(boxes)) for j in range(i + 1, len(boxes)))
+    assert any(texts[f"d{i}"].arrow_patch is not None for i in range(1, 10))  # the crowd needed a leader line
+    assert texts["label_a"].arrow_patch is None  # a label that fits next to its point gets none
     plt.close(fig)

@@ -3,37 +3,62 @@ methods edited."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Dict
 
 
 def _place_labels(ax, points, fontsize=7):
-    """Annotate each (label, x, y) next to its point, trying a few offsets and keeping the first whose box
-    (estimated from the label's length) overlaps no label placed before it: readable without a dependency."""
+    """Annotate each (label, x, y) next to its point: try offsets close around it first, then a wider ring
+    (a label not next to its point is joined to it by a thin leader line), and keep the first place whose box (the label's measured
+    extent) is inside the axes and overlaps no label placed before it, no point's marker and not the legend;
+    failing that, the first place clear of the other labels, else the first place."""
     fig = ax.figure
     fig.canvas.draw()  # fixes the limits, so data -> display positions are final
+    renderer = fig.canvas.get_renderer()
     scale = 72.0 / fig.dpi  # display pixels -> points
-    w_char, h = 0.6 * fontsize, fontsize + 1.0
     ax_box = [v * scale for v in ax.get_window_extent().extents]  # the axes (x0, y0, x1, y1) in points
-    placed = []  # boxes (x0, y0, x1, y1) in points
 
-    def free(box):
-        return not any(b[0] < box[2] and box[0] < b[2] and b[1] < box[3] and box[1] < b[3] for b in placed)
+    def in_points(bbox):
+        return [v * scale for v in bbox.extents]
+
+    def hits(box, boxes):
+        return any(b[0] < box[2] and box[0] < b[2] and b[1] < box[3] and box[1] < b[3] for b in boxes)
 
     def inside(box):
         return ax_box[0] <= box[0] and box[2] <= ax_box[2] and ax_box[1] <= box[1] and box[3] <= ax_box[3]
 
+    # what a label must not cover: every point's marker, the legend and any text already on the axes
+    m = 4.0
+    obstacles = [(px - m, py - m, px + m, py + m) for px, py in
+                 ((v * scale for v in ax.transData.transform((x, y))) for _, x, y in points)]
+    if ax.get_legend() is not None:
+        obstacles.append(in_points(ax.get_legend().get_window_extent(renderer)))
+    obstacles += [in_points(t.get_window_extent(renderer)) for t in ax.texts]
+    placed = []  # label boxes (x0, y0, x1, y1) in points
     for label, x, y in sorted(points, key=lambda p: -p[2]):
         px, py = (v * scale for v in ax.transData.transform((x, y)))
-        w = w_char * len(label)
-        tries = [(dx, dy, (px + dx, py + dy, px + dx + w, py + dy + h)) for dx, dy in (
-            (4, 3), (4, -h - 2), (-w - 4, 3), (-w - 4, -h - 2), (4, h + 3), (4, -2 * h - 3))]
-        # free and inside the axes (a label past the edge is cut off in the saved figure), else free, else
-        # the first place
-        ok = [t for t in tries if free(t[2])]
-        dx, dy, box = next((t for t in ok if inside(t[2])), ok[0] if ok else tries[0])
+        probe = ax.text(0, 0, label, fontsize=fontsize)
+        w, h = (v * scale for v in probe.get_window_extent(renderer).size)
+        probe.remove()
+        near = [(4, 3), (4, -h - 2), (-w - 4, 3), (-w - 4, -h - 2), (4, h + 5), (4, -2 * h - 4),
+                (-w / 2, 6), (-w / 2, -h - 6)]
+        far = [(dx, dy) for r in (2.5, 4.0) for dx, dy in (
+            (12 * r / 2.5, h * r), (12 * r / 2.5, -h * (r + 1)), (-w - 12 * r / 2.5, h * r),
+            (-w - 12 * r / 2.5, -h * (r + 1)), (-w / 2, h * (r + 0.5)), (-w / 2, -h * (r + 1.5)),
+            (18 * r / 2.5, -h / 2), (-w - 18 * r / 2.5, -h / 2))]
+        tries = []
+        for dx, dy in near + far:
+            box = (px + dx, py + dy, px + dx + w, py + dy + h)
+            gap = math.hypot(max(box[0] - px, 0, px - box[2]), max(box[1] - py, 0, py - box[3]))
+            tries.append((dx, dy, box, gap > h))  # not next to its point: join them with a leader line
+        clear = [t for t in tries if not hits(t[2], placed)]
+        dx, dy, box, lead = next((t for t in clear if inside(t[2]) and not hits(t[2], obstacles)),
+                                 next((t for t in clear if inside(t[2])), clear[0] if clear else tries[0]))
         placed.append(box)
-        ax.annotate(label, (x, y), textcoords="offset points", xytext=(dx, dy), fontsize=fontsize)
+        ax.annotate(label, (x, y), textcoords="offset points", xytext=(dx, dy), fontsize=fontsize, va="bottom",
+                    **({"arrowprops": dict(arrowstyle="-", color="grey", lw=0.5, shrinkA=0, shrinkB=3)}
+                       if lead else {}))
 
 
 def gap_vs_seconds(report, path: Path, title: str = "", selective=None) -> Path:
