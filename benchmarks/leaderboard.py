@@ -406,7 +406,7 @@ def _fmt(v, spec=".2f"):
 def combine_seeds(reports):
     """One Report from single-seed reports of one protocol: the identity a run over all those seeds has (the
     same body, the union of seeds and split hashes), the rows of each."""
-    from excise.bench.runner import ONE_OFF_NOTE, one_off_note
+    from excise.bench.runner import ONE_OFF_NOTE, one_off_note, parse_seeds_note, seeds_note
     from excise.evaluation.report import Report
 
     body = {k: v for k, v in reports[0].protocol.items() if k not in ("seeds", "split_hashes")}
@@ -417,13 +417,16 @@ def combine_seeds(reports):
     hashes = {k: v for r in reports for k, v in r.protocol["split_hashes"].items()}
     out = Report({**body, "seeds": seeds, "split_hashes": {str(s): hashes[str(s)] for s in seeds}})
     out.rows = [row for r in reports for row in r.rows]
-    # every report's notes, once each, but for the per-run ones: the seed count and the one-off importance
-    # note, which is written again over all the rows
+    # every report's notes, once each, but for the per-run ones, written again over all the rows: which of the
+    # protocol's seeds were run and the one-off importance note
+    totals = {parse_seeds_note(n) for r in reports for n in r.notes} - {None}
+    if len(totals) > 1:
+        raise ValueError(f"per-seed reports name different seed counts for their protocol: {sorted(totals)}")
     out.notes = list(dict.fromkeys(n for r in reports for n in r.notes
-                                   if "of the protocol's" not in n and not n.startswith(ONE_OFF_NOTE)))
-    note = one_off_note(out.rows)
-    if note:
-        out.notes.append(note)
+                                   if parse_seeds_note(n) is None and not n.startswith(ONE_OFF_NOTE)))
+    for note in (one_off_note(out.rows), seeds_note(seeds, totals.pop()) if totals else None):
+        if note:
+            out.notes.append(note)
     return out.finalize()
 
 

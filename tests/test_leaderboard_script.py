@@ -217,7 +217,7 @@ def test_coverage_describes_the_latest_study_under_way_in_a_journal(lb, tmp_path
 
 
 def test_combine_seeds_keeps_every_seeds_notes_and_one_off_importance(lb):
-    from excise.bench.runner import one_off_note
+    from excise.bench.runner import one_off_note, seeds_note
     from excise.evaluation.report import Report
 
     def row(method, seed, **kw):
@@ -227,12 +227,16 @@ def test_combine_seeds_keeps_every_seeds_notes_and_one_off_importance(lb):
     def seed_report(s):
         rows = [row("original", s), row("retrain", s, seconds=100.0),
                 row("ssd", s, one_off={"importance_ref_seconds": 40.0 + s, "first_run_seconds": 45.0})]
-        notes = [f"run on 1 of the protocol's 3 seeds ([{s}])", "shared note", one_off_note(rows), f"only seed {s}"]
+        notes = [seeds_note([s], 3), "shared note", one_off_note(rows), f"only seed {s}",
+                 "a note about one of the protocol's splits"]
         return Report({"name": "q", "seeds": [s], "split_hashes": {str(s): f"h{s}"}}, rows, notes)
 
     out = lb.combine_seeds([seed_report(0), seed_report(1)])
     assert out.protocol["seeds"] == [0, 1] and len(out.rows) == 6
-    assert out.notes[:3] == ["shared note", "only seed 0", "only seed 1"]
-    assert len(out.notes) == 4 and "ssd (seed 0: 40 s), ssd (seed 1: 41 s)" in out.notes[3]
+    assert out.notes[:4] == ["shared note", "only seed 0", "a note about one of the protocol's splits", "only seed 1"]
+    assert len(out.notes) == 6 and "ssd (seed 0: 40 s), ssd (seed 1: 41 s)" in out.notes[4]
+    assert out.notes[5] == "run on 2 of the protocol's 3 seeds ([0, 1])"  # the seeds the combined report holds
+    full = lb.combine_seeds([seed_report(2), seed_report(0), seed_report(1)])
+    assert full.protocol["seeds"] == [0, 1, 2] and not any("seeds (" in n for n in full.notes)
     with pytest.raises(ValueError, match="different protocols"):
         lb.combine_seeds([seed_report(0), Report({"name": "other", "seeds": [1], "split_hashes": {"1": "x"}})])

@@ -10,6 +10,7 @@ protocol finishes from cache.
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
@@ -80,6 +81,19 @@ def _loaders(prep) -> Dict[str, Any]:
 
 
 ONE_OFF_NOTE = "the importance on D was computed on first use for "
+_SEEDS_NOTE = re.compile(r"run on (\d+) of the protocol's (\d+) seeds \((\[[\d, ]*\])\)")
+
+
+def seeds_note(seeds: Sequence[int], total: int) -> Optional[str]:
+    """The report note saying a run covered only some of the protocol's ``total`` seeds (None: all of them)."""
+    seeds = sorted(seeds)
+    return None if len(seeds) == total else f"run on {len(seeds)} of the protocol's {total} seeds ({seeds})"
+
+
+def parse_seeds_note(note: str) -> Optional[int]:
+    """The protocol's seed count if ``note`` is a :func:`seeds_note`, else None."""
+    m = _SEEDS_NOTE.fullmatch(note)
+    return int(m.group(2)) if m else None
 
 
 def one_off_note(rows) -> Optional[str]:
@@ -217,8 +231,9 @@ def run_bench(protocol: str | Dict[str, Any], methods: Optional[Sequence[str]] =
     note = one_off_note(report.rows)
     if note:
         report.notes.append(note)
-    if seed_list != list(proto["seeds"]):
-        report.notes.append(f"run on {len(seed_list)} of the protocol's {len(proto['seeds'])} seeds ({seed_list})")
+    note = seeds_note(seed_list, len(proto["seeds"]))
+    if note:
+        report.notes.append(note)
     report.notes.append("mia_svc_confidence fits its SVC on a seeded random subset of the retain set as large as "
                         "the test set (the attack's definition); mia_loss_cv subsamples the larger of forget / test "
                         "to the smaller (seeded). Every other number uses every sample.")
