@@ -81,7 +81,7 @@ def _loaders(prep) -> Dict[str, Any]:
 
 
 ONE_OFF_NOTE = "the importance on D was computed on first use for "
-_SEEDS_NOTE = re.compile(r"run on (\d+) of the protocol's (\d+) seeds \((\[[\d, ]*\])\)")
+_SEEDS_NOTE = re.compile(r"run on \d+ of the protocol's (\d+) seeds \(\[[\d, ]*\]\)")
 
 
 def seeds_note(seeds: Sequence[int], total: int) -> Optional[str]:
@@ -93,7 +93,7 @@ def seeds_note(seeds: Sequence[int], total: int) -> Optional[str]:
 def parse_seeds_note(note: str) -> Optional[int]:
     """The protocol's seed count if ``note`` is a :func:`seeds_note`, else None."""
     m = _SEEDS_NOTE.fullmatch(note)
-    return int(m.group(2)) if m else None
+    return int(m.group(1)) if m else None
 
 
 def one_off_note(rows) -> Optional[str]:

@@ -9,18 +9,19 @@ from typing import Dict
 
 
 def _place_labels(ax, points, fontsize=7):
-    """Annotate each (label, x, y) next to its point: try offsets close around it first, then a wider ring
-    (a label not next to its point is joined to it by a thin leader line), and keep the first place whose box (the label's measured
-    extent) is inside the axes and overlaps no label placed before it, no point's marker and not the legend;
-    failing that, the first place clear of the other labels, else the first place."""
+    """Annotate each (label, x, y) next to its point: try offsets close around it first, then a wider ring (a
+    label not next to its point is joined to it by a thin leader line), and keep the first place whose box
+    (the label's measured extent) is inside the axes and overlaps no label placed before it, no point's
+    marker and not the legend; failing that, the first place clear of the other labels, else the first."""
     fig = ax.figure
     fig.canvas.draw()  # fixes the limits, so data -> display positions are final
     renderer = fig.canvas.get_renderer()
     scale = 72.0 / fig.dpi  # display pixels -> points
-    ax_box = [v * scale for v in ax.get_window_extent().extents]  # the axes (x0, y0, x1, y1) in points
 
-    def in_points(bbox):
+    def in_points(bbox):  # a display Bbox as (x0, y0, x1, y1) in points
         return [v * scale for v in bbox.extents]
+
+    ax_box = in_points(ax.get_window_extent())
 
     def hits(box, boxes):
         return any(b[0] < box[2] and box[0] < b[2] and b[1] < box[3] and box[1] < b[3] for b in boxes)
