@@ -66,6 +66,9 @@ def test_winners_ranks_by_mean_gap_and_puts_diverged_methods_last(lb):
     table = "\n".join(lb.winners({"q": Report({"name": "q"}, near)}))
     row = next(line for line in table.splitlines() if line.startswith("| q |"))
     assert row.rstrip(" |").endswith("2.50 (tied)")
+    # ssd (3.0, the fastest within a point) is no closer than doing nothing (2.5): finetune is named instead
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[4] == "finetune (20.0 s, 2.00)"
 
 
 def test_coverage_reads_which_methods_a_tuned_table_holds(lb, tmp_path):
