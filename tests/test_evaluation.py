@@ -184,6 +184,35 @@ def test_plot_labels_of_coinciding_points_do_not_overlap(tmp_path):
     plt.close(fig)
 
 
+def test_plot_labels_side_by_side_keep_a_space_between_them(tmp_path):
+    pytest.importorskip("matplotlib")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from excise.evaluation.plots import _place_labels
+
+    fig, ax = plt.subplots()
+    ax.set_xlim(0, 100)
+    ax.set_ylim(0, 100)
+    fig.canvas.draw()
+    scale = 72.0 / fig.dpi
+    probe = ax.text(0, 0, "first_label", fontsize=7)
+    w = probe.get_window_extent(fig.canvas.get_renderer()).width * scale
+    probe.remove()
+    # B's first choice (right of B, a little above) starts exactly where A's label ends, 1.5 points lower
+    ax_pt = ax.transData.transform((50, 50)) * scale
+    bx, by = ax.transData.inverted().transform((ax_pt + [w, -1.5]) / scale)
+    _place_labels(ax, [("first_label", 50, 50), ("second", bx, by)])
+    fig.canvas.draw()
+    a, b = (t.get_window_extent() for t in ax.texts)
+    apart_x = max(b.x0 - a.x1, a.x0 - b.x1) * scale
+    apart_y = max(b.y0 - a.y1, a.y0 - b.y1) * scale
+    assert max(apart_x, apart_y) >= 1.0  # not touching: "saps" ran into "l1_sparse" before
+    plt.close(fig)
+
+
 def test_plot_labels_stay_inside_the_axes_near_an_edge(tmp_path):
     pytest.importorskip("matplotlib")
     import matplotlib

@@ -11,8 +11,8 @@ from typing import Dict
 def _place_labels(ax, points, fontsize=7):
     """Annotate each (label, x, y) next to its point: try offsets close around it first, then a wider ring (a
     label not next to its point is joined to it by a thin leader line), and keep the first place whose box
-    (the label's measured extent) is inside the axes and overlaps no label placed before it, no point's
-    marker and not the legend; failing that, the first place clear of the other labels, else the first."""
+    (the label's measured extent) is inside the axes, overlaps no label placed before it (nor touches it), no
+    point's marker and not the legend; failing that, the first place clear of the other labels, else the first."""
     fig = ax.figure
     fig.canvas.draw()  # fixes the limits, so data -> display positions are final
     renderer = fig.canvas.get_renderer()
@@ -56,7 +56,7 @@ def _place_labels(ax, points, fontsize=7):
         clear = [t for t in tries if not hits(t[2], placed)]
         dx, dy, box, lead = next((t for t in clear if inside(t[2]) and not hits(t[2], obstacles)),
                                  next((t for t in clear if inside(t[2])), clear[0] if clear else tries[0]))
-        placed.append(box)
+        placed.append((box[0] - 2, box[1] - 1, box[2] + 2, box[3] + 1))  # a little space between two labels
         ax.annotate(label, (x, y), textcoords="offset points", xytext=(dx, dy), fontsize=fontsize, va="bottom",
                     **({"arrowprops": dict(arrowstyle="-", color="grey", lw=0.5, shrinkA=0, shrinkB=3)}
                        if lead else {}))
