@@ -295,10 +295,11 @@ def coverage(protocols, directory=None, journals=None) -> list:
         cells = []
         for method in tunable_methods(p):
             t = meta.get(method)
-            seeds = t and (t["seed"] if isinstance(t["seed"], list) else [t["seed"]])
+            seeds = t and (t.get("seed") if isinstance(t.get("seed"), list) else [t.get("seed")])
             gap = t and revision_gap(method, t.get("revision", 0))
             old = gap and f"tuned at revision {gap[0]}, the method is at {gap[1]}"
             cell = (f"{method} -" if not t else f"{method} - ({old})" if old
+                    else f"{method} - (carried from {t['carried_from']})" if "carried_from" in t
                     else f"{method} {','.join(map(str, seeds))}/{t['trials']}")
             state = journals is not None and journal_state(Path(journals) / f"{name}.{method}.journal")
             if state and (not t or old or state["complete"] > t["trials"]):
@@ -346,6 +347,11 @@ def tuned_section(names) -> list:
         for m, vals in sorted(t.get("methods", {}).items()):
             meta = t.get("tuning", {}).get(m, {})
             shown = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in vals.items())
+            if "carried_from" in meta:  # tuning.carry_tuned: another protocol's entry, not searched here
+                lines.append(f"| {m} | {shown} | — | — | 0: carried from {meta['carried_from']} (objective "
+                             f"{meta.get('source_value', float('nan')):.2f} there, {meta.get('source_trials', '?')} "
+                             f"trials) | — | - |")
+                continue
             seeds = meta.get("seed", "")
             seeds = ", ".join(map(str, seeds)) if isinstance(seeds, list) else seeds
             lines.append(f"| {m} | {shown} | {meta.get('value', float('nan')):.2f} | "

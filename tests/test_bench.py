@@ -88,10 +88,15 @@ def test_cli_bench_end_to_end_and_from_cache(tiny, tmp_path, capsys, monkeypatch
         assert (out / f).exists(), f
     md = (out / "report.md").read_text()
     assert "| method | UA | RA | TA | MIA (svc) | Avg Gap" in md and "seeds [0, 1]" in md
-    # unchanged protocol: everything from cache, identical numbers
+    # unchanged protocol: everything from cache, identical numbers, and no model pass (not even the oracle's)
+    import excise.bench.runner as runner_mod
+
+    passes = []
+    real_predictions = runner_mod.model_predictions
+    monkeypatch.setattr(runner_mod, "model_predictions", lambda *a, **k: passes.append(1) or real_predictions(*a, **k))
     assert main(["bench", str(tiny), "--out", str(out), "--quiet"]) == 0
     again = json.loads((out / "report.json").read_text())
-    assert all(r["from_cache"] for r in again["rows"])
+    assert all(r["from_cache"] for r in again["rows"]) and passes == []
     assert [r["UA"] for r in again["rows"]] == [r["UA"] for r in rep["rows"]]
     assert again["protocol_hash"] == rep["protocol_hash"]
     # a method whose behaviour changed (its registered revision raised) does not reuse its older rows
@@ -102,6 +107,7 @@ def test_cli_bench_end_to_end_and_from_cache(tiny, tmp_path, capsys, monkeypatch
     assert main(["bench", str(tiny), "--out", str(out), "--quiet"]) == 0
     third = json.loads((out / "report.json").read_text())
     assert {r["method"] for r in third["rows"] if not r["from_cache"]} == {"assd"}
+    assert len(passes) == 2 * 2  # per seed: the new row's model and the oracle (once), nothing else
     # one seed and one method
     one = run_bench(str(tiny), methods=["assd"], seeds=1, progress=False)
     assert [r["method"] for r in one.rows] == ["original", "retrain", "assd"]

@@ -71,7 +71,7 @@ def test_winners_ranks_by_mean_gap_and_puts_diverged_methods_last(lb):
     assert cells[4] == "finetune (20.0 s, 2.00)"
 
 
-def test_coverage_reads_which_methods_a_tuned_table_holds(lb, tmp_path):
+def test_coverage_reads_which_methods_a_tuned_table_holds(lb, tmp_path, monkeypatch):
     (tmp_path / "fmnist-smallcnn-class.toml").write_text(
         '[methods.ssd]\nalpha = 3.0\n[tuning.ssd]\nseed = [0, 1, 2]\ntrials = 20\n'
         '[methods.finetune]\nlr = 0.01\n[tuning.finetune]\nseed = 0\ntrials = 12\n'
@@ -83,6 +83,17 @@ def test_coverage_reads_which_methods_a_tuned_table_holds(lb, tmp_path):
     assert "neggrad - (tuned at revision 0, the method is at 1)" in cells
     assert "retrain" not in line  # nothing to tune
     assert line.startswith("fmnist-smallcnn-class: 2/13 tuned")
+    # an entry carried from another protocol (tuning.carry_tuned) is not counted as tuned here, and says so
+    (tmp_path / "fmnist-smallcnn-class.toml").write_text(
+        (tmp_path / "fmnist-smallcnn-class.toml").read_text() + '[methods.salun]\nlr = 0.01\n[tuning.salun]\n'
+        'carried_from = "fmnist-resnet18w16-class"\ntrials = 0\nsource_value = 0.19\nsource_trials = 12\n')
+    (line,) = lb.coverage(["fmnist-smallcnn-class"], tmp_path)
+    assert "salun - (carried from fmnist-resnet18w16-class)" in line.split(" | ")
+    assert line.startswith("fmnist-smallcnn-class: 2/13 tuned")
+    monkeypatch.setattr("excise.tuning.TUNED_DIR", tmp_path)
+    text = "\n".join(lb.tuned_section(["fmnist-smallcnn-class"]))
+    assert ("| salun | lr=0.01 | — | — | 0: carried from fmnist-resnet18w16-class (objective 0.19 there, 12 trials) "
+            "| — | - |") in text
 
 
 def test_stale_refuses_a_reused_report_whose_protocol_or_tuned_values_changed(lb):

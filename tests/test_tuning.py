@@ -481,3 +481,49 @@ def test_a_protocols_search_table_narrows_or_holds_what_is_searched(tiny, tmp_pa
     broken.write_text(TINY + "\n[search.ssd]\nalpha = [300.0, 1.0]\n")
     with pytest.raises(ValueError, match="low <= high"):
         tune("ssd", str(broken), budget=1, storage=tmp_path / "b.journal", progress=False)
+
+
+def test_carry_copies_another_protocols_entry_marked_and_bench_runs_it(tiny, tmp_path, capsys, monkeypatch):
+    """A protocol too costly to search (ResNet-18 width 32) takes the nearest searched protocol's entry:
+    copied, marked as carried, values the target's [search] table holds set to those; never over a searched
+    entry; `bench --tuned` runs it and its note says it was not searched there."""
+    import excise.tuning as tuning_mod
+    from excise.tuning import carried_entries, carry_tuned
+
+    big = tmp_path / "big.toml"
+    big.write_text(TINY.replace('"digits-mlp-class"', '"digits-mlp-class-big"') + "\n[search.ssd]\nlam = 1.5\n")
+    tables = tmp_path / "t"
+    tables.mkdir()
+    (tables / "digits-mlp-class.toml").write_text(
+        "[methods.ssd]\nalpha = 4.0\nlam = 0.5\n[methods.lfssd]\nalpha = 2.0\n"
+        "[tuning.ssd]\nvalue = 1.25\ntrials = 12\nseed = 0\nobjective = \"avg_gap\"\n")
+    path = carry_tuned("ssd", str(tiny), str(big), table=tables, source_table=tables)
+    assert path == tables / "digits-mlp-class-big.toml"
+    assert load_tuned("digits-mlp-class-big", tables) == {"ssd": {"alpha": 4.0, "lam": 1.5}}  # lam held there
+    assert carried_entries("digits-mlp-class-big", tables) == {"ssd": "digits-mlp-class"}
+    text = path.read_text()
+    assert 'carried_from = "digits-mlp-class"' in text and "trials = 0" in text and "source_value = 1.25" in text
+    assert carried_entries("digits-mlp-class", tables) == {}
+    carry_tuned("ssd", str(tiny), str(big), table=tables, source_table=tables)  # a carried entry is replaced
+    with pytest.raises(ValueError, match="holds no tuned entry for 'assd' to carry"):
+        carry_tuned("assd", str(tiny), str(big), table=tables, source_table=tables)
+    with pytest.raises(ValueError, match="was itself carried from digits-mlp-class"):
+        carry_tuned("ssd", str(big), str(tiny), table=tmp_path / "x.toml", source_table=tables)
+    searched = tmp_path / "searched.toml"
+    searched.write_text("[methods.ssd]\nalpha = 9.0\n[tuning.ssd]\nvalue = 0.5\ntrials = 20\nseed = 0\n")
+    with pytest.raises(ValueError, match="searched on digits-mlp-class-big; it is not replaced"):
+        carry_tuned("ssd", str(tiny), str(big), table=searched, source_table=tables)
+    assert load_tuned("digits-mlp-class-big", searched) == {"ssd": {"alpha": 9.0}}
+    # `bench --tuned` runs the carried values and says where they came from
+    rep = run_bench(str(big), methods=["ssd"], seeds=[0], progress=False, tuned=tables)
+    (row,) = [r for r in rep.rows if r["method"] == "ssd"]
+    assert row["hparams"]["alpha"] == 4.0 and row["hparams"]["lam"] == 1.5
+    assert any("ssd carried from digits-mlp-class (not searched on this protocol)" in n for n in rep.notes)
+    # the CLI: no search; the source read from the shipped tables (here: the folder above)
+    monkeypatch.setattr(tuning_mod, "TUNED_DIR", tables)
+    out = tmp_path / "cli.toml"
+    assert main(["tune", "ssd", str(big), "--carry-from", str(tiny), "--write", str(out)]) == 0
+    assert "carried the ssd entry of" in capsys.readouterr().out
+    assert load_tuned("digits-mlp-class-big", out) == {"ssd": {"alpha": 4.0, "lam": 1.5}}
+    with pytest.raises(SystemExit, match="--carry-from copies"):
+        main(["tune", "ssd", str(big), "--carry-from", str(tiny), "--seed", "1"])

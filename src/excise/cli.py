@@ -192,6 +192,8 @@ def cmd_tune(args) -> int:
 
     if args.recheck:
         return _recheck(args)
+    if args.carry_from:
+        return _carry(args)
     seed = args.seed[0] if args.seed and len(args.seed) == 1 else args.seed
     res = tune(args.method, args.protocol, budget=args.budget, seed=seed, floor=args.floor,
                floor_ref=args.floor_ref, storage=args.storage, device=args.device, progress=not args.quiet,
@@ -239,6 +241,20 @@ def _starts(args) -> List[Dict[str, Any]]:
             space = search_space(proto, args.method, get_method(args.method))
             starts.append({k: v for k, v in entry.items() if k in space})
     return starts
+
+
+def _carry(args) -> int:
+    from .tuning import carry_tuned
+
+    if args.recheck or args.seed or args.hp or args.storage or args.timeout or args.start or args.start_tuned \
+            or args.check is not None:
+        raise SystemExit("error: --carry-from copies another protocol's tuned entry without a search; the search "
+                         "options do not apply")
+    table = None if args.write in (None, True) else args.write
+    path = carry_tuned(args.method, args.carry_from, args.protocol, table=table)
+    print(f"carried the {args.method} entry of {args.carry_from} into {path} (not searched on {args.protocol}: "
+          "`excise tune` there replaces it)")
+    return 0
 
 
 def _recheck(args) -> int:
@@ -392,6 +408,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--recheck", action="store_true",
                    help="no search: re-score the tuned table's values for METHOD (shipped, or --write TABLE) on the "
                         "seeds they were tuned on, and at (1 ± --check REL); with --write, record the shift there")
+    t.add_argument("--carry-from", default=None, metavar="SOURCE",
+                   help="no search: copy METHOD's tuned entry on the protocol SOURCE into PROTOCOL's table (shipped, "
+                        "or --write TABLE), marked as carried, for a protocol too costly to search; a later "
+                        "`excise tune --write` there replaces it")
     t.add_argument("--quiet", action="store_true")
     _device_arg(t)
     t.set_defaults(func=cmd_tune)

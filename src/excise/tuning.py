@@ -516,6 +516,13 @@ def load_tuned(protocol: str, path: Optional[str | Path] = None) -> Dict[str, Di
     return values
 
 
+def carried_entries(protocol: str, path: Optional[str | Path] = None) -> Dict[str, str]:
+    """``{method label: source protocol}`` for the entries of ``protocol``'s table that were carried from another
+    protocol (:func:`carry_tuned`) rather than searched on this one."""
+    p = _table_file(protocol, path)
+    return {label: info["carried_from"] for label, info in _read_table(p)["tuning"].items() if "carried_from" in info}
+
+
 def revision_gap(method: str, recorded: int) -> Optional[Tuple[int, int]]:
     """``(recorded, now)`` when ``recorded`` (the revision a tuned entry or a bench row was measured at; 0 when
     none was recorded) is not ``method``'s registered revision ``now``; None when it is, or for a name that is
@@ -672,3 +679,64 @@ def record_check(check: Dict[str, Any], table: Optional[str | Path] = None) -> P
         entries["tuning"].setdefault(check["method"], {}).update(check_rel=check["rel"],
                                                                  check_shift=round(check["shift"], 4))
         return _write_table(p, check["protocol"], entries)
+
+
+def _held_value(dim) -> Any:
+    """The one value a protocol's ``[search]`` table holds a dimension at, or None when it is searched."""
+    from .methods.registry import Choice
+
+    if isinstance(dim, Choice):
+        return dim.options[0] if len(dim.options) == 1 else None
+    return dim.low if dim.low == dim.high else None
+
+
+def carry_tuned(method: str, source: Any, protocol: Any, table: Optional[str | Path] = None,
+                source_table: Optional[str | Path] = None) -> Path:
+    """No search: copy the tuned entry ``method`` has on the protocol ``source`` into ``protocol``'s table
+    (shipped, or ``table``), marked as carried (``carried_from``; ``trials = 0``), so that ``excise bench
+    --tuned`` runs it there. For a protocol too costly to search every method on (ResNet-18 at width 32 on a
+    CPU), the entry of the nearest protocol that was searched is a better start than the defaults, and the rows
+    then show on test data whether it carries over; it is not a tuned value of ``protocol`` and the leaderboard
+    says so. A value that ``protocol``'s ``[search]`` table holds (e.g. ``epochs = 1``) is set to the held value.
+    Refuses to overwrite an entry that was searched on ``protocol``."""
+    from . import __version__
+    from .bench.runner import load_protocol
+    from .methods import get_method
+
+    src = load_protocol(source) if not isinstance(source, dict) else source
+    dst = load_protocol(protocol) if not isinstance(protocol, dict) else protocol
+    if src["name"] == dst["name"]:
+        raise ValueError(f"carry_tuned: source and target are both {dst['name']!r}")
+    spec = get_method(method)
+    _check_space(spec)
+    sp = _table_file(src["name"], source_table)
+    entries = _read_table(sp)
+    if method not in entries["methods"]:
+        raise ValueError(f"{sp} holds no tuned entry for {method!r} to carry (it has: "
+                         f"{', '.join(sorted(entries['methods'])) or 'none'})")
+    info = entries["tuning"].get(method, {})
+    if "carried_from" in info:
+        raise ValueError(f"{sp}: the {method} entry was itself carried from {info['carried_from']}; carry from "
+                         "the protocol it was searched on")
+    values = dict(entries["methods"][method])
+    for name, dim in search_space(dst, method, spec).items():
+        held = _held_value(dim)
+        if held is not None:
+            values[name] = held
+    p = _table_file(dst["name"], table)
+    if p.suffix != ".toml":
+        p = tuned_table_path(dst["name"], p)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    with _locked(p.parent / f".{p.name}.lock"):
+        target = _read_table(p)
+        old = target["tuning"].get(method)
+        if method in target["methods"] and (old is None or "carried_from" not in old):
+            raise ValueError(f"{p} holds a {method} entry searched on {dst['name']}; it is not replaced by a "
+                             f"carried one")
+        target["methods"][method] = values
+        target["tuning"][method] = {
+            "carried_from": src["name"], "trials": 0, "source_value": info.get("value"),
+            "source_trials": info.get("trials"), "source_seed": info.get("seed"),
+            "objective": info.get("objective"), "excise": __version__, "date": datetime.date.today().isoformat(),
+            "revision": info.get("revision")}
+        return _write_table(p, dst["name"], target)

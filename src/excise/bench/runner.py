@@ -153,7 +153,7 @@ def run_bench(protocol: str | Dict[str, Any], methods: Optional[Sequence[str]] =
     labels = list(methods) if methods else list(table)
     tuned_note, hit = None, []
     if tuned is not None and tuned is not False:
-        from ..tuning import load_tuned, tuned_table_path
+        from ..tuning import carried_entries, load_tuned, tuned_table_path
 
         where = None if tuned is True else tuned
         values = load_tuned(proto["name"], where)
@@ -161,8 +161,12 @@ def run_bench(protocol: str | Dict[str, Any], methods: Optional[Sequence[str]] =
         for lb in hit:
             table[lb] = {**table.get(lb, {}), **values[lb]}
         src = where if where is not None else tuned_table_path(proto["name"]).name + " (shipped)"
-        tuned_note = (f"tuned hyperparameters from {src} for {', '.join(hit) or 'no method'}; "
-                      f"{', '.join(lb for lb in labels if lb not in hit) or 'no method'} on the protocol's values")
+        carried = carried_entries(proto["name"], where)
+        searched = [lb for lb in hit if lb not in carried]
+        tuned_note = (f"tuned hyperparameters from {src} for {', '.join(searched) or 'no method'}; "
+                      + "".join(f"{lb} carried from {carried[lb]} (not searched on this protocol); "
+                                for lb in hit if lb in carried)
+                      + f"{', '.join(lb for lb in labels if lb not in hit) or 'no method'} on the protocol's values")
     rows_by_seed, split_hashes, fp = {}, {}, ""
     for seed in seed_list:
         prep = prepare(_setup(proto, seed), progress=progress, device=device)
@@ -170,10 +174,16 @@ def run_bench(protocol: str | Dict[str, Any], methods: Optional[Sequence[str]] =
         loaders = _loaders(prep)
         o_hash = state_hash(prep.original)
         r_hash = state_hash(prep.oracle)
-        oracle_preds = model_predictions(prep.oracle, loaders)
+        oracle_preds: Dict[str, Any] = {}  # the oracle's pass over every split, made once a row needs it: a
+        # run that finds its rows in the cache (one method per call, say) costs no model pass at all
+
+        def oracle_predictions():
+            if not oracle_preds:
+                oracle_preds.update(model_predictions(prep.oracle, loaders))
+            return oracle_preds
 
         def eval_row(model_preds):
-            return metrics_from_predictions(model_preds, oracle_preds, seed=seed)
+            return metrics_from_predictions(model_preds, oracle_predictions(), seed=seed)
 
         def made(meta, digest):  # which model a row evaluated, and how it was trained (when recorded)
             return {"model_hash": digest, **{k: v for k, v in (meta or {}).items() if k in ("torch", "device", "threads")}}
@@ -184,7 +194,7 @@ def run_bench(protocol: str | Dict[str, Any], methods: Optional[Sequence[str]] =
                 lambda: {**eval_row(model_predictions(prep.original, loaders)), "seconds": None})},
             {"method": ORACLE, "seed": seed, **made(prep.oracle_meta, r_hash), **_cached_row(
                 cache_key(kind="eval", model=r_hash, oracle=r_hash, split=prep.splits.hash, v=__version__),
-                lambda: {**eval_row(oracle_preds), "seconds": prep.oracle_meta["train_seconds"]})},
+                lambda: {**eval_row(oracle_predictions()), "seconds": prep.oracle_meta["train_seconds"]})},
         ]
         request = prep.request()
         for label in labels:
