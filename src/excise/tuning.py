@@ -555,12 +555,19 @@ def write_tuned(result: TuneResult, path: Optional[str | Path] = None, label: Op
     if result.best_value >= INFEASIBLE:
         raise ValueError(f"{result.method} on {result.protocol}: no trial met the utility floor without diverging "
                          f"(best objective {result.best_value:.1f}); nothing written")
-    p = Path(path) if path is not None else tuned_table_path(result.protocol)
-    if p.is_dir() or p.suffix != ".toml":
-        p = tuned_table_path(result.protocol, p)
-    p.parent.mkdir(parents=True, exist_ok=True)
+    p = _writable_table(result.protocol, path)
     with _locked(p.parent / f".{p.name}.lock"):  # tuners running in parallel update one table in turn
         return _update_table(p, result, label)
+
+
+def _writable_table(protocol: str, path: Optional[str | Path]) -> Path:
+    """The table file to write ``protocol``'s entries into: ``path`` when it names a .toml file, else
+    ``<protocol>.toml`` in the folder ``path`` (default: the shipped tables); its folder is created."""
+    p = Path(path) if path is not None else tuned_table_path(protocol)
+    if p.is_dir() or p.suffix != ".toml":
+        p = tuned_table_path(protocol, p)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    return p
 
 
 class _locked:
@@ -723,10 +730,7 @@ def carry_tuned(method: str, source: Any, protocol: Any, table: Optional[str | P
         held = _held_value(dim)
         if held is not None:
             values[name] = held
-    p = _table_file(dst["name"], table)
-    if p.suffix != ".toml":
-        p = tuned_table_path(dst["name"], p)
-    p.parent.mkdir(parents=True, exist_ok=True)
+    p = _writable_table(dst["name"], table)
     with _locked(p.parent / f".{p.name}.lock"):
         target = _read_table(p)
         old = target["tuning"].get(method)
