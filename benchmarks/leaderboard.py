@@ -367,7 +367,8 @@ def winners(reports, seed_methods=None) -> list:
     the best seed method and its rank, the fastest method within one point of the winner that is also closer
     to the oracle than the untouched original, the methods that diverged on some seed (they rank last), and
     the untouched original's own Avg Gap — "tied" when it too lies within the winner's std, i.e. no method is
-    separable from doing nothing on these seeds.
+    separable from doing nothing on these seeds. A protocol run on one seed has no std: its winner says "(1 seed)"
+    and nothing is called tied with it.
     ``seed_methods``: default ``excise.methods.SELECTIVE``."""
     from excise.methods import SELECTIVE
 
@@ -391,8 +392,9 @@ def winners(reports, seed_methods=None) -> list:
             continue
         gap = {m: summ[m]["avg_gap"] for m in ok}
         best = ok[0]
-        tie_limit = gap[best][0] + gap[best][1]  # within the winner's std: not separable on these seeds
-        tied = [m for m in ok[1:] if gap[m][0] <= tie_limit]
+        one = gap[best][2] < 2  # a single seed has no std: no method (nor the original) is called tied with it
+        tie_limit = gap[best][0] + (0.0 if one else gap[best][1])  # within the winner's std: not separable
+        tied = [] if one else [m for m in ok[1:] if gap[m][0] <= tie_limit]
         seeds = [m for m in ok if m.split("-")[0] in seed_methods]
         seed_cell = (f"{seeds[0]} {gap[seeds[0]][0]:.2f} ({ok.index(seeds[0]) + 1} of {len(labels)})"
                      if seeds else "—")
@@ -405,7 +407,9 @@ def winners(reports, seed_methods=None) -> list:
         fast_cell = f"{fast} ({summ[fast]['seconds'][0]:.1f} s, {gap[fast][0]:.2f})" if fast else "—"
         orig_cell = "—" if orig is None else (
             f"{orig[0]:.2f}" + (" (tied)" if orig[0] <= tie_limit else ""))
-        lines.append(f"| {p} | {best} {gap[best][0]:.2f} ± {gap[best][1]:.2f} | {', '.join(tied) or '—'} | "
+        win_cell = f"{best} {gap[best][0]:.2f} (1 seed)" if one else f"{best} {gap[best][0]:.2f} ± {gap[best][1]:.2f}"
+        tied_cell = "— (1 seed: no std)" if one else (", ".join(tied) or "—")
+        lines.append(f"| {p} | {win_cell} | {tied_cell} | "
                      f"{seed_cell} | {fast_cell} | {', '.join(sorted(div)) or '—'} | {orig_cell} |")
     return lines + [""]
 

@@ -69,6 +69,13 @@ def test_winners_ranks_by_mean_gap_and_puts_diverged_methods_last(lb):
     # ssd (3.0, the fastest within a point) is no closer than doing nothing (2.5): finetune is named instead
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[4] == "finetune (20.0 s, 2.00)"
+    # one seed: no std, so the winner says so and nothing is tied with it (ssd's 2.5 would lie within any std)
+    one = [r for r in rows if r["seed"] == 0]
+    table = "\n".join(lb.winners({"r": Report({"name": "r"}, one)}))
+    row = next(line for line in table.splitlines() if line.startswith("| r |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[1] == "scrub 0.10 (1 seed)" and cells[2] == "— (1 seed: no std)"
+    assert cells[3] == "ssd 2.50 (3 of 4)" and cells[6] == "30.00"
 
 
 def test_coverage_reads_which_methods_a_tuned_table_holds(lb, tmp_path, monkeypatch):
