@@ -3,7 +3,8 @@ Fashion-MNIST protocol, through ``excise bench``, then one Markdown file and one
 
     python benchmarks/leaderboard.py tune  [--protocols P ...] [--methods M ...] [--budget N] [--jobs J]
     python benchmarks/leaderboard.py run   [--protocols P ...] [--seeds N] [--device D] [--jobs J] [--tuned]
-    python benchmarks/leaderboard.py write [--runs DIR] [--out benchmarks/results/leaderboard.md] [--tuned]
+    python benchmarks/leaderboard.py write [--runs DIR] [--tuned] [--out FILE]  (default: results/leaderboard.md
+                                           with --tuned, results/leaderboard-defaults.md without)
     python benchmarks/leaderboard.py coverage [--protocols P ...] [--journals DIR]   (what the tuned tables hold)
     python benchmarks/leaderboard.py check [--protocols P ...] [--rel 0.01] [--md stability.md]
 
@@ -574,7 +575,7 @@ def cmd_write(args) -> int:
             print(f"no report for {p} under {runs}: left out", file=sys.stderr)
     if not reports:
         raise SystemExit("no reports to write")
-    out = Path(args.out)
+    out = Path(args.out or RESULTS / ("leaderboard.md" if args.tuned else "leaderboard-defaults.md"))
     lines = ["# Leaderboard: every method on every shipped Fashion-MNIST protocol", "",
              f"Written by `python benchmarks/leaderboard.py write` from the reports of "
              f"`python benchmarks/leaderboard.py run {args.run_args}` (each protocol: "
@@ -664,7 +665,9 @@ def main(argv=None) -> int:
     w = sub.add_parser("write")
     w.add_argument("--protocols", nargs="+", default=None)
     w.add_argument("--runs", default="excise-out/leaderboard")
-    w.add_argument("--out", default=str(RESULTS / "leaderboard.md"))
+    w.add_argument("--out", default=None,
+                   help="default: benchmarks/results/leaderboard.md with --tuned (the leaderboard), else "
+                        "leaderboard-defaults.md (every method at its defaults)")
     w.add_argument("--run-args", default="", help="the arguments the run used, quoted in the file")
     w.add_argument("--preamble", default=None, help="a Markdown file placed after the header (the reading)")
     w.add_argument("--tuned", action="store_true", help="add the tuned values of every protocol")

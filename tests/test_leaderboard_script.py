@@ -261,3 +261,22 @@ def test_combine_seeds_keeps_every_seeds_notes_and_one_off_importance(lb):
     assert full.protocol["seeds"] == [0, 1, 2] and not any("seeds (" in n for n in full.notes)
     with pytest.raises(ValueError, match="different protocols"):
         lb.combine_seeds([seed_report(0), Report({"name": "other", "seeds": [1], "split_hashes": {"1": "x"}})])
+
+
+def test_write_defaults_to_the_tuned_leaderboard_only_with_tuned(lb, tmp_path, monkeypatch):
+    """leaderboard.md is the tuned leaderboard: a write without --tuned must not overwrite it (it goes to
+    leaderboard-defaults.md), and one with --tuned writes it, with a one-seed protocol's winner marked."""
+    from excise.evaluation.report import Report
+
+    rows = [{"method": "original", "seed": 0, "avg_gap": 30.0},
+            {"method": "retrain", "seed": 0, "avg_gap": 0.0, "seconds": 100.0},
+            {"method": "ssd", "seed": 0, "avg_gap": 0.5, "seconds": 2.0}]
+    Report({"name": "fmnist-smallcnn-class"}, rows).save(tmp_path / "runs" / "fmnist-smallcnn-class", plots=False)
+    monkeypatch.setattr(lb, "RESULTS", tmp_path / "results")
+    args = ["write", "--runs", str(tmp_path / "runs"), "--protocols", "fmnist-smallcnn-class"]
+    assert lb.main(args) == 0
+    assert sorted(p.name for p in (tmp_path / "results").glob("*.md")) == ["leaderboard-defaults.md"]
+    assert lb.main(args + ["--tuned"]) == 0
+    text = (tmp_path / "results" / "leaderboard.md").read_text()
+    assert "| fmnist-smallcnn-class | ssd 0.50 (1 seed) | — (1 seed: no std) |" in text
+    assert (tmp_path / "results" / "leaderboard" / "fmnist-smallcnn-class.png").exists()
