@@ -28,8 +28,15 @@ def digits():
 @pytest.fixture(scope="session")
 def fmnist_small():
     """A fixed 8,000-image slice of Fashion-MNIST train and 2,000 of test (real data, small enough for CPU)."""
-    from excise.data import ArrayDataset, load_fashion_mnist
+    from fixtures.checkpoints import fmnist_small
 
-    tr, te = load_fashion_mnist("train"), load_fashion_mnist("test")
-    return (ArrayDataset(tr.x[:8000], tr.targets[:8000], tr.classes, "fmnist-train-8k"),
-            ArrayDataset(te.x[:2000], te.targets[:2000], te.classes, "fmnist-test-2k"))
+    return fmnist_small()
+
+
+@pytest.fixture(scope="session")
+def committed():
+    """``committed(setup, datasets)``: the setup prepared with its original and oracle read from the committed
+    checkpoints (tests/fixtures/checkpoints.py), so that assertions on trained models hold on every CPU."""
+    from fixtures.checkpoints import load_prepared
+
+    return load_prepared

@@ -8,17 +8,18 @@ import torch
 from excise import unlearn
 from excise.data import ForgetSpec
 from excise.evaluation import accuracy
-from excise.protocol import Setup, prepare
-from excise.training import CheckpointCache, TrainRecipe
+from excise.protocol import Setup
+from excise.training import TrainRecipe
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def digits_class(tmp_path_factory):
+def digits_class(committed):
+    """The digits MLP and its oracle from the committed checkpoints (tests/fixtures): the same bits on every CPU."""
     setup = Setup(dataset="digits", arch="mlp", recipe=TrainRecipe(epochs=40, batch_size=32),
                   forget=ForgetSpec.parse("class:3"), seed=0, importance_batch=64)
-    return prepare(setup, cache=CheckpointCache(tmp_path_factory.mktemp("ckpt")), progress=False)
+    return committed(setup)
 
 
 def _acc(prep, model):

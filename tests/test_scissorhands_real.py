@@ -5,15 +5,16 @@ import pytest
 from excise import unlearn
 from excise.data import ForgetSpec
 from excise.evaluation.summary import basic_metrics
-from excise.protocol import Setup, prepare
-from excise.training import CheckpointCache, TrainRecipe
+from excise.protocol import Setup
+from excise.training import TrainRecipe
 
 pytestmark = pytest.mark.slow
 
 
-def _prepare(fmnist_small, tmp_path_factory, spec):
+def _prepare(fmnist_small, committed, spec):
+    """The original and the oracle from the committed checkpoints (tests/fixtures): the same bits on every CPU."""
     setup = Setup(dataset="fmnist-small", arch="smallcnn", recipe=TrainRecipe(epochs=3), forget=ForgetSpec.parse(spec))
-    return prepare(setup, cache=CheckpointCache(tmp_path_factory.mktemp("ckpt")), progress=False, datasets=fmnist_small)
+    return committed(setup, fmnist_small)
 
 
 def _m(prep, model):
@@ -21,8 +22,8 @@ def _m(prep, model):
     return basic_metrics(model, L["forget"], L["retain"], L["test"])
 
 
-def test_full_class(fmnist_small, tmp_path_factory):
-    prep = _prepare(fmnist_small, tmp_path_factory, "class:9")
+def test_full_class(fmnist_small, committed):
+    prep = _prepare(fmnist_small, committed, "class:9")
     orig, oracle = _m(prep, prep.original), _m(prep, prep.oracle)
     res = unlearn(prep.original, prep.request(), "scissorhands", epochs=2)
     after = _m(prep, res.model)
@@ -32,8 +33,8 @@ def test_full_class(fmnist_small, tmp_path_factory):
     assert res.info["repair_steps"] > 0
 
 
-def test_random_ten_percent(fmnist_small, tmp_path_factory):
-    prep = _prepare(fmnist_small, tmp_path_factory, "random:0.1")
+def test_random_ten_percent(fmnist_small, committed):
+    prep = _prepare(fmnist_small, committed, "random:0.1")
     orig, oracle = _m(prep, prep.original), _m(prep, prep.oracle)
     res = unlearn(prep.original, prep.request(), "scissorhands", epochs=2)
     after = _m(prep, res.model)

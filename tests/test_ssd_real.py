@@ -8,18 +8,19 @@ import torch
 from excise import unlearn
 from excise.data import ForgetSpec
 from excise.evaluation.summary import basic_metrics
-from excise.protocol import Setup, prepare
-from excise.training import CheckpointCache, TrainRecipe
+from excise.protocol import Setup
+from excise.training import TrainRecipe
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def class_forget(fmnist_small, tmp_path_factory):
+def class_forget(fmnist_small, committed):
+    """The 8k-image model and its oracle from the committed checkpoints: trained bits differ across CPUs and
+    thread counts, and these assertions are about what SSD does to one fixed model."""
     setup = Setup(dataset="fmnist-small", arch="smallcnn", recipe=TrainRecipe(epochs=3),
                   forget=ForgetSpec.parse("class:9"), seed=0)
-    cache = CheckpointCache(tmp_path_factory.mktemp("ckpt"))
-    return prepare(setup, cache=cache, progress=False, datasets=fmnist_small)
+    return committed(setup, fmnist_small)
 
 
 def _metrics(prep, model):
@@ -33,14 +34,12 @@ def test_original_learned_and_oracle_never_saw_the_class(class_forget):
     assert oracle["forget_acc"] < 5
 
 
-# Measured on this 8k-image model over training seeds 0–3 on one machine (models differ across CPUs, so the
-# test must hold for all of them): LFSSD's default α = 7 forgets and keeps retain accuracy on 4/4 seeds; SSD's
-# default α = 50 (measured on the 60k-image protocols) forgets on 4/4 but costs ~10 points of retain accuracy on
-# 2/4, α = 100 passes on 4/4; ASSD's automatic α forgets on 0/4 (see test_assd_on_a_small_model below).
-# On another machine (2026-11-25, seed 0) the same code at α = 100 left 12.1 % of the class's train samples
-# recognised (test samples: 6.9 %; α = 80–120 gave 8.5–12.1 %, α = 150 none forgotten: 95 %), so the train-side
-# bound is 15 %: far below the original's ~96 %, which is what tells a forgetting SSD from one that selects nothing.
-@pytest.mark.parametrize("method,hparams", [("ssd", {"alpha": 100.0}), ("lfssd", {})])
+# The committed model (tests/fixtures) fixes the bits; what is left to vary across CPUs is the summation order
+# of the importance passes, which moves only entries whose ratio I_f / I_D lies within float rounding of α.
+# SSD's forgetting on this model is not monotone in α (issue 35's cliff): measured at 1 and 2 threads, α = 60–63
+# and 77–120 leave 7–15 % of the class recognised, α = 66–74 and 125–140 leave ≤ 0.7 %. The test takes α = 130,
+# the middle of a plateau (125–140 all forget, same at 1 and 2 threads); LFSSD's default α = 7 forgets (0 %).
+@pytest.mark.parametrize("method,hparams", [("ssd", {"alpha": 130.0}), ("lfssd", {})])
 def test_class_forgetting_reaches_the_oracle_and_keeps_utility(class_forget, method, hparams):
     prep = class_forget
     orig = _metrics(prep, prep.original)
