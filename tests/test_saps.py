@@ -115,9 +115,9 @@ def test_second_order_matches_a_dense_newton_step():
 
 def test_bad_arguments():
     model, req = _request()
-    with pytest.raises(ValueError, match="unknown selector"):
+    with pytest.raises(ValueError, match="saps: hyperparameter selector must be one of 'hessian'"):
         unlearn(model, req, "saps", selector="magic")
-    with pytest.raises(ValueError, match="unknown update"):
+    with pytest.raises(ValueError, match="saps: hyperparameter update must be one of"):
         unlearn(model, req, "saps", update="leap")
     with pytest.raises(ValueError, match="retain"):
         unlearn(model, UnlearningRequest(forget=req.forget, corrected=req.corrected), "saps")

@@ -131,7 +131,11 @@ def cache_key(**parts: Any) -> str:
 
 
 class CheckpointCache:
-    """Trained models on disk, addressed by the hash of what produced them."""
+    """Trained models on disk, addressed by the hash of what produced them.
+
+    One safetensors file per model holds the weights, their metadata (what trained them, how long it took) and
+    a SHA-256 of the tensors, written atomically: the pair cannot be half-written, and a file that fails its
+    checksum is discarded with a warning and the model trained again."""
 
     def __init__(self, root: Optional[str | os.PathLike] = None):
         self.root = Path(root) if root is not None else default_cache_dir()
@@ -142,18 +146,53 @@ class CheckpointCache:
         return self.root / "models" / f"{key}.safetensors"
 
     def load_into(self, model: nn.Module, key: str) -> Optional[Dict[str, Any]]:
-        """Load a cached state into ``model``; returns the stored metadata or None on a miss."""
+        """Load a cached state into ``model``; returns the stored metadata or None on a miss (a missing,
+        unreadable or corrupt entry: the latter two are deleted with a warning)."""
+        import warnings
+
+        from safetensors import SafetensorError, safe_open
+
+        from .importance.cache import _tensor_digest
+
         p = self.path(key)
         if not p.exists():
             return None
-        load_state(model, p)
-        meta_path = p.with_suffix(".json")
-        return json.loads(meta_path.read_text()) if meta_path.exists() else {}
+        problem = None
+        try:
+            with safe_open(str(p), "pt") as f:
+                header = f.metadata() or {}
+            state = load_tensors(p)
+            legacy = p.with_suffix(".json")
+            if "excise_meta" not in header and legacy.exists():  # an older excise's pair: upgrade it in place
+                meta = json.loads(legacy.read_text())
+                device = model_device(model)
+                model.load_state_dict({k: v.to(device) for k, v in state.items()})
+                self.store(model, key, meta)
+                legacy.unlink()
+                return meta
+            if "excise_meta" not in header or "sha256" not in header:
+                problem = "its metadata is missing (an older excise's file without its .json)"
+            elif header["sha256"] != _tensor_digest(state):
+                problem = "its checksum does not match its tensors"
+        except (SafetensorError, OSError, ValueError, RuntimeError) as e:  # json errors are ValueErrors
+            problem = f"it cannot be read ({e})"
+        if problem is not None:
+            warnings.warn(f"checkpoint cache entry {p} discarded: {problem}; training again", RuntimeWarning,
+                          stacklevel=3)
+            p.unlink(missing_ok=True)
+            p.with_suffix(".json").unlink(missing_ok=True)
+            return None
+        device = model_device(model)
+        model.load_state_dict({k: v.to(device) for k, v in state.items()})
+        return json.loads(header["excise_meta"])
 
     def store(self, model: nn.Module, key: str, meta: Dict[str, Any]) -> None:
-        p = self.path(key)
-        save_state(model, p)
-        atomic_write_bytes(p.with_suffix(".json"), json.dumps(meta, indent=1, default=str).encode())
+        """Weights, metadata and checksum in one file, written atomically."""
+        from .importance.cache import _tensor_digest
+
+        state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        save_tensors(state, self.path(key), metadata={"excise_meta": json.dumps(meta, default=str),
+                                                      "sha256": _tensor_digest(state)})
 
     def get_or_train(self, key_parts: Dict[str, Any], build: Callable[[], nn.Module],
                      fit: Callable[[nn.Module], nn.Module]) -> tuple:

@@ -16,14 +16,23 @@ import torch
 from torch import nn
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically (temporary file in the same folder, then rename)."""
+    """Write ``data`` to ``path`` atomically (temporary file in the same folder, then rename). The file gets the
+    permissions a plain ``open(path, "w")`` would give it (0666 less the umask), not the temporary file's 0600."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+            f.flush()
+            os.fchmod(f.fileno(), 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -170,6 +179,8 @@ class UnlearningResult:
     timings: Dict[str, float] = dataclasses.field(default_factory=dict)  # per phase
     counters: Counters = dataclasses.field(default_factory=Counters)
     info: Dict[str, Any] = dataclasses.field(default_factory=dict)
+    # what the post-checks found (excise.checks): [{"warning": class name, "message": ...}]; empty when all is well
+    warnings: list = dataclasses.field(default_factory=list)
 
     def summary(self) -> Dict[str, Any]:
         return {
@@ -180,4 +191,5 @@ class UnlearningResult:
             "counters": self.counters.as_dict(),
             "selected": self.mask.count() if self.mask is not None else None,
             "info": self.info,
+            "warnings": self.warnings,
         }

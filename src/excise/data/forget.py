@@ -150,6 +150,43 @@ class Splits:
         if not self.hash:
             self.hash = self.content_hash()
 
+    def validate(self) -> None:
+        """Raise a ValueError for splits that cannot be right: duplicate or negative indices, forget or retain
+        outside the training part D, forget ∩ retain, D ∩ validation, forget ∪ retain ≠ D, or one wrong label
+        per forget sample missing."""
+        def ints(name, xs):
+            if xs is None:
+                return None
+            if not isinstance(xs, list) or any(isinstance(i, bool) or not isinstance(i, int) for i in xs):
+                raise ValueError(f"splits: {name} must be a list of integer indices")
+            neg = [i for i in xs if i < 0]
+            if neg:
+                raise ValueError(f"splits: {name} holds negative indices, e.g. {neg[:5]}")
+            if len(set(xs)) != len(xs):
+                seen: set = set()
+                dup = [i for i in xs if i in seen or seen.add(i)]
+                raise ValueError(f"splits: {name} names {len(dup)} indices twice, e.g. {sorted(set(dup))[:5]}")
+            return set(xs)
+
+        sets = {k: ints(k, getattr(self, k)) for k in ("train", "forget", "retain", "val", "test", "test_forget",
+                                                         "test_retain")}
+        if not sets["forget"]:
+            raise ValueError("splits: the forget set is empty")
+        for name, inside, outer in (("forget", sets["forget"], "train"), ("retain", sets["retain"], "train"),
+                                    ("test_forget", sets["test_forget"], "test"),
+                                    ("test_retain", sets["test_retain"], "test")):
+            if inside is not None and sets[outer] and not inside <= sets[outer]:
+                extra = sorted(inside - sets[outer])
+                raise ValueError(f"splits: {len(extra)} {name} indices are not in {outer}, e.g. {extra[:5]}")
+        for a, b in (("forget", "retain"), ("train", "val"), ("forget", "val")):
+            both = sets[a] & sets[b]
+            if both:
+                raise ValueError(f"splits: {len(both)} indices are in both {a} and {b}, e.g. {sorted(both)[:5]}")
+        if sets["forget"] | sets["retain"] != sets["train"]:
+            raise ValueError("splits: forget ∪ retain must be the training part D")
+        if self.wrong_labels is not None and len(self.wrong_labels) != len(self.forget):
+            raise ValueError("splits: a relabel request needs one wrong label per forget sample")
+
     def content_hash(self) -> str:
         body = {k: v for k, v in dataclasses.asdict(self).items() if k != "hash"}
         if body.get("wrong_labels") is None:
@@ -163,18 +200,36 @@ class Splits:
     def load(cls, path: str | os.PathLike) -> "Splits":
         with open(path) as f:
             d = json.load(f)
+        if not isinstance(d, dict):
+            raise ValueError(f"split file {path} does not hold a JSON object")
         stored = d.pop("hash", "")
-        s = cls(**d, hash="")
+        try:
+            s = cls(**d, hash="")
+        except TypeError as e:
+            raise ValueError(f"split file {path} has unexpected or missing fields: {e}") from None
         if stored and stored != s.hash:
             raise ValueError(f"split file {path} is corrupt or edited: stored hash {stored[:12]} != content {s.hash[:12]}")
+        try:
+            s.validate()
+        except ValueError as e:
+            raise ValueError(f"split file {path}: {e}") from None
         return s
 
     def check_dataset(self, train, test=None) -> None:
-        """Raise if the datasets are not the ones these splits were made for."""
+        """Raise if the datasets are not the ones these splits were made for, or an index lies outside them."""
         if train.fingerprint() != self.train_fingerprint:
             raise ValueError("these splits were made for a different training dataset (fingerprint mismatch)")
         if test is not None and self.test_fingerprint is not None and test.fingerprint() != self.test_fingerprint:
             raise ValueError("these splits were made for a different test dataset (fingerprint mismatch)")
+        for name in ("train", "forget", "retain", "val"):
+            xs = getattr(self, name)
+            if xs and max(xs) >= len(train):
+                raise ValueError(f"splits: {name} index {max(xs)} is out of range for a training set of {len(train)}")
+        if test is not None:
+            for name in ("test", "test_forget", "test_retain"):
+                xs = getattr(self, name)
+                if xs and max(xs) >= len(test):
+                    raise ValueError(f"splits: {name} index {max(xs)} is out of range for a test set of {len(test)}")
 
     def sizes(self) -> Dict[str, int]:
         return {k: len(getattr(self, k)) for k in ("train", "forget", "retain", "val", "test")}

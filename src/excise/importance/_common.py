@@ -67,7 +67,19 @@ def accumulate_grads(model: nn.Module, loader, task: Task, batch_loss: Callable,
                 counters.samples_seen += task.batch_size(batch)
     if n_batches == 0:
         raise ValueError(f"{desc}: the loader yielded no batch")
-    return Scores({n: a.div_(n_batches) if average else a for (n, _), a in zip(named, acc)})
+    return check_finite(Scores({n: a.div_(n_batches) if average else a for (n, _), a in zip(named, acc)}), desc, task)
+
+
+def check_finite(scores: Scores, desc: str, task: Task) -> Scores:
+    """Raise a FloatingPointError when an importance pass produced NaN or Inf (e.g. a loss that averages over no
+    valid target, such as cross-entropy with every label = ignore_index): never a silent no-op."""
+    bad = [n for n, v in scores.items() if not bool(torch.isfinite(v).all())]
+    if bad:
+        raise FloatingPointError(
+            f"{desc}: non-finite importance in {len(bad)} parameter tensors ({', '.join(bad[:3])}"
+            f"{' …' if len(bad) > 3 else ''}): the {getattr(task, 'name', type(task).__name__)} loss "
+            "on this data is not finite (labels all ignored, e.g. -100? inputs with NaN?)")
+    return scores
 
 
 def as_dict(scores: Dict[str, torch.Tensor]) -> Scores:
@@ -121,7 +133,7 @@ def squared_sample_grads(model: nn.Module, loader, task: Task, target_sets: Call
                 counters.samples_seen += len(x)
     if total == 0:
         raise ValueError(f"{desc}: the loader yielded no sample")
-    return Scores({n: a.div_(total) for n, a in acc.items()})
+    return check_finite(Scores({n: a.div_(total) for n, a in acc.items()}), desc, task)
 
 
 def _has_targets(batch) -> bool:

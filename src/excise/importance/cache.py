@@ -1,15 +1,23 @@
-"""Cache of importance scores, keyed by (model weights hash, data fingerprint, estimator).
+"""Cache of importance scores, keyed by everything the scores depend on.
 
 The importance of the full training set D does not depend on the request, so it is computed once
-per model and reused: each later request pays only a pass over D_f. A change to the weights changes
-the key, so stale scores are never served.
+per model and reused: each later request pays only a pass over D_f. The key covers the weights and
+buffers, which parameters require grad, the network's code (every module's type, its configuration and
+the source of its ``forward``), the Task (its class, the source of its methods and its attributes), the
+data (content, batching and order), the estimator and its options, and the device type. Entries on disk
+carry a SHA-256 of their tensors: an entry that fails it is discarded with a warning and recomputed.
+
+What the key cannot see: a forward pass that reads global state or a closure defined outside the module.
+Pass ``importance_cache=False`` to :func:`excise.unlearn` for such a model.
 """
 
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Tuple
 
@@ -54,6 +62,53 @@ def loader_fingerprint(loader) -> Optional[str]:
     return f"{fp}|bs={loader.batch_size}|drop_last={loader.drop_last}|{order}"
 
 
+def _source(obj) -> str:
+    """The source text of a function or class; its qualified name where the source cannot be read."""
+    try:
+        return inspect.getsource(obj)
+    except (OSError, TypeError):
+        return f"{getattr(obj, '__module__', '?')}.{getattr(obj, '__qualname__', repr(obj))}"
+
+
+def _class_code(cls) -> str:
+    """The source of every class in ``cls``'s MRO that is not torch's or Python's own."""
+    parts = []
+    for c in cls.__mro__:
+        mod = getattr(c, "__module__", "") or ""
+        if c is object or mod.split(".")[0] in ("torch", "builtins"):
+            parts.append(f"{mod}.{c.__qualname__}")
+        else:
+            parts.append(_source(c))
+    return "\n".join(parts)
+
+
+def model_code_fingerprint(model: nn.Module) -> str:
+    """The network's code and configuration: each module's name, type and ``extra_repr`` (e.g. a layer's sizes,
+    an activation's settings), the source of every non-torch module class, and which parameters require grad."""
+    h = hashlib.sha256()
+    for name, m in model.named_modules():
+        h.update(f"{name}|{type(m).__module__}.{type(m).__qualname__}|{m.extra_repr()}".encode())
+    for cls in sorted({type(m) for m in model.modules()}, key=lambda c: f"{c.__module__}.{c.__qualname__}"):
+        h.update(_class_code(cls).encode())
+    h.update(json.dumps([(n, p.requires_grad) for n, p in model.named_parameters()]).encode())
+    return h.hexdigest()
+
+
+def task_fingerprint(task) -> str:
+    """The Task's class (source of its code) and its attributes (e.g. a label-smoothing factor)."""
+    state = {k: repr(v) for k, v in sorted(vars(task).items())} if hasattr(task, "__dict__") else {}
+    return hashlib.sha256(f"{_class_code(type(task))}|{json.dumps(state, sort_keys=True)}".encode()).hexdigest()
+
+
+def _tensor_digest(tensors: Dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for k in sorted(tensors):
+        t = tensors[k].detach().cpu().contiguous()
+        h.update(f"{k}|{tuple(t.shape)}|{t.dtype}".encode())
+        h.update(t.view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 class ImportanceCache:
     """In-memory and (optionally) on-disk store of Scores."""
 
@@ -73,32 +128,58 @@ class ImportanceCache:
         return None if self.root is None else self.root / "importance" / f"{key}.safetensors"
 
     def get(self, key: str) -> Optional[Scores]:
+        """The stored scores, or None. A disk entry that cannot be read or fails its checksum is deleted with a
+        warning (and so recomputed by :meth:`get_or_compute`)."""
         if self._mem is not None and key in self._mem:
             return self._mem[key]
         p = self._path(key)
-        if p is not None and p.exists():
+        if p is None or not p.exists():
+            return None
+        from safetensors import SafetensorError, safe_open
+
+        problem = None
+        try:
+            with safe_open(str(p), "pt") as f:
+                stored = (f.metadata() or {}).get("sha256")
             s = Scores.load(p)
-            if self._mem is not None:
-                self._mem[key] = s
-            return s
-        return None
+            if stored is None:
+                problem = "it has no checksum"
+            elif stored != _tensor_digest(s):
+                problem = "its checksum does not match its tensors"
+        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+            problem = f"it cannot be read ({e})"
+        if problem is not None:
+            warnings.warn(f"importance cache entry {p} is corrupt: {problem}; discarded, recomputing", RuntimeWarning,
+                          stacklevel=3)
+            p.unlink(missing_ok=True)
+            return None
+        if self._mem is not None:
+            self._mem[key] = s
+        return s
 
     def put(self, key: str, scores: Scores) -> None:
         if self._mem is not None:
             self._mem[key] = scores
         p = self._path(key)
         if p is not None:
-            scores.save(p)
+            from ..types import save_tensors
+
+            save_tensors(scores, p, metadata={"type": "Scores", "sha256": _tensor_digest(scores)})
 
     def get_or_compute(self, model: nn.Module, loader, estimator: str, compute: Callable[[], Scores],
-                       options: Optional[Dict[str, Any]] = None, data_key: Optional[str] = None) -> Tuple[Scores, str]:
-        """Return ``(scores, status)`` with status ``hit``, ``miss`` or ``uncacheable`` (data of unknown content)."""
+                       options: Optional[Dict[str, Any]] = None, data_key: Optional[str] = None,
+                       task: Any = None) -> Tuple[Scores, str]:
+        """Return ``(scores, status)`` with status ``hit``, ``miss`` or ``uncacheable`` (data of unknown content).
+        ``task``: the Task the scores are computed with (part of the key)."""
+        from ..tasks import model_device
         from ..training import state_hash
 
         data_key = data_key or loader_fingerprint(loader)
         if data_key is None:
             return compute(), "uncacheable"
-        key = self.key(state_hash(model), data_key, estimator, options or {})
+        opts = dict(options or {}, model_code=model_code_fingerprint(model), device=model_device(model).type,
+                    task=task_fingerprint(task) if task is not None else None)
+        key = self.key(state_hash(model), data_key, estimator, opts)
         found = self.get(key)
         if found is not None:
             self.hits += 1

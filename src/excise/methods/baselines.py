@@ -29,9 +29,12 @@ from ..selection import Scope
 from ..tasks import model_device
 from ..training import seeded_loader
 from ..types import Mask, Scores, UnlearningResult
-from .registry import Int, Real, register
+from .registry import COUNT, FRACTION, MAYBE_COUNT, MOMENTUM, NONNEG, POS, SEED, UNIT, Int, Param, Real, register, scope_param
 
 _COMMON = dict(lr=0.01, epochs=1, max_steps=None, batch_size=128, momentum=0.9, weight_decay=5e-4, seed=0)
+# the shared loop's hyperparameters: their types and valid values, checked before any work
+_PARAMS = dict(lr=POS, epochs=COUNT, max_steps=MAYBE_COUNT, batch_size=COUNT, momentum=MOMENTUM, weight_decay=NONNEG,
+               seed=SEED)
 
 
 def _reshuffled(loader, batch_size: int, seed: int, what: str):
@@ -72,6 +75,7 @@ LR = Real(1e-3, 0.1, log=True)  # the learning-rate range every SGD baseline is 
 
 
 @register("finetune", defaults=dict(_COMMON, lr=0.02, epochs=2), space=dict(lr=LR, epochs=Int(1, 3)),
+          params=_PARAMS,
           summary="Fine-tune on the retain set (catastrophic forgetting of D_f)")
 def finetune(model, request, ctx, **hp):
     task = request.task
@@ -90,6 +94,7 @@ def finetune(model, request, ctx, **hp):
 # None. (Revision 1: before, max_steps only capped one pass, so values above a pass searched nothing.)
 @register("neggrad", defaults=dict(_COMMON, lr=5e-4, max_steps=50),
           space=dict(lr=Real(1e-5, 1e-2, log=True), max_steps=Int(5, 200, log=True)),
+          params=_PARAMS,
           summary="Gradient ascent on the forget set", revision=1)
 def neggrad(model, request, ctx, **hp):
     task = request.task
@@ -104,6 +109,7 @@ def neggrad(model, request, ctx, **hp):
 
 
 @register("neggrad_plus", defaults=dict(_COMMON, beta=0.999), space=dict(lr=LR, beta=Real(0.9, 0.9999)),
+          params=dict(_PARAMS, beta=UNIT),
           summary="NegGrad+: β·L(retain) − (1−β)·L(forget) in one loss")
 def neggrad_plus(model, request, ctx, beta, **hp):
     if not 0.0 <= beta <= 1.0:
@@ -133,12 +139,14 @@ def _random_label_fit(model, request, ctx, hp, mask, desc):
 
 
 @register("random_labels", defaults=dict(_COMMON), space=dict(lr=LR),
+          params=_PARAMS,
           summary="Fine-tune on retain plus the forget set with random wrong labels")
 def random_labels(model, request, ctx, **hp):
     return _result(model, _random_label_fit(model, request, ctx, hp, None, "random labels"))
 
 
 @register("salun", defaults=dict(_COMMON, k=0.5, scope=None), space=dict(lr=LR, k=Real(0.05, 0.9)),
+          params=dict(_PARAMS, k=FRACTION, scope=scope_param()),
           summary="SalUn: random-label fine-tuning restricted to the top-k gradient saliency on D_f")
 def salun(model, request, ctx, k, scope, **hp):
     with ctx.timer.phase("importance_forget"):
@@ -153,6 +161,7 @@ def salun(model, request, ctx, k, scope, **hp):
 
 @register("l1_sparse", defaults=dict(_COMMON, lr=0.02, epochs=2, alpha=5e-4),
           space=dict(lr=LR, epochs=Int(1, 3), alpha=Real(1e-5, 1e-3, log=True)),
+          params=dict(_PARAMS, alpha=NONNEG),
           summary="Fine-tune on retain with an α‖θ‖₁ penalty decaying linearly to 0")
 def l1_sparse(model, request, ctx, alpha, **hp):
     if alpha < 0 or not math.isfinite(alpha):
@@ -199,6 +208,9 @@ def _frozen_copy(model):
                                  max_lr=0.02, max_clip=1.0),
           space=dict(lr=LR, epochs=Int(1, 4), max_epochs=Int(1, 2), max_lr=Real(1e-3, 0.3, log=True),
                      max_clip=Real(0.1, 10.0, log=True)),
+          params=dict(_PARAMS, max_epochs=Param(int, low=0), alpha=NONNEG, gamma=NONNEG, temperature=POS,
+                     max_lr=Param(float, low=0.0, low_open=True, nullable=True),
+                     max_clip=Param(float, low=0.0, low_open=True, nullable=True)),
           summary="SCRUB: student pushed away from the original on D_f (max-steps), kept close on retain (min-steps)")
 def scrub(model, request, ctx, max_epochs, alpha, gamma, temperature, max_lr, max_clip, **hp):
     """Each epoch: one pass over retain minimising α·KL + γ·CE, then (while epoch < ``max_epochs``) one pass over
@@ -236,6 +248,7 @@ def scrub(model, request, ctx, max_epochs, alpha, gamma, temperature, max_lr, ma
 
 @register("bad_teacher", defaults=dict(_COMMON, temperature=1.0),
           space=dict(lr=LR, temperature=Real(0.5, 4.0, log=True)),
+          params=dict(_PARAMS, temperature=POS),
           summary="Bad teacher: distil from the original on retain and from a random network on D_f")
 def bad_teacher(model, request, ctx, temperature, **hp):
     """Each step pairs a retain batch (target: the original model, a frozen copy) with a forget batch (target: an
@@ -246,10 +259,11 @@ def bad_teacher(model, request, ctx, temperature, **hp):
     task = request.task
     good = _frozen_copy(model)
     bad = _frozen_copy(model)
-    torch.manual_seed(hp["seed"])
-    for m in bad.modules():
-        if hasattr(m, "reset_parameters"):
-            m.reset_parameters()
+    with torch.random.fork_rng(devices=[]):  # seeded, and the caller's global RNG is left as it was
+        torch.manual_seed(hp["seed"])
+        for m in bad.modules():
+            if hasattr(m, "reset_parameters"):
+                m.reset_parameters()
     retain = _reshuffled(request.retain, hp["batch_size"], hp["seed"], "retain")
     forget = cycle(_reshuffled(request.forget, hp["batch_size"], hp["seed"] + 1, "forget"))
     device = model_device(model)
@@ -263,24 +277,45 @@ def bad_teacher(model, request, ctx, temperature, **hp):
     return _result(model, _loop(model, ctx, task, retain, loss, desc="bad teacher", **_hp(hp)))
 
 
+def _reset_keeping_frozen(module) -> None:
+    """``module.reset_parameters()``, then its frozen parameters (and, when all of its own parameters are frozen,
+    its own buffers) written back."""
+    own = dict(module.named_parameters(recurse=False))
+    frozen = {n: p.detach().clone() for n, p in own.items() if not p.requires_grad}
+    buffers = {n: b.detach().clone() for n, b in module.named_buffers(recurse=False)} \
+        if own and len(frozen) == len(own) else {}
+    module.reset_parameters()
+    with torch.no_grad():
+        for n, v in frozen.items():
+            own[n].copy_(v)
+        for n, v in buffers.items():
+            getattr(module, n).copy_(v)
+
+
 @register("retrain", defaults=dict(epochs=3, lr=0.05, momentum=0.9, weight_decay=5e-4, batch_size=128,
                                    schedule="cosine", seed=0),
+          params=dict({k: v for k, v in _PARAMS.items() if k != "max_steps"},
+                      schedule=Param(str, options=("cosine", "constant"))),
           summary="Retrain from scratch on the retain set (the gold standard; the bench uses its cached oracle)")
 def retrain(model, request, ctx, epochs, lr, momentum, weight_decay, batch_size, schedule, seed):
     """Every module with ``reset_parameters`` is re-initialised under ``seed``, then trained on the retain set
     with the training recipe given by the hyperparameters (excise's TrainRecipe defaults). Benchmarks use the
-    oracle from the checkpoint cache instead, trained with the protocol's own recipe."""
+    oracle from the checkpoint cache instead, trained with the protocol's own recipe.
+
+    Frozen parameters (``requires_grad=False``) are a fixed, pretrained part of the model: they keep their
+    values, and a module whose parameters are all frozen keeps its buffers too (e.g. BatchNorm statistics).
+    The caller's global RNG is left as it was."""
     from ..training import TrainRecipe, train
 
     if request.retain is None:
         raise ValueError("retrain needs a retain loader")
     recipe = TrainRecipe(epochs=epochs, lr=lr, momentum=momentum, weight_decay=weight_decay, batch_size=batch_size,
                          schedule=schedule)
-    torch.manual_seed(seed)
-    with ctx.timer.phase("edit"):
+    with ctx.timer.phase("edit"), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
         for m in model.modules():
             if hasattr(m, "reset_parameters"):
-                m.reset_parameters()
+                _reset_keeping_frozen(m)
         loader = seeded_loader(request.retain.dataset, None, batch_size, shuffle=True, seed=seed)
         train(model, loader, recipe, task=request.task, seed=seed, progress=ctx.progress, desc="retrain")
     ctx.counters.forward_passes += epochs * len(loader)

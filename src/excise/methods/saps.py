@@ -31,10 +31,12 @@ from ..edit import masked_sgd
 from ..edit.linalg import conjugate_gradient
 from ..importance import summed_gradient
 from ..importance._common import eval_mode, trainable
+from ..importance.hessian import ESTIMATORS
 from ..selection import Scope
 from ..tasks import model_device
 from ..types import Mask, Scores, UnlearningResult
-from .registry import Choice, Real, register
+from .registry import (COUNT, FRACTION, MAYBE_COUNT, NONNEG, POS, SEED, UNIT, Choice, Param, Real, register,
+                       scope_param)
 
 SELECTORS = ("hessian", "all", "last_layer", "random", "grad_magnitude")
 UPDATES = ("first_order", "diagonal", "second_order", "steps")
@@ -176,7 +178,16 @@ SPACE = dict(k=Real(1e-3, 0.1, log=True), update=Choice(("second_order", "steps"
              lr=Real(1e-3, 0.1, log=True), beta=Real(0.5, 0.999), correction_weight=Real(0.0, 1.0))
 
 
-@register("saps", defaults=DEFAULTS, space=SPACE,
+PARAMS = dict(k=FRACTION, selector=Param(str, options=SELECTORS), largest=Param(bool), estimator=Param(str, options=ESTIMATORS),
+              backend=Param(str, options=("torch", "backpack")),
+              curvature=Param(str, options=("corrected", "retain", "train")), curvature_samples=MAYBE_COUNT,
+              probes=COUNT, mc_samples=COUNT, update=Param(str, options=UPDATES), tau=POS, delta=NONNEG,
+              cg_iters=COUNT, cg_samples=MAYBE_COUNT, curvature_product=Param(str, options=("ggn", "hessian")),
+              lr=POS, epochs=COUNT, max_steps=MAYBE_COUNT, beta=UNIT, batch_size=COUNT, correction_weight=NONNEG,
+              scope=scope_param(), seed=SEED)
+
+
+@register("saps", defaults=DEFAULTS, space=SPACE, params=PARAMS,
           summary="SAPS: select the largest Hessian-diagonal entries, apply the correction update to them only")
 def saps(model, request, ctx, k, selector, largest, estimator, backend, curvature, curvature_samples, probes,
          mc_samples, update, tau, delta, cg_iters, cg_samples, curvature_product, lr, epochs, max_steps, beta,
@@ -199,7 +210,8 @@ def saps(model, request, ctx, k, selector, largest, estimator, backend, curvatur
                     model, h_loader, f"hessian_diag:{estimator}:{backend}",
                     lambda: importance.hessian_diag(model, h_loader, task, estimator, probes=probes,
                                                     mc_samples=mc_samples, seed=seed, counters=ctx.counters,
-                                                    progress_bar=ctx.progress, backend=backend), opts)
+                                                    progress_bar=ctx.progress, backend=backend), opts,
+                    task=task)
             if info["curvature_cache"] == "hit":
                 ctx.counters.importance_cache_hits += 1
             elif info["curvature_cache"] == "miss":

@@ -24,7 +24,8 @@ from ..importance._common import eval_mode, progress
 from ..selection import Scope
 from ..tasks import model_device
 from ..types import UnlearningResult
-from .registry import Real, register
+from .registry import (COUNT, FRACTION, MAYBE_COUNT, MOMENTUM, NONNEG, POS, SEED, Param, Real, register,
+                       scope_param)
 
 PAPER = dict(k=0.03, lam=0.05, lr=5e-3, epochs=10, max_steps=None, batch_size=256)
 DEFAULTS = dict(k=0.03, lam=0.05, lr=5e-3, epochs=1, max_steps=None, batch_size=256, n_batches=1, margin=0.5, memories=1,
@@ -43,7 +44,13 @@ def _grad_of(model, params, loss) -> torch.Tensor:
     return torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, params)])
 
 
-@register("scissorhands", defaults=DEFAULTS, presets={"paper": PAPER},
+PARAMS = dict(k=FRACTION, lam=NONNEG, lr=POS, epochs=COUNT, max_steps=MAYBE_COUNT, batch_size=COUNT,
+              n_batches=MAYBE_COUNT, margin=NONNEG, memories=COUNT, momentum=MOMENTUM, weight_decay=NONNEG,
+              scope=scope_param(), projection=Param(bool), norm_stats=Param(str, options=("update", "freeze")),
+              seed=SEED)
+
+
+@register("scissorhands", defaults=DEFAULTS, presets={"paper": PAPER}, params=PARAMS,
           space=dict(k=Real(0.005, 0.2, log=True), lam=Real(0.005, 0.5, log=True), lr=Real(1e-3, 3e-2, log=True)),
           summary="Scissorhands: re-initialise the top-k % by |θ·∇L_f|, repair on retain under a projection")
 def scissorhands(model, request, ctx, k, lam, lr, epochs, max_steps, batch_size, n_batches, margin, memories, momentum,

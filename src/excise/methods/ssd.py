@@ -19,7 +19,7 @@ from .. import importance, selection
 from ..edit import dampen
 from ..selection import Scope
 from ..types import UnlearningResult
-from .registry import Real, register
+from .registry import POS, Param, Real, register, scope_param
 
 # excise's defaults, measured on the shipped Fashion-MNIST protocols (benchmarks/results/ssd.md). With the
 # batch-mode Fisher at batch 256 the forget-set batches are single-class and their mean gradients do not
@@ -30,6 +30,9 @@ SSD_DEFAULTS = dict(alpha=50.0, lam=1.0, fisher_mode="batch", scope=None)
 LFSSD_DEFAULTS = dict(SSD_DEFAULTS, alpha=7.0)
 PAPER = dict(alpha=10.0, lam=1.0)
 SPACE = dict(alpha=Real(1.0, 300.0, log=True), lam=Real(0.1, 10.0, log=True))
+PARAMS = dict(alpha=Param(float, low=0.0, low_open=True, special=("auto",)), lam=POS,
+              fisher_mode=Param(str, options=("batch", "per_sample")), scope=scope_param())
+ASSD_PARAMS = {k: v for k, v in PARAMS.items() if k != "alpha"}
 
 
 def _n_samples(loader) -> int:
@@ -60,7 +63,15 @@ def _eligible(model, scope):
     return (scope if isinstance(scope, Scope) else Scope.parse(scope)).names(model)
 
 
-def _scores(model, loader, ctx, task, label_free: bool, fisher_mode: str, cache: bool, data_key: Optional[str] = None):
+def _scores(model, loader, ctx, task, label_free: bool, fisher_mode: str, cache: bool, data_key: Optional[str] = None,
+            what: str = "data"):
+    try:
+        return _cached_scores(model, loader, ctx, task, label_free, fisher_mode, cache, data_key)
+    except FloatingPointError as e:
+        raise FloatingPointError(f"importance on {what}: {e}") from None
+
+
+def _cached_scores(model, loader, ctx, task, label_free, fisher_mode, cache, data_key):
     if label_free:
         compute = lambda: importance.label_free(model, loader, task, ctx.counters, ctx.progress)  # noqa: E731
         est, opts = "label_free", {}
@@ -69,7 +80,8 @@ def _scores(model, loader, ctx, task, label_free: bool, fisher_mode: str, cache:
         est, opts = "fisher", {"mode": fisher_mode}
     if not cache:
         return compute(), "not cached"
-    scores, status = ctx.importance_cache.get_or_compute(model, loader, est, compute, opts, data_key=data_key)
+    scores, status = ctx.importance_cache.get_or_compute(model, loader, est, compute, opts, data_key=data_key,
+                                                         task=task)
     if status == "hit":
         ctx.counters.importance_cache_hits += 1
     elif status == "miss":
@@ -83,9 +95,11 @@ def _run(model, request, ctx, *, alpha, lam, fisher_mode, scope, label_free: boo
     ref_loader = _reference_loader(request, reference)
     key = request.train_key if (request.train is not None and ref_loader is request.train) else None
     with ctx.timer.phase("importance_ref"):
-        i_ref, status = _scores(model, ref_loader, ctx, request.task, label_free, fisher_mode, cache=True, data_key=key)
+        i_ref, status = _scores(model, ref_loader, ctx, request.task, label_free, fisher_mode, cache=True, data_key=key,
+                               what=f"the reference data ({reference if reference == 'retain' else 'D'})")
     with ctx.timer.phase("importance_forget"):
-        i_f, _ = _scores(model, request.forget, ctx, request.task, label_free, fisher_mode, cache=False)
+        i_f, _ = _scores(model, request.forget, ctx, request.task, label_free, fisher_mode, cache=False,
+                         what="the forget set")
     with ctx.timer.phase("select"):
         eligible = _eligible(model, scope)
         info = {"ref_importance_cache": status}
@@ -103,7 +117,7 @@ def _run(model, request, ctx, *, alpha, lam, fisher_mode, scope, label_free: boo
     return UnlearningResult(model=model, method="", hparams={}, mask=mask, info=info)
 
 
-@register("ssd", defaults=SSD_DEFAULTS, presets={"paper": PAPER}, space=SPACE,
+@register("ssd", defaults=SSD_DEFAULTS, presets={"paper": PAPER}, space=SPACE, params=PARAMS,
           summary="Selective Synaptic Dampening: Fisher on D vs D_f, dampen where D_f dominates")
 def ssd(model, request, ctx, alpha, lam, fisher_mode, scope):
     """SSD: I_D = Fisher on the full training data, I_f on D_f; select I_f > α·I_D; dampen."""
@@ -111,7 +125,7 @@ def ssd(model, request, ctx, alpha, lam, fisher_mode, scope):
                 label_free=False, reference="train")
 
 
-@register("lfssd", defaults=LFSSD_DEFAULTS, presets={"paper": PAPER}, space=SPACE,
+@register("lfssd", defaults=LFSSD_DEFAULTS, presets={"paper": PAPER}, space=SPACE, params=PARAMS,
           summary="Label-free SSD: importance from ‖f(x)‖², no labels needed")
 def lfssd(model, request, ctx, alpha, lam, fisher_mode, scope):
     """LFSSD: SSD with label-free importance (|∇ mean ‖f(x)‖²|); the loaders need no labels."""
@@ -120,6 +134,7 @@ def lfssd(model, request, ctx, alpha, lam, fisher_mode, scope):
 
 
 @register("assd", defaults=dict(lam=1.0, fisher_mode="batch", scope=None), space=dict(lam=SPACE["lam"]),
+          params=ASSD_PARAMS,
           summary="Automatic SSD: α from a percentile of the I_f/I_retain ratios")
 def assd(model, request, ctx, lam, fisher_mode, scope):
     """ASSD: reference importance on the retain set; α = percentile p = 100 − ln(1 + 100·|D_f|/|D|) of I_f/I_ref."""
