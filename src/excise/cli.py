@@ -11,17 +11,22 @@ from typing import Any, Dict, List, Optional
 DEMO_METHODS = ("ssd", "lfssd", "assd")
 
 
-def _parse_hparams(items: Optional[List[str]]) -> Dict[str, Any]:
+def _parse_hparams(items: Optional[List[str]], method: str) -> Dict[str, Any]:
+    """``NAME=VALUE`` strings, each value parsed by the method's declared type for NAME (an error names both)."""
+    from .methods.registry import parse_hparam
+
     out: Dict[str, Any] = {}
     for item in items or []:
         if "=" not in item:
-            raise SystemExit(f"error: --hp takes NAME=VALUE, got {item!r}")
+            raise ValueError(f"--hp takes NAME=VALUE, got {item!r}")
         k, v = item.split("=", 1)
-        try:
-            out[k] = json.loads(v)
-        except json.JSONDecodeError:
-            out[k] = v
+        out[k.strip()] = parse_hparam(method, k.strip(), v)
     return out
+
+
+def _warn_lines(res) -> None:
+    for w in res.warnings:
+        print(f"warning: {w['message']}", file=sys.stderr)
 
 
 def _fmt(v: Any) -> str:
@@ -88,7 +93,11 @@ def cmd_demo(args) -> int:
     from .training import default_cache_dir, state_hash
     from .types import atomic_write_bytes
 
+    from .outputs import OutputFolder
+
     setup = _setup_from_args(args)
+    folder = OutputFolder(args.out, overwrite=args.overwrite, replace_own=True).check()
+    hps = {name: _parse_hparams(args.hp, name) for name in args.methods}
     print(f"excise demo: {setup.dataset}, {setup.arch}, forget {setup.forget.label()}, seed {setup.seed}", flush=True)
     prep = prepare(setup, progress=not args.quiet, device=args.device)
     print(f"  original model: {'cache' if prep.cache_hits['original'] else 'trained'}; retrain oracle: "
@@ -112,21 +121,24 @@ def cmd_demo(args) -> int:
     rows = [_row("original", cached_metrics(prep.original), None, None),
             _row("retrain (oracle)", cached_metrics(prep.oracle), retrain_s, retrain_s)]
     request = prep.request()
-    hp = _parse_hparams(args.hp)
     for name in args.methods:
-        res = unlearn(prep.original, request, name, preset=args.preset, progress=not args.quiet,
-                      **{k: v for k, v in hp.items()})
+        res = unlearn(prep.original, request, name, preset=args.preset, progress=not args.quiet, **hps[name])
+        _warn_lines(res)
         row = _row(name, metrics(res.model), res.seconds, retrain_s, res.info.get("selected_fraction"))
         row["ref_importance_cache"] = res.info.get("ref_importance_cache")
+        row["warnings"] = res.warnings
         rows.append(row)
     print()
     print(render_table(rows))
-    out = Path(args.out)
     meta = {"setup": {"dataset": setup.dataset, "arch": setup.arch, "forget": setup.forget.to_dict(),
                       "recipe": setup.recipe.to_dict(), "seed": setup.seed},
-            "split_hash": prep.splits.hash, "sizes": prep.splits.sizes(), "preset": args.preset, "hparams": hp}
-    write_outputs(out, rows, meta, "excise demo")
-    prep.splits.save(out / "splits.json")
+            "split_hash": prep.splits.hash, "sizes": prep.splits.sizes(), "preset": args.preset, "hparams": hps}
+    try:
+        write_outputs(folder.staging, rows, meta, "excise demo")
+        prep.splits.save(folder.staging / "splits.json")
+        out = folder.commit()
+    finally:
+        folder.abort()
     print(f"\nwrote {out / 'results.md'}, {out / 'results.json'} and {out / 'splits.json'}")
     return 0
 
@@ -135,24 +147,26 @@ def cmd_unlearn(args) -> int:
     from . import unlearn
     from .evaluation import accuracy
     from .evaluation.summary import basic_metrics
+    from .methods import get_method
+    from .outputs import OutputFolder
     from .protocol import prepare
-    from .training import load_state, save_state
+    from .training import load_state, read_state, save_state
 
+    # everything that can be refused is refused before the data is loaded or a pass is made
+    folder = OutputFolder(args.out, inputs=[args.model], overwrite=args.overwrite).check()
+    get_method(args.method)
+    hp = _parse_hparams(args.hp, args.method)
+    read_state(args.model)
     setup = _setup_from_args(args)
     prep = prepare(setup, with_original=False, with_oracle=False, progress=not args.quiet, device=args.device)
     model = prep.build()
     try:
         load_state(model, args.model)
-    except RuntimeError as e:
-        raise SystemExit(f"error: {args.model} does not fit --arch {args.arch}: {e}") from None
+    except ValueError as e:
+        raise ValueError(f"{e} (--arch {args.arch})") from None
     model.eval()
-    res = unlearn(model, prep.request(), args.method, preset=args.preset, progress=not args.quiet,
-                  **_parse_hparams(args.hp))
-    out = Path(args.out)
-    save_state(res.model, out / "model.safetensors")
-    if res.mask is not None:
-        res.mask.save(out / "mask.safetensors")
-    prep.splits.save(out / "splits.json")
+    res = unlearn(model, prep.request(), args.method, preset=args.preset, progress=not args.quiet, **hp)
+    _warn_lines(res)
     L = prep.loaders
 
     def metrics(m):
@@ -163,9 +177,19 @@ def cmd_unlearn(args) -> int:
 
     rows = [_row("before", metrics(model), None, None),
             _row(args.method, metrics(res.model), res.seconds, None, res.info.get("selected_fraction"))]
+    rows[1]["warnings"] = res.warnings
     print(render_table(rows))
-    write_outputs(out, rows, {"model": str(args.model), "result": res.summary(), "split_hash": prep.splits.hash},
-                  f"excise unlearn {args.method}")
+    try:  # every file into the staging folder, then one rename: the folder holds this run or the previous one
+        stage = folder.staging
+        save_state(res.model, stage / "model.safetensors")
+        if res.mask is not None:
+            res.mask.save(stage / "mask.safetensors")
+        prep.splits.save(stage / "splits.json")
+        write_outputs(stage, rows, {"model": str(args.model), "result": res.summary(), "split_hash": prep.splits.hash},
+                      f"excise unlearn {args.method}")
+        out = folder.commit()
+    finally:
+        folder.abort()
     print(f"\nwrote {out / 'model.safetensors'} (the input checkpoint is unchanged) and results in {out}")
     return 0
 
@@ -197,7 +221,7 @@ def cmd_tune(args) -> int:
     seed = args.seed[0] if args.seed and len(args.seed) == 1 else args.seed
     res = tune(args.method, args.protocol, budget=args.budget, seed=seed, floor=args.floor,
                floor_ref=args.floor_ref, storage=args.storage, device=args.device, progress=not args.quiet,
-               fixed=_parse_hparams(args.hp) if args.hp else None, timeout=args.timeout, check=args.check,
+               fixed=_parse_hparams(args.hp, args.method) if args.hp else None, timeout=args.timeout, check=args.check,
                start=_starts(args))
     print(res.summary())
     o, b = res.oracle_metrics, res.best_metrics
@@ -229,7 +253,7 @@ def _starts(args) -> List[Dict[str, Any]]:
     from .methods import get_method
     from .tuning import load_tuned, search_space
 
-    starts = [_parse_hparams(item.split(",")) for item in args.start or []]
+    starts = [_parse_hparams(item.split(","), args.method) for item in args.start or []]
     if args.start_tuned:
         proto = load_protocol(args.protocol)
         table = None if args.write in (None, True) else args.write
@@ -299,8 +323,8 @@ def cmd_evaluate(args) -> int:
     model = build_model(setup.arch, train.input_shape, train.num_classes, **setup.arch_kwargs)
     try:
         load_state(model, args.model)
-    except RuntimeError as e:
-        raise SystemExit(f"error: {args.model} does not fit the protocol's architecture {setup.arch}: {e}") from None
+    except ValueError as e:
+        raise ValueError(f"{e} (the protocol's architecture {setup.arch})") from None
     device = resolve_device(args.device)
     report = evaluate(model.to(device), proto, seed=setup.seed, name=args.name, progress=not args.quiet, device=device)
     report.save(args.out)
@@ -350,18 +374,22 @@ def _device_arg(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="excise", description="Machine unlearning for PyTorch.")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = parser.add_subparsers(dest="cmd", required=True)
     d = sub.add_parser("demo", help="Fashion-MNIST small CNN: forget a class with ssd / lfssd / assd vs retraining")
     _common(d)
     d.add_argument("--methods", "--method", nargs="+", default=list(DEMO_METHODS),
                    help="registered method names (see `excise methods`)")
-    d.add_argument("--out", default="excise-out/demo")
+    d.add_argument("--out", default="excise-out/demo",
+                   help="output folder, written as a unit (replaces an earlier demo's output; else it must be empty)")
+    d.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     d.set_defaults(func=cmd_demo)
     u = sub.add_parser("unlearn", help="unlearn from a user's checkpoint (safetensors or a state dict)")
     _common(u)
     u.add_argument("--model", required=True, help="checkpoint: .safetensors, or a state dict (.pt, weights only)")
     u.add_argument("--method", default="ssd")
-    u.add_argument("--out", required=True)
+    u.add_argument("--out", required=True, help="output folder, written as a unit; must be new or empty")
+    u.add_argument("--overwrite", action="store_true", help="replace the contents of a non-empty --out")
     u.set_defaults(func=cmd_unlearn)
     b = sub.add_parser("bench", help="run a protocol (shipped name or TOML path; 'list' lists them) and write a report")
     b.add_argument("protocol")
@@ -429,11 +457,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# what a user's input can cause: one line and exit code 2 (the traceback with --debug)
+USER_ERRORS = (ValueError, OSError, ImportError, FloatingPointError)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
+    import warnings
+
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
-    except (ValueError, FileNotFoundError, ImportError) as e:
+        with warnings.catch_warnings():
+            from .checks import ExciseWarning
+
+            warnings.simplefilter("ignore", ExciseWarning)  # printed as one line each from result.warnings
+            return args.func(args)
+    except USER_ERRORS as e:
+        if args.debug:
+            raise
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -217,17 +217,52 @@ def save_state(model: nn.Module, path: str | os.PathLike) -> None:
     save_tensors(model.state_dict(), path)
 
 
-def load_state(model: nn.Module, path: str | os.PathLike, strict: bool = True) -> nn.Module:
-    """Load a safetensors file or a plain state dict (``torch.load(weights_only=True)``) into ``model``."""
+def read_state(path: str | os.PathLike) -> Dict[str, torch.Tensor]:
+    """The tensors of a checkpoint: a safetensors file or a plain state dict (``torch.load(weights_only=True)``,
+    optionally under a ``"state_dict"`` key). Anything else (missing, a folder, empty, truncated, random bytes,
+    a file that needs arbitrary unpickling, a dict of non-tensors) raises a ValueError (FileNotFoundError for a
+    missing file) that says which."""
+    import pickle
+
+    from safetensors import SafetensorError
+
     path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    if path.is_dir():
+        raise ValueError(f"checkpoint {path} is a folder, not a file")
+    if path.stat().st_size == 0:
+        raise ValueError(f"checkpoint {path} is empty")
     if path.suffix == ".safetensors":
-        state = load_tensors(path)
+        try:
+            state = load_tensors(path)
+        except (SafetensorError, OSError) as e:
+            raise ValueError(f"checkpoint {path} is not a readable safetensors file (truncated or corrupt?): {e}") \
+                from None
     else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            raise ValueError(f"checkpoint {path} was refused: it is not a state dict of tensors that loads with "
+                             f"weights_only=True ({str(e).splitlines()[0]})") from None
+        except (RuntimeError, EOFError, OSError) as e:
+            raise ValueError(f"checkpoint {path} is not a readable PyTorch file (truncated or corrupt?): "
+                             f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
         if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
             state = state["state_dict"]
-        if not isinstance(state, dict):
-            raise ValueError(f"{path} does not hold a state dict (got {type(state).__name__})")
+    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"checkpoint {path} does not hold a state dict of tensors (got {type(state).__name__})")
+    return state
+
+
+def load_state(model: nn.Module, path: str | os.PathLike, strict: bool = True) -> nn.Module:
+    """Load a safetensors file or a plain state dict (``torch.load(weights_only=True)``) into ``model``
+    (:func:`read_state` says what is refused). A state that does not fit the model raises a ValueError."""
+    state = read_state(path)
     device = model_device(model)
-    model.load_state_dict({k: v.to(device) for k, v in state.items()}, strict=strict)
+    try:
+        model.load_state_dict({k: v.to(device) for k, v in state.items()}, strict=strict)
+    except RuntimeError as e:
+        raise ValueError(f"checkpoint {path} does not fit the model: {str(e).splitlines()[0]}"
+                         f"{' …' if len(str(e).splitlines()) > 1 else ''}") from None
     return model
