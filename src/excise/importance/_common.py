@@ -52,10 +52,12 @@ def accumulate_grads(model: nn.Module, loader, task: Task, batch_loss: Callable,
     acc = [torch.zeros_like(p, dtype=torch.float32) for p in params]
     device = model_device(model)
     n_batches = 0
+    finite = torch.ones((), dtype=torch.bool, device=device)  # every batch's loss finite (one sync at the end)
     with eval_mode(model):
         for batch in progress(loader, show, desc):
             batch = task.to(batch, device)
             loss = batch_loss(model, batch)
+            finite &= torch.isfinite(loss.detach()).all()
             grads = torch.autograd.grad(loss, params, allow_unused=True)
             for a, g in zip(acc, grads):
                 if g is not None:
@@ -67,7 +69,14 @@ def accumulate_grads(model: nn.Module, loader, task: Task, batch_loss: Callable,
                 counters.samples_seen += task.batch_size(batch)
     if n_batches == 0:
         raise ValueError(f"{desc}: the loader yielded no batch")
+    if not bool(finite):
+        raise FloatingPointError(_non_finite_loss(desc, task))
     return check_finite(Scores({n: a.div_(n_batches) if average else a for (n, _), a in zip(named, acc)}), desc, task)
+
+
+def _non_finite_loss(desc: str, task: Task) -> str:
+    return (f"{desc}: the {getattr(task, 'name', type(task).__name__)} loss is not finite on this data (labels all "
+            "ignored, e.g. -100? inputs with NaN?): its importance would be meaningless")
 
 
 def check_finite(scores: Scores, desc: str, task: Task) -> Scores:
@@ -119,6 +128,9 @@ def squared_sample_grads(model: nn.Module, loader, task: Task, target_sets: Call
                 with torch.no_grad():
                     out = functional_call(model, {**params, **frozen, **buffers}, (xs,))
                 for targets, weights in target_sets(xs, None if y is None else y[s:s + chunk_size], out):
+                    with torch.no_grad():
+                        if not bool(torch.isfinite(task.loss_from_output(out, targets, reduction="none")).all()):
+                            raise FloatingPointError(_non_finite_loss(desc, task))
                     g = per_sample_grad(params, xs, targets)
                     if counters is not None:
                         counters.backward_passes += 1

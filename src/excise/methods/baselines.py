@@ -122,7 +122,7 @@ def neggrad_plus(model, request, ctx, beta, **hp):
     def loss(b, s, t):
         return beta * task.loss(model, b) - (1 - beta) * task.loss(model, task.to(next(forget), device))
 
-    return _result(model, _loop(model, ctx, task, retain, loss, desc="neggrad+", **_hp(hp)))
+    return _result(model, _loop(model, ctx, task, retain, loss, desc="neggrad_plus", **_hp(hp)))
 
 
 def _random_label_fit(model, request, ctx, hp, mask, desc):
