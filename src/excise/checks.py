@@ -21,7 +21,12 @@ import torch
 from torch import nn
 
 # Thresholds of the post-checks (documented in docs/reliability.md).
-CHECK_SAMPLES = 512  # samples of the forget and of the retain loader the checks look at (the first batches)
+CHECK_SAMPLES = 512  # at most this many samples of the forget and of the retain loader (the first batches) ...
+MIN_CHECK_SAMPLES = 16  # ... at least this many ...
+# ... and otherwise n = samples_seen / 40: the request pushed ``samples_seen`` samples through forward (and most
+# of them backward) passes; the checks' four forward passes over n samples (forget and retain, before and after)
+# then cost about 5 % of it (measured: benchmarks/results/postcheck_cost.md).
+CHECK_BUDGET = 1 / 40
 FORGET_MOVE = 1.0  # points: forget-sample accuracy that fell by less than this "did not move"
 UTILITY_DROP = 5.0  # points: retain-sample accuracy that fell by more than this is a utility loss
 COLLAPSE_SHARE = 0.9  # one predicted class on at least this share of the retain sample (and not before) = collapse
@@ -121,15 +126,30 @@ def take(loader, n: int) -> List[Any]:
     try:
         with torch.random.fork_rng(devices=[]):
             for batch in loader:
-                out.append(mover.to(batch, torch.device("cpu")))
                 x = batch[0] if isinstance(batch, (list, tuple)) else batch
-                count += len(x) if hasattr(x, "__len__") else 1
+                size = len(x) if hasattr(x, "__len__") else 1
+                if count + size > n and isinstance(x, torch.Tensor):  # the last batch cut to n samples in all
+                    batch = _head(batch, n - count)
+                    size = n - count
+                out.append(mover.to(batch, torch.device("cpu")))
+                count += size
                 if count >= n:
                     break
     finally:
         for k, g in gens.items():
             g.set_state(states[k])
     return out
+
+
+def _head(batch, k: int):
+    """The first ``k`` samples of a batch (a tensor, or a tuple / list / dict of tensors of one length)."""
+    if isinstance(batch, torch.Tensor):
+        return batch[:k]
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_head(b, k) for b in batch)
+    if isinstance(batch, dict):
+        return {key: _head(v, k) for key, v in batch.items()}
+    return batch
 
 
 @torch.no_grad()
@@ -172,6 +192,11 @@ class Probe:
     forget: List[Any]
     retain: List[Any]
     before: Dict[str, Dict[str, Any]]
+
+
+def check_samples(samples_seen: int) -> int:
+    """How many samples of each loader the checks take, for a request that pushed ``samples_seen`` samples."""
+    return int(min(CHECK_SAMPLES, max(MIN_CHECK_SAMPLES, CHECK_BUDGET * samples_seen)))
 
 
 def probe(model: nn.Module, request, n: int = CHECK_SAMPLES) -> Optional[Probe]:

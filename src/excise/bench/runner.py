@@ -221,6 +221,8 @@ def run_bench(protocol: str | Dict[str, Any], methods: Optional[Sequence[str]] =
                            hparams=res.hparams, info={k: v for k, v in res.info.items() if not isinstance(v, dict)})
                 if one_off is not None:
                     row["one_off"] = one_off
+                if res.warnings:  # what the post-checks found (excise.checks)
+                    row["warnings"] = res.warnings
                 if res.mask is not None:
                     row["selected_fraction"] = res.mask.fraction(prep.original)
                     row["selected_per_layer"] = {k: float(v.float().mean()) for k, v in res.mask.items()}

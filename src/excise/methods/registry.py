@@ -371,7 +371,8 @@ def unlearn(model: nn.Module, request_or_loaders: Any, method: str = "ssd", pres
     result.counters = ctx.counters
     if checks:
         t1 = time.perf_counter()
-        findings = post.post_check(method, model, result, post.probe(model, request))
+        n = post.check_samples(ctx.counters.samples_seen)
+        findings = post.post_check(method, model, result, post.probe(model, request, n))
         result.info["checks"]["seconds"] = time.perf_counter() - t1
         result.warnings = post.issue(findings)
     return result

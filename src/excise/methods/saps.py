@@ -104,6 +104,7 @@ def hvp(model, loader, task, vec, counters=None):
             if counters is not None:
                 counters.forward_passes += 1
                 counters.backward_passes += 2
+                counters.samples_seen += n
     return [o / total for o in out]
 
 
@@ -139,6 +140,7 @@ def ggn_vp(model, loader, task, vec, counters=None):
             if counters is not None:
                 counters.forward_passes += 1
                 counters.backward_passes += 1
+                counters.samples_seen += task.batch_size(batch)
     return [out[n] / total for n, _ in named]
 
 

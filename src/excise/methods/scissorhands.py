@@ -83,6 +83,7 @@ def scissorhands(model, request, ctx, k, lam, lr, epochs, max_steps, batch_size,
                         refs.append(_grad_of(model, params, -task.loss(model, b)))
                         ctx.counters.forward_passes += 1
                         ctx.counters.backward_passes += 1
+                        ctx.counters.samples_seen += task.batch_size(b)
                     g_mem = torch.stack(refs)
             train_mode(model, norm_stats)
             forget_iter = iter(forget)
@@ -97,12 +98,14 @@ def scissorhands(model, request, ctx, k, lam, lr, epochs, max_steps, batch_size,
                     fb = task.to(fb, device)
                     loss = loss - lam * task.loss(model, fb)
                     ctx.counters.forward_passes += 1
+                    ctx.counters.samples_seen += task.batch_size(fb)
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"scissorhands repair diverged at step {steps} (loss {float(loss.detach())}); "
                                              "lower lr or lam")
                 loss.backward()
                 ctx.counters.forward_passes += 1
                 ctx.counters.backward_passes += 1
+                ctx.counters.samples_seen += task.batch_size(rb)
                 if fb is not None and g_mem is not None:
                     g = flat_grad(params)
                     g_new = project(g, g_mem, margin)
