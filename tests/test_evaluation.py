@@ -273,3 +273,46 @@ def test_plot_labels_keep_off_other_markers_and_the_legend(tmp_path):
     assert any(texts[f"d{i}"].arrow_patch is not None for i in range(1, 10))  # the crowd needed a leader line
     assert texts["label_a"].arrow_patch is None  # a label that fits next to its point gets none
     plt.close(fig)
+
+
+def test_class_forgetting_uses_salun_roles_for_ta_and_the_svc_attack():
+    """With the other classes' test samples (test_retain), TA is their accuracy and they are the SVC attack's
+    non-members: the forgotten class's test samples, which sit where the forget set does, are left out."""
+    from excise.evaluation.evaluate import metrics_from_predictions
+
+    g = torch.Generator().manual_seed(0)
+
+    def probs(n, label, conf):
+        p = torch.full((n, 3), (1 - conf) / 2)
+        p[:, label] = conf
+        return p + 1e-3 * torch.rand(n, 3, generator=g)
+
+    # the model forgot class 2 on its training samples (confidence 0.2) and also on its test samples
+    forget = (probs(60, 2, 0.2), torch.full((60,), 2))
+    retain = (torch.cat([probs(60, 0, 0.99), probs(60, 1, 0.99)]), torch.cat([torch.zeros(60), torch.ones(60)]).long())
+    test_retain = (torch.cat([probs(30, 0, 0.9), probs(30, 1, 0.9)]), torch.cat([torch.zeros(30), torch.ones(30)]).long())
+    test_forget = (probs(30, 2, 0.2), torch.full((30,), 2))
+    test = (torch.cat([test_retain[0], test_forget[0]]), torch.cat([test_retain[1], test_forget[1]]))
+    preds = {"forget": forget, "retain": retain, "test": test, "test_forget": test_forget}
+    full = metrics_from_predictions(preds)
+    roles = metrics_from_predictions({**preds, "test_retain": test_retain})
+    assert roles["TA"] == pytest.approx(100.0) and roles["TA_all"] == pytest.approx(full["TA"])
+    assert full["TA"] < 70  # the whole test set counts the forgotten class's test samples as errors
+    # non-members = the other classes' test samples (confident): the forget set (unconfident) looks unseen
+    assert roles["mia_svc_confidence"] == pytest.approx(100.0)
+    assert "TA_all" not in full
+
+
+def test_tuner_validation_drops_the_forgotten_class_on_class_requests(committed):
+    from excise.data import ForgetSpec
+    from excise.protocol import Setup
+    from excise.training import TrainRecipe
+    from excise.tuning import _validation_loaders
+
+    setup = Setup(dataset="digits", arch="mlp", recipe=TrainRecipe(epochs=40, batch_size=32),
+                  forget=ForgetSpec.parse("class:3"), seed=0, importance_batch=64)
+    prep = committed(setup)
+    val = _validation_loaders(prep, 0)["val"]
+    labels = torch.cat([y for _, y in val])
+    full = torch.cat([y for _, y in prep.loaders["val"]])
+    assert (full == 3).any() and not (labels == 3).any() and len(labels) == int((full != 3).sum())

@@ -106,7 +106,8 @@ def cmd_demo(args) -> int:
     L = prep.loaders
 
     def metrics(model):
-        return basic_metrics(model, L["forget"], L["retain"], L["test"], test_forget=L.get("test_forget"))
+        return basic_metrics(model, L["forget"], L["retain"], L["test"], test_forget=L.get("test_forget"),
+                             test_retain=L.get("test_retain"))
 
     def cached_metrics(model):
         """Metrics of the cached original / oracle, stored beside them (keyed by weights and split)."""
@@ -170,7 +171,7 @@ def cmd_unlearn(args) -> int:
     L = prep.loaders
 
     def metrics(m):
-        out = basic_metrics(m, L["forget"], L["retain"], L["test"])
+        out = basic_metrics(m, L["forget"], L["retain"], L["test"], test_retain=L.get("test_retain"))
         if "corrected" in L:  # relabel request: forget accuracy is agreement with the wrong labels
             out["corrected_acc"] = accuracy(m, L["corrected"])
         return out

@@ -105,6 +105,9 @@ def prepare(setup: Setup, cache: Optional[CheckpointCache] = None, with_oracle: 
     }
     if splits.test_forget:
         loaders["test_forget"] = seeded_loader(test_ds, splits.test_forget, EVAL_BATCH)
+    if setup.forget.kind == "class" and splits.test_retain:
+        # class-wise forgetting, SalUn's roles: test accuracy and the attack's non-members on the other classes
+        loaders["test_retain"] = seeded_loader(test_ds, splits.test_retain, EVAL_BATCH)
     if correction:  # the forget samples with their true labels
         loaders["corrected"] = seeded_loader(train_ds, splits.forget, EVAL_BATCH)
 

@@ -131,12 +131,17 @@ def _validation_loaders(prep, seed: int) -> Dict[str, Any]:
     L = prep.loaders
     if L.get("val") is None or len(L["val"].dataset) == 0:
         raise ValueError("tuning needs a validation split: give the protocol a val_fraction > 0")
-    n = len(L["val"].dataset)
+    val = L["val"]
+    if prep.setup.forget.kind == "class":  # SalUn's roles: VA and the attack's non-members on the other classes
+        forgotten = set(prep.train_ds.targets[prep.splits.forget].unique().tolist())
+        keep = [i for i in prep.splits.val if int(prep.train_ds.targets[i]) not in forgotten]
+        val = seeded_loader(prep.train_ds, keep, val.batch_size)
+    n = len(val.dataset)
     retain = list(prep.splits.retain)
     g = torch.Generator().manual_seed(seed)
     pick = [retain[i] for i in torch.randperm(len(retain), generator=g)[: n].tolist()]
-    return {"forget": L["forget"], "val": L["val"],
-            "members": seeded_loader(prep.train_ds, sorted(pick), L["val"].batch_size)}
+    return {"forget": L["forget"], "val": val,
+            "members": seeded_loader(prep.train_ds, sorted(pick), val.batch_size)}
 
 
 def study_name(method: str, protocol: str, seeds: List[int], objective: str, floor: Optional[float],

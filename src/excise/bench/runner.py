@@ -76,7 +76,7 @@ def _protocol_identity(proto: Dict[str, Any], seeds: Sequence[int], split_hashes
 
 
 def _loaders(prep) -> Dict[str, Any]:
-    return {k: prep.loaders[k] for k in ("forget", "retain", "val", "test", "test_forget", "corrected")
+    return {k: prep.loaders[k] for k in ("forget", "retain", "val", "test", "test_forget", "test_retain", "corrected")
             if k in prep.loaders}
 
 
