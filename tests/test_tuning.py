@@ -161,16 +161,20 @@ def test_timeout_stops_between_trials_and_a_killed_trial_is_redone(tiny, tmp_pat
 
 
 def test_utility_floor_marks_trials_infeasible(tiny, tmp_path):
-    res = tune("ssd", str(tiny), budget=6, floor=0.0, floor_ref="original", storage=tmp_path / "f.journal",
+    # VA is measured on the other classes (SalUn's roles), where forgetting the class need not cost anything
+    # (SSD's trials keep it); neggrad's ascent at its default step costs it: the floor bites
+    res = tune("neggrad", str(tiny), budget=6, floor=0.0, floor_ref="original", storage=tmp_path / "f.journal",
                progress=False)
     ref = res.original_metrics["VA"]
-    assert any(t.get("infeasible") for t in res.trials)  # forgetting the class costs VA: the floor bites
+    assert any(t.get("infeasible") for t in res.trials)
     # a study whose best trial is infeasible has nothing worth shipping
     bad = TuneResult.from_dict({**res.to_dict(), "best_value": INFEASIBLE + 3.0})
     with pytest.raises(ValueError, match="utility floor"):
         write_tuned(bad, tmp_path / "never")
     assert not (tmp_path / "never").exists()
     for t in res.trials:
+        if t.get("diverged"):
+            continue
         if t.get("infeasible"):
             assert t["value"] >= INFEASIBLE and t["metrics"]["VA"] < ref
         else:
