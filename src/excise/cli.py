@@ -349,6 +349,8 @@ def cmd_methods(args) -> int:
         print(f"{name:10s} {summary}\n{'':10s} defaults: {spec.defaults}{presets}")
         if spec.space:
             print(f"{'':10s} tuned over: " + ", ".join(f"{k} {_space_str(v)}" for k, v in spec.space.items()))
+        if spec.params:
+            print(f"{'':10s} valid: " + "; ".join(f"{k}: {p.describe()}" for k, p in spec.params.items()))
     return 0
 
 

@@ -71,8 +71,11 @@ class Param:
     special: tuple = ()
     other: tuple = ()
     validate: Optional[Callable[[Any], Any]] = None  # a further check of a non-None value; raises ValueError
+    text: Optional[str] = None  # what describe() says, when the fields above do not say it well
 
     def describe(self) -> str:
+        if self.text is not None:
+            return self.text
         parts = [_KINDS.get(self.kind, "a value")]
         if self.options is not None:
             parts = ["one of " + ", ".join(map(repr, self.options))]
@@ -195,7 +198,8 @@ def scope_param() -> Param:
     """``scope``: None, a Scope, or its command-line form (all, no-norm, weights, pattern:REGEX)."""
     from ..selection import Scope
 
-    return Param(str, nullable=True, other=(Scope,), validate=_check_scope)
+    return Param(str, nullable=True, other=(Scope,), validate=_check_scope,
+                 text="a Scope, one of all, no-norm, weights, pattern:REGEX, or None")
 
 
 @dataclasses.dataclass
