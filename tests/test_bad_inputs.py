@@ -167,12 +167,15 @@ def test_hp_strings_are_parsed_by_the_declared_type():
 
 def test_projection_false_really_turns_the_projection_off(tmp_path, committed):
     prep = committed(_digits_setup())
-    on = unlearn(prep.original, prep.request(), "scissorhands", projection=True, batch_size=32, checks=False)
-    assert on.info["projections"] > 0  # this request does meet the constraint
+    # with λ = 0 the repair descends the retain loss alone, which meets the constraint on every seed tried (5
+    # projections each over seeds 0-3, at 1 and 2 threads)
+    on = unlearn(prep.original, prep.request(), "scissorhands", projection=True, batch_size=32, lam=0.0, checks=False)
+    assert on.info["projections"] > 0
     ckpt = tmp_path / "m.safetensors"
     save_state(prep.original, ckpt)
     rc = main(["unlearn", "--data", "digits", "--arch", "mlp", "--epochs", "40", "--forget", "class:3", "--quiet",
                "--model", str(ckpt), "--method", "scissorhands", "--hp", "projection=False", "--hp", "batch_size=32",
+               "--hp", "lam=0",
                "--out", str(tmp_path / "out")])
     assert rc == 0
     info = json.loads((tmp_path / "out" / "results.json").read_text())["meta"]["result"]["info"]
