@@ -460,3 +460,22 @@ def test_a_collapse_is_reported(committed):
     ok = unlearn(prep.original, prep.request(), "ssd", alpha=10.0)
     assert ok.warnings == [], ok.warnings  # a good result says nothing
     assert ok.info["checks"]["forget"]["acc_after"] < ok.info["checks"]["forget"]["acc_before"] - 50
+
+
+def test_post_checks_skip_what_a_task_cannot_say():
+    """A Task whose predictions are not classes (a regression) gets the changed-entries check only."""
+    class Regression(ClassificationTask):
+        def loss_from_output(self, output, targets, reduction="mean"):
+            return F.mse_loss(output.squeeze(-1), targets, reduction=reduction)
+
+        def predict(self, model, batch):
+            return self.output(model, batch).squeeze(-1)
+
+    x, y = torch.randn(32, 1, 6, 6), torch.randn(32)
+    loader = DataLoader(TensorDataset(x, y), batch_size=8)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(36, 1))
+    res = unlearn(model, UnlearningRequest(forget=loader, retain=loader, task=Regression()), "finetune", epochs=1,
+                  batch_size=8)
+    checks = res.info["checks"]
+    assert checks["entries_changed"] > 0 and checks["forget"]["acc_before"] is None
+    assert checks["retain"]["top_share_after"] is None and res.warnings == []

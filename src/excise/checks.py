@@ -167,16 +167,22 @@ def _predictions(model: nn.Module, batches: List[Any], task) -> Dict[str, Any]:
             b = task.to(b, device)
             p = task.predict(model, b)
             preds.append(p.reshape(-1).cpu())
+            if p.is_floating_point() or p.is_complex():  # not class predictions: nothing to count
+                labelled = False
             if labelled:
                 try:
                     y = task.targets(b)
                 except TypeError:  # a label-free loader
                     labelled = False
                     continue
+                if getattr(y, "shape", None) != p.shape:  # not one class per prediction: no accuracy
+                    labelled = False
+                    continue
                 keep = y.reshape(-1) >= 0  # ignore_index targets (e.g. -100) count for nothing
                 hits.append((p.reshape(-1) == y.reshape(-1))[keep].cpu())
     p = torch.cat(preds)
-    top = float(torch.bincount(p).max()) / len(p) if len(p) and p.min() >= 0 else None
+    discrete = not (p.is_floating_point() or p.is_complex())  # class predictions; else no share to count
+    top = float(torch.bincount(p.long()).max()) / len(p) if discrete and len(p) and p.min() >= 0 else None
     acc = None
     if labelled:
         h = torch.cat(hits)
