@@ -57,7 +57,8 @@ def write_outputs(out: Path, rows: List[Dict[str, Any]], meta: Dict[str, Any], t
 
     atomic_write_bytes(out / "results.json", json.dumps({"meta": meta, "rows": rows}, indent=1, default=str).encode())
     md = [f"# {title}", "", render_table(rows), "",
-          "UA = 100 − forget accuracy; RA / TA = retain / test accuracy (%); MIA = % of the forget set that the",
+          "UA = 100 − forget accuracy; RA / TA = retain / test accuracy (%; class forgetting: TA on the other",
+          "classes' test samples, TA_all in results.json on all of them); MIA = % of the forget set that the",
           "SSD paper's attack (logistic regression on softmax entropy, retain vs test) calls member;",
           "seconds = the unlearning step alone (retrain: its training time); speed-up = retrain seconds / seconds.",
           "", "```", json.dumps(meta, indent=1, default=str), "```", ""]
