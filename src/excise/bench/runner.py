@@ -247,8 +247,10 @@ def run_bench(protocol: str | Dict[str, Any], methods: Optional[Sequence[str]] =
     if note:
         report.notes.append(note)
     report.notes.append("mia_svc_confidence fits its SVC on a seeded random subset of the retain set as large as "
-                        "the test set (the attack's definition); mia_loss_cv subsamples the larger of forget / test "
-                        "to the smaller (seeded). Every other number uses every sample.")
+                        "its non-members (the attack's definition): the test set, or on full-class forgetting the "
+                        "other classes' test samples (SalUn's roles, which TA follows; TA_all in the JSON keeps the "
+                        "whole test set); mia_loss_cv subsamples the larger of forget / test to the smaller "
+                        "(seeded). Every other number uses every sample.")
     report.finalize()
     if out is not None:
         report.save(out)
