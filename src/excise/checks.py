@@ -95,18 +95,15 @@ def validate_request(model: nn.Module, request, method: str) -> None:
     if dup:
         raise ValueError(f"{method}: the forget set names {len(dup)} samples twice (e.g. indices {dup[:5]})")
     f_set = set(f_idx)
-    retain = _subset_view(request.retain) if request.retain is not None else None
-    if retain is not None and retain[0] is base:
-        both = sorted(f_set.intersection(retain[1]))
-        if both:
-            raise ValueError(f"{method}: {len(both)} forget samples are also in the retain set (e.g. indices "
-                             f"{both[:5]}): forget and retain must be disjoint")
-    train = _subset_view(request.train) if request.train is not None else None
-    if train is not None and train[0] is base:
-        outside = sorted(f_set.difference(train[1]))
-        if outside:
-            raise ValueError(f"{method}: {len(outside)} forget samples are not in the training set D (e.g. "
-                             f"indices {outside[:5]}): the model never trained on them")
+    for loader, bad, why in ((request.retain, f_set.intersection, "are also in the retain set (e.g. indices {}): "
+                              "forget and retain must be disjoint"),
+                             (request.train, f_set.difference, "are not in the training set D (e.g. indices {}): "
+                              "the model never trained on them")):
+        view = _subset_view(loader) if loader is not None else None
+        if view is not None and view[0] is base:
+            found = sorted(bad(view[1]))
+            if found:
+                raise ValueError(f"{method}: {len(found)} forget samples " + why.format(found[:5]))
 
 
 # ---------------------------------------------------------------------------------------------- after the work
