@@ -588,14 +588,14 @@ def cmd_write(args) -> int:
         lines[-1:] = ["In the reused reports, these rows were run again (`--patch "
                       f"{args.patch}`: `excise bench PROTOCOL ...`), each seed's checked to evaluate the same "
                       "original and oracle as the rows beside it: " + " | ".join(patched) + ".", ""]
-    if args.preamble and Path(args.preamble).exists():
-        lines += [Path(args.preamble).read_text().rstrip(), ""]
     lines += winners(reports)
-    if args.tuned:
-        lines += tuned_section(list(reports))
     for p, rep in reports.items():
         lines.append(rep.to_markdown(title=p).rstrip())
         lines += ["", f"![Avg Gap against seconds, {p}]({out.stem}/{p}.png)", ""]
+    if args.tuned:
+        lines += tuned_section(list(reports))
+    if args.preamble and Path(args.preamble).exists():  # the reading follows the generated tables
+        lines += ["## Reading: how these tables were made", "", Path(args.preamble).read_text().rstrip(), ""]
     text = "\n".join(lines) + "\n"
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(out, text.encode())
@@ -669,7 +669,7 @@ def main(argv=None) -> int:
                    help="default: benchmarks/results/leaderboard.md with --tuned (the leaderboard), else "
                         "leaderboard-defaults.md (every method at its defaults)")
     w.add_argument("--run-args", default="", help="the arguments the run used, quoted in the file")
-    w.add_argument("--preamble", default=None, help="a Markdown file placed after the header (the reading)")
+    w.add_argument("--preamble", default=None, help="a Markdown file placed after the tables (the reading)")
     w.add_argument("--tuned", action="store_true", help="add the tuned values of every protocol")
     w.add_argument("--patch", default=None, metavar="DIR",
                    help="with --reuse: DIR/PROTOCOL/report.json, or DIR/PROTOCOL/*/report.json (some methods or "
