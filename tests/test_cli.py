@@ -56,7 +56,7 @@ def test_methods_lists_presets(capsys):
     assert main(["methods"]) == 0
     out = capsys.readouterr().out
     assert "ssd" in out and "assd" in out and "paper" in out
-    assert "tuned over: alpha [1, 300] log, lam [0.1, 10] log" in out  # the search space excise tune uses
+    assert "tuned over: alpha [1, 3000] log, lam [0.1, 10] log" in out  # the search space excise tune uses
 
 
 def test_unlearn_command_runs_saps_on_a_relabel_request(tmp_path, capsys):

@@ -43,7 +43,7 @@ def test_per_sample_fisher_matches_loop_and_ignores_batching():
     _prime_bn(model, toy_loader())
     model.eval()
     a = fisher(model, toy_loader(batch_size=8), mode="per_sample")
-    b = fisher(model, toy_loader(batch_size=13), mode="per_sample", chunk_size=5)
+    b = fisher(model, toy_loader(batch_size=13), mode="per_sample")
     ref = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
     count = 0
     for x, y in toy_loader(batch_size=1):
@@ -60,7 +60,7 @@ def test_per_sample_fisher_matches_loop_and_ignores_batching():
 def test_label_free_needs_no_labels_and_matches_hand_loop():
     model = tiny_cnn()
     loader = toy_loader(labels=False)
-    scores = label_free(model, loader)
+    scores = label_free(model, loader, mode="batch")
     ref = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
     model.eval()
     for (x,) in loader:

@@ -75,7 +75,7 @@ def test_ratio_percentile_is_assd_alpha():
 def test_assd_alpha_formula_end_to_end():
     model = tiny_cnn()
     forget, retain = toy_loader(n=10, seed=1), toy_loader(n=90, seed=2)
-    res = unlearn(model, UnlearningRequest(forget=forget, retain=retain), "assd")
+    res = unlearn(model, UnlearningRequest(forget=forget, retain=retain), "assd", fisher_mode="batch")
     p = 100 - math.log(1 + 100 * 10 / 100)
     assert res.info["percentile"] == pytest.approx(p)
     from excise.importance import fisher
@@ -144,7 +144,7 @@ def test_paper_preset_is_available():
     from excise.methods import get_method
 
     spec = get_method("ssd")
-    assert spec.presets["paper"] == {"alpha": 10.0, "lam": 1.0}
+    assert spec.presets["paper"] == {"alpha": 10.0, "lam": 1.0, "fisher_mode": "batch"}
 
 
 def test_lfssd_runs_without_labels():

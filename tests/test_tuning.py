@@ -66,7 +66,7 @@ def test_tune_ssd_forgets_toward_the_oracle_on_validation_only(tiny, tmp_path, n
     res = tune("ssd", str(tiny), budget=8, storage=tmp_path / "s.journal", progress=False)
     assert res.n_trials == 8 and len(res.trials) == 8
     first = res.trials[0]
-    assert first["defaults"] and first["params"] == {"alpha": 50.0, "lam": 1.0}  # the defaults come first
+    assert first["defaults"] and first["params"] == {"alpha": 100.0, "lam": 1.0}  # the defaults come first
     assert res.best_value <= res.default_value
     assert set(res.best_metrics) == {"forget_acc", "VA", "mia_val"}
     o, orig, best = res.oracle_metrics, res.original_metrics, res.best_metrics
@@ -74,7 +74,7 @@ def test_tune_ssd_forgets_toward_the_oracle_on_validation_only(tiny, tmp_path, n
     # the tuned model forgets: most of the way from the original's forget accuracy to the oracle's
     assert best["forget_acc"] < orig["forget_acc"] - 0.6 * (orig["forget_acc"] - o["forget_acc"]), res.summary()
     assert best["VA"] > o["VA"] - 15
-    assert 1.0 <= res.best_params["alpha"] <= 300.0
+    assert 1.0 <= res.best_params["alpha"] <= 3000.0
 
 
 def test_tune_resumes_and_is_seeded(tiny, tmp_path):
@@ -198,7 +198,7 @@ def test_tuned_table_is_used_by_bench(tiny, tmp_path):
     md = rep.to_markdown()
     assert "| ssd (tuned) |" in md and "| lfssd |" in md
     plain = run_bench(str(tiny), methods=["ssd"], seeds=1, progress=False)
-    assert [r for r in plain.rows if r["method"] == "ssd"][0]["hparams"]["alpha"] == 50.0
+    assert [r for r in plain.rows if r["method"] == "ssd"][0]["hparams"]["alpha"] == 100.0
 
 
 def test_cli_tune_writes_trials_and_table(tiny, tmp_path, capsys):
@@ -453,7 +453,7 @@ def test_a_protocols_search_table_narrows_or_holds_what_is_searched(tiny, tmp_pa
     assert res.n_trials == 3
     for t in res.trials:
         assert 20.0 <= t["params"]["alpha"] <= 30.0 and t["params"]["lam"] == 0.5
-    assert get_method("ssd").defaults["alpha"] == 50.0  # outside the narrowed range: the defaults trial drops it
+    assert get_method("ssd").defaults["alpha"] == 100.0  # outside the narrowed range: the defaults trial drops it
     table = write_tuned(res, tmp_path / "t")
     assert load_tuned("digits-mlp-class", table)["ssd"]["lam"] == 0.5
     rep = run_bench(str(narrowed), methods=["ssd"], seeds=1, progress=False, tuned=table)
@@ -461,7 +461,7 @@ def test_a_protocols_search_table_narrows_or_holds_what_is_searched(tiny, tmp_pa
     assert row["tuned"] and row["hparams"]["lam"] == 0.5 and 20.0 <= row["hparams"]["alpha"] <= 30.0
     # the unnarrowed protocol's study is another study (its journal name differs), and its space the method's
     plain = tune("ssd", str(tiny), budget=1, storage=tmp_path / "n.journal", progress=False)
-    assert plain.n_trials == 1 and plain.trials[0]["params"]["alpha"] == 50.0
+    assert plain.n_trials == 1 and plain.trials[0]["params"]["alpha"] == 100.0
 
     proto = {"name": "p", "search": {"scrub": {"epochs": 1, "max_lr": [0.01, 0.02]}}}
     space = search_space(proto, "scrub")

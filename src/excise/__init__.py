@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__version__ = "0.5.0"
+__version__ = "0.6.0"
 
 _LAZY = {
     "unlearn": ("excise.methods.registry", "unlearn"),

@@ -78,7 +78,10 @@ def load_tensors(path: str | os.PathLike) -> Dict[str, torch.Tensor]:
 
 
 class _ParamMap(dict):
-    """A name → tensor map over a model's parameters."""
+    """A name → tensor map over a model's parameters. ``samples``: for scores that are a mean over samples,
+    how many (None when unknown or not a mean)."""
+
+    samples: Optional[int] = None
 
     def save(self, path: str | os.PathLike) -> None:
         save_tensors(self, path, metadata={"type": type(self).__name__})
@@ -88,7 +91,9 @@ class _ParamMap(dict):
         return cls(load_tensors(path))
 
     def to(self, device) -> "_ParamMap":
-        return type(self)({k: v.to(device) for k, v in self.items()})
+        moved = type(self)({k: v.to(device) for k, v in self.items()})
+        moved.samples = self.samples
+        return moved
 
     def numel(self) -> int:
         return sum(v.numel() for v in self.values())
@@ -149,6 +154,10 @@ class UnlearningRequest:
             (computed automatically for TensorDataset / excise datasets).
     corrected: loader over Z̃, the corrected versions of the forget samples (fixed labels, text without the
             secret), for correction requests (SAPS); None for a plain removal request.
+    holdout: loader over data the model never trained on (e.g. a validation split), for oracle-free calibration
+            (``excise.unlearn(..., calibrate=True)``): it tells what "never seen" looks like.
+    intent: ``"class"`` (the forget set is every training sample of some classes), ``"sample"`` (chosen or
+            random samples), or None: inferred by calibration from the labels of forget and retain.
     """
 
     forget: Any
@@ -157,8 +166,12 @@ class UnlearningRequest:
     task: Any = None
     train_key: Optional[str] = None
     corrected: Any = None
+    holdout: Any = None
+    intent: Optional[str] = None
 
     def __post_init__(self) -> None:
+        if self.intent not in (None, "class", "sample"):
+            raise ValueError(f"intent must be 'class', 'sample' or None (inferred), got {self.intent!r}")
         if self.forget is None:
             raise ValueError("UnlearningRequest needs a forget loader (the data to forget)")
         if self.task is None:

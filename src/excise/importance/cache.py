@@ -24,7 +24,7 @@ from typing import Any, Callable, Dict, Optional, Tuple
 import torch
 from torch import nn
 from torch.utils.data import ConcatDataset, DataLoader, Subset, TensorDataset
-from torch.utils.data.sampler import SequentialSampler
+from torch.utils.data.sampler import RandomSampler, SequentialSampler
 
 from ..types import Scores
 
@@ -51,15 +51,29 @@ def dataset_fingerprint(ds) -> Optional[str]:
     return None
 
 
-def loader_fingerprint(loader) -> Optional[str]:
-    """What a batch-level estimator sees: data content + batching + order. None when unknown."""
+def loader_fingerprint(loader, order_free: bool = False) -> Optional[str]:
+    """What a batch-level estimator sees: data content + batching + order. None when unknown.
+
+    ``order_free``: for a per-sample estimator, which sees only the set of samples: a loader over every sample
+    of its dataset (sequential or shuffled without replacement, no sample dropped) is keyed by the content alone,
+    so the same data at another batch size or order hits the same entry."""
     if not isinstance(loader, DataLoader):
         return None
     fp = dataset_fingerprint(loader.dataset)
     if fp is None:
         return None
+    if order_free and _every_sample_once(loader):
+        return f"{fp}|every sample once"
     order = "sequential" if isinstance(loader.sampler, SequentialSampler) else type(loader.sampler).__name__
     return f"{fp}|bs={loader.batch_size}|drop_last={loader.drop_last}|{order}"
+
+
+def _every_sample_once(loader: DataLoader) -> bool:
+    sampler = loader.sampler
+    whole = isinstance(sampler, SequentialSampler) or (
+        isinstance(sampler, RandomSampler) and not sampler.replacement and sampler.num_samples == len(loader.dataset))
+    dropped = loader.drop_last and loader.batch_size and len(loader.dataset) % loader.batch_size
+    return bool(whole and not dropped)
 
 
 def _source(obj) -> str:
@@ -100,13 +114,17 @@ def task_fingerprint(task) -> str:
     return hashlib.sha256(f"{_class_code(type(task))}|{json.dumps(state, sort_keys=True)}".encode()).hexdigest()
 
 
-def _tensor_digest(tensors: Dict[str, torch.Tensor]) -> str:
-    h = hashlib.sha256()
+def _tensor_digest(tensors: Dict[str, torch.Tensor], extra: str = "") -> str:
+    h = hashlib.sha256(extra.encode())
     for k in sorted(tensors):
         t = tensors[k].detach().cpu().contiguous()
         h.update(f"{k}|{tuple(t.shape)}|{t.dtype}".encode())
         h.update(t.view(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
+
+
+def _samples_tag(scores: Scores) -> str:
+    return "" if scores.samples is None else f"samples={scores.samples}|"
 
 
 class ImportanceCache:
@@ -140,11 +158,14 @@ class ImportanceCache:
         problem = None
         try:
             with safe_open(str(p), "pt") as f:
-                stored = (f.metadata() or {}).get("sha256")
+                f_meta = f.metadata() or {}
+                stored = f_meta.get("sha256")
             s = Scores.load(p)
+            samples = (f_meta or {}).get("samples")
+            s.samples = int(samples) if samples else None
             if stored is None:
                 problem = "it has no checksum"
-            elif stored != _tensor_digest(s):
+            elif stored != _tensor_digest(s, _samples_tag(s)):
                 problem = "its checksum does not match its tensors"
         except (SafetensorError, OSError, ValueError, RuntimeError) as e:
             problem = f"it cannot be read ({e})"
@@ -164,7 +185,10 @@ class ImportanceCache:
         if p is not None:
             from ..types import save_tensors
 
-            save_tensors(scores, p, metadata={"type": "Scores", "sha256": _tensor_digest(scores)})
+            meta = {"type": "Scores", "sha256": _tensor_digest(scores, _samples_tag(scores))}
+            if scores.samples is not None:
+                meta["samples"] = str(scores.samples)
+            save_tensors(scores, p, metadata=meta)
 
     def get_or_compute(self, model: nn.Module, loader, estimator: str, compute: Callable[[], Scores],
                        options: Optional[Dict[str, Any]] = None, data_key: Optional[str] = None,
@@ -174,7 +198,7 @@ class ImportanceCache:
         from ..tasks import model_device
         from ..training import state_hash
 
-        data_key = data_key or loader_fingerprint(loader)
+        data_key = data_key or loader_fingerprint(loader, order_free=bool((options or {}).get("order_free")))
         if data_key is None:
             return compute(), "uncacheable"
         opts = dict(options or {}, model_code=model_code_fingerprint(model), device=model_device(model).type,

@@ -2,52 +2,113 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 from torch import nn
 
 from ..tasks import Task, get_task
 from ..types import Counters, Scores
-from ._common import accumulate_grads, squared_sample_grads
+from ._common import accumulate_grads
+from .per_sample import per_sample_sums, sample_moments
+
+
+def _task_losses(task: Task):
+    def losses(out, batch):
+        if not isinstance(batch, (list, tuple)) or len(batch) < 2:
+            raise TypeError("the per-sample Fisher needs labelled batches (inputs, labels); for unlabelled "
+                            "data use a label-free method (lfssd)")
+        return task.loss_from_output(out, task.targets(batch), reduction="none")
+
+    return losses
+
+
+def _output_energies(out, batch=None):
+    """The label-free 'loss' of LFSSD, per sample: ‖f(x_n)‖₂²."""
+    return out.float().pow(2).flatten(1).sum(1)
 
 
 def fisher(model: nn.Module, loader, task: Optional[Task] = None, mode: str = "batch",
-           counters: Optional[Counters] = None, progress_bar: bool = False, chunk_size: int = 64) -> Scores:
+           counters: Optional[Counters] = None, progress_bar: bool = False) -> Scores:
     """Diagonal Fisher importance of every parameter that requires grad, in eval mode.
 
-    ``mode="batch"`` (the SSD paper's estimator): I = (1/#batches) Σ_b (∇θ L_b)², L_b the batch-mean loss.
-    It depends on the batch size. ``mode="per_sample"``: the exact empirical Fisher diagonal,
-    (1/N) Σ_i (∇θ ℓ_i)², from per-sample gradients (torch.func), independent of the batching.
+    ``mode="batch"`` (the SSD paper's estimator): I = (1/#batches) Σ_b (∇θ L_b)², L_b the batch-mean loss; it
+    moves with the batch size and the batches' makeup. ``mode="per_sample"``: the empirical Fisher diagonal
+    I = (1/N) Σ_n (∇θ ℓ_n)² (:mod:`excise.importance.per_sample`), the same for any batching of the same samples;
+    the result's ``samples`` is N. SSD's default estimator is :func:`gradient_moments` + :func:`subset_importance`.
     """
     task = get_task(task)
     if mode == "batch":
         return accumulate_grads(model, loader, task, lambda m, b: task.loss(m, b), lambda g: g.pow(2),
                                 counters, progress_bar, "fisher (batch)")
     if mode == "per_sample":
-        return _per_sample_fisher(model, loader, task, counters, progress_bar, chunk_size)
+        return per_sample_sums(model, loader, task, _task_losses(task), "square", counters, progress_bar,
+                               "fisher (per-sample)")
     raise ValueError(f"unknown Fisher mode {mode!r}; expected 'batch' or 'per_sample'")
 
 
-def _per_sample_fisher(model, loader, task, counters, show, chunk_size) -> Scores:
-    def true_labels(x, y, out):
-        if y is None:
-            raise TypeError("the per-sample Fisher needs labelled batches (inputs, labels)")
-        return [(y, None)]
-
-    return squared_sample_grads(model, loader, task, true_labels, counters, show, "fisher (per-sample)", chunk_size)
-
-
 def label_free(model: nn.Module, loader, task: Optional[Task] = None, counters: Optional[Counters] = None,
-               progress_bar: bool = False) -> Scores:
-    """LFSSD importance: loss = batch mean of ‖f(x)‖₂², accumulate |∇θ| over batches (no labels used)."""
+               progress_bar: bool = False, mode: str = "batch") -> Scores:
+    """LFSSD importance, no labels used. ``mode="batch"`` (the paper's): (1/#batches) Σ_b |∇θ mean_b ‖f(x)‖₂²|;
+    ``mode="per_sample"``: (1/N) Σ_n |∇θ ‖f(x_n)‖₂²|, the same for any batching of the data."""
     task = get_task(task)
+    if mode == "batch":
+        return accumulate_grads(model, loader, task, lambda m, b: _output_energies(task.output(m, b)).mean(),
+                                torch.abs, counters, progress_bar, "label-free (batch)")
+    if mode == "per_sample":
+        return per_sample_sums(model, loader, task, _output_energies, "abs", counters, progress_bar,
+                               "label-free (per-sample)")
+    raise ValueError(f"unknown label-free mode {mode!r}; expected 'batch' or 'per_sample'")
 
-    def output_energy(m, b):
-        out = task.output(m, b)
-        return out.float().pow(2).flatten(1).sum(1).mean()
 
-    return accumulate_grads(model, loader, task, output_energy, torch.abs, counters, progress_bar, "label-free")
+def gradient_moments(model: nn.Module, loader, task: Optional[Task] = None, label_free: bool = False,
+                     counters: Optional[Counters] = None, progress_bar: bool = False) -> Tuple[Scores, Scores]:
+    """``(mean, second)`` of the per-sample gradients over every sample of ``loader``: ḡ = (1/N) Σ_n ∇θ ℓ_n and
+    F = (1/N) Σ_n (∇θ ℓ_n)², in one pass; ℓ_n is the task's loss, or ‖f(x_n)‖₂² when ``label_free``. Both carry
+    ``samples`` = N. Neither depends on the loader's batch size or order (up to float summation)."""
+    task = get_task(task)
+    losses = _output_energies if label_free else _task_losses(task)
+    return sample_moments(model, loader, task, losses, counters, progress_bar,
+                          "gradient moments (label-free)" if label_free else "gradient moments")
+
+
+def subset_importance(forget_mean: Scores, ref_mean: Scores, ref_second: Scores) -> Tuple[Scores, Scores]:
+    """SSD's importances at the forget set's own size, from per-sample gradient moments (``fisher_mode="subset"``).
+
+    I_f = ḡ_f², the squared mean gradient of D_f taken as one batch (the batch-mode Fisher of that one batch);
+    I_ref = E_S[ḡ_S²] over random subsets S of the reference set R of the same size n = |D_f|:
+    ḡ_R² + (F_R − ḡ_R²)/n · (N_R − n)/(N_R − 1) (sampling without replacement).
+    So I_f / I_ref is how many times harder the forget set pulls on θ_i than a random set of its size does: about
+    1 for a random forget set (a χ²₁ variable: above 30 with probability 4·10⁻⁸), whatever the forget size, the
+    batch size or the order of the loaders. Returns ``(I_f, I_ref)``.
+    """
+    n, n_ref = forget_mean.samples, ref_mean.samples
+    if n is None or n_ref is None:
+        raise ValueError("subset_importance needs per-sample moments (Scores with .samples)")
+    fpc = (n_ref - n) / (n_ref - 1) if n_ref > 1 else 0.0
+    if fpc <= 0:
+        raise ValueError(f"the forget set ({n} samples) is not smaller than the reference data ({n_ref}): is the "
+                         "forget set part of the training loader?")
+    i_f = Scores({k: v.pow(2) for k, v in forget_mean.items()})
+    i_ref = Scores({k: ref_mean[k].pow(2) + (ref_second[k] - ref_mean[k].pow(2)).clamp_min(0) * (fpc / n)
+                    for k in ref_mean})
+    i_f.samples = i_ref.samples = n
+    return i_f, i_ref
+
+
+def complement(mean: Scores, second: Scores, forget_mean: Scores, forget_second: Scores) -> Tuple[Scores, Scores]:
+    """The moments of D \\ D_f from those of D and of D_f ⊆ D (exact up to float; the second moment clamped at 0)."""
+    n, n_f = mean.samples, forget_mean.samples
+    if n_f >= n:
+        raise ValueError(f"the forget set ({n_f} samples) is not smaller than D ({n})")
+    out = []
+    for whole, part, clamp in ((mean, forget_mean, False), (second, forget_second, True)):
+        s = Scores({k: (whole[k] * n - part[k] * n_f) / (n - n_f) for k in whole})
+        if clamp:
+            s = Scores({k: v.clamp_min(0) for k, v in s.items()})
+        s.samples = n - n_f
+        out.append(s)
+    return out[0], out[1]
 
 
 def sensitivity(model: nn.Module, loader, task: Optional[Task] = None, n_batches: Optional[int] = 1,

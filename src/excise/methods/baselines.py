@@ -76,7 +76,8 @@ LR = Real(1e-3, 0.1, log=True)  # the learning-rate range every SGD baseline is 
 
 @register("finetune", defaults=dict(_COMMON, lr=0.02, epochs=2), space=dict(lr=LR, epochs=Int(1, 3)),
           params=_PARAMS,
-          summary="Fine-tune on the retain set (catastrophic forgetting of D_f)")
+          summary="Fine-tune on the retain set (catastrophic forgetting of D_f)",
+          strength=("lr", 1))
 def finetune(model, request, ctx, **hp):
     task = request.task
     retain = _reshuffled(request.retain, hp["batch_size"], hp["seed"], "retain")
@@ -95,7 +96,8 @@ def finetune(model, request, ctx, **hp):
 @register("neggrad", defaults=dict(_COMMON, lr=5e-4, max_steps=50),
           space=dict(lr=Real(1e-5, 1e-2, log=True), max_steps=Int(5, 200, log=True)),
           params=_PARAMS,
-          summary="Gradient ascent on the forget set", revision=1)
+          summary="Gradient ascent on the forget set", revision=1,
+          strength=("lr", 1))
 def neggrad(model, request, ctx, **hp):
     task = request.task
     forget = _reshuffled(request.forget, hp["batch_size"], hp["seed"], "forget")
@@ -110,7 +112,8 @@ def neggrad(model, request, ctx, **hp):
 
 @register("neggrad_plus", defaults=dict(_COMMON, beta=0.999), space=dict(lr=LR, beta=Real(0.9, 0.9999)),
           params=dict(_PARAMS, beta=UNIT),
-          summary="NegGrad+: β·L(retain) − (1−β)·L(forget) in one loss")
+          summary="NegGrad+: β·L(retain) − (1−β)·L(forget) in one loss",
+          strength=("lr", 1))
 def neggrad_plus(model, request, ctx, beta, **hp):
     if not 0.0 <= beta <= 1.0:
         raise ValueError(f"beta must lie in [0, 1], got {beta}")
@@ -140,14 +143,16 @@ def _random_label_fit(model, request, ctx, hp, mask, desc):
 
 @register("random_labels", defaults=dict(_COMMON), space=dict(lr=LR),
           params=_PARAMS,
-          summary="Fine-tune on retain plus the forget set with random wrong labels")
+          summary="Fine-tune on retain plus the forget set with random wrong labels",
+          strength=("lr", 1))
 def random_labels(model, request, ctx, **hp):
     return _result(model, _random_label_fit(model, request, ctx, hp, None, "random labels"))
 
 
 @register("salun", defaults=dict(_COMMON, k=0.5, scope=None), space=dict(lr=LR, k=Real(0.05, 0.9)),
           params=dict(_PARAMS, k=FRACTION, scope=scope_param()),
-          summary="SalUn: random-label fine-tuning restricted to the top-k gradient saliency on D_f")
+          summary="SalUn: random-label fine-tuning restricted to the top-k gradient saliency on D_f",
+          strength=("lr", 1))
 def salun(model, request, ctx, k, scope, **hp):
     with ctx.timer.phase("importance_forget"):
         g = importance.summed_gradient(model, request.forget, request.task, ctx.counters, ctx.progress)
@@ -162,7 +167,8 @@ def salun(model, request, ctx, k, scope, **hp):
 @register("l1_sparse", defaults=dict(_COMMON, lr=0.02, epochs=2, alpha=5e-4),
           space=dict(lr=LR, epochs=Int(1, 3), alpha=Real(1e-5, 1e-3, log=True)),
           params=dict(_PARAMS, alpha=NONNEG),
-          summary="Fine-tune on retain with an α‖θ‖₁ penalty decaying linearly to 0")
+          summary="Fine-tune on retain with an α‖θ‖₁ penalty decaying linearly to 0",
+          strength=("lr", 1))
 def l1_sparse(model, request, ctx, alpha, **hp):
     if alpha < 0 or not math.isfinite(alpha):
         raise ValueError(f"alpha must be a finite non-negative number, got {alpha}")
@@ -211,7 +217,8 @@ def _frozen_copy(model):
           params=dict(_PARAMS, max_epochs=Param(int, low=0), alpha=NONNEG, gamma=NONNEG, temperature=POS,
                      max_lr=Param(float, low=0.0, low_open=True, nullable=True),
                      max_clip=Param(float, low=0.0, low_open=True, nullable=True)),
-          summary="SCRUB: student pushed away from the original on D_f (max-steps), kept close on retain (min-steps)")
+          summary="SCRUB: student pushed away from the original on D_f (max-steps), kept close on retain (min-steps)",
+          strength=("lr", 1))
 def scrub(model, request, ctx, max_epochs, alpha, gamma, temperature, max_lr, max_clip, **hp):
     """Each epoch: one pass over retain minimising α·KL + γ·CE, then (while epoch < ``max_epochs``) one pass over
     D_f maximising KL(teacher ‖ student). The teacher is a frozen copy of the original."""
@@ -249,7 +256,8 @@ def scrub(model, request, ctx, max_epochs, alpha, gamma, temperature, max_lr, ma
 @register("bad_teacher", defaults=dict(_COMMON, temperature=1.0),
           space=dict(lr=LR, temperature=Real(0.5, 4.0, log=True)),
           params=dict(_PARAMS, temperature=POS),
-          summary="Bad teacher: distil from the original on retain and from a random network on D_f")
+          summary="Bad teacher: distil from the original on retain and from a random network on D_f",
+          strength=("lr", 1))
 def bad_teacher(model, request, ctx, temperature, **hp):
     """Each step pairs a retain batch (target: the original model, a frozen copy) with a forget batch (target: an
     "incompetent" teacher — the same architecture re-initialised with the seed) and descends the sum of the

@@ -9,7 +9,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import time
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, Optional, Tuple
 
 from torch import nn
 
@@ -214,6 +214,9 @@ class MethodSpec:
     # names tuning studies, so results measured before the change are not reused (0: never changed).
     revision: int = 0
     params: Dict[str, Param] = dataclasses.field(default_factory=dict)  # declared types and ranges
+    # (hyperparameter, +1 or -1): the one knob whose larger values forget more (+1) or less (-1), searched in
+    # its ``space`` range by oracle-free calibration (excise.calibration); None: the method cannot be calibrated
+    strength: Optional[Tuple[str, int]] = None
 
     def param(self, name: str) -> Param:
         return self.params.get(name) or infer_param(self.defaults.get(name))
@@ -228,13 +231,16 @@ SELECTIVE = ("ssd", "lfssd", "assd", "scissorhands", "saps")
 
 def register(name: str, defaults: Dict[str, Any], presets: Optional[Dict[str, Dict[str, Any]]] = None,
              summary: str = "", space: Optional[Dict[str, Any]] = None, revision: int = 0,
-             params: Optional[Dict[str, Param]] = None):
+             params: Optional[Dict[str, Param]] = None, strength: Optional[Tuple[str, int]] = None):
     """Register ``fn`` under ``name``. ``space``: hyperparameter → :class:`Real` / :class:`Int` / :class:`Choice`,
     the ranges the tuner searches (each must be one of ``defaults``). ``revision``: raise it when the same
     hyperparameters start to do something different (:attr:`MethodSpec.revision`). ``params``: hyperparameter
     → :class:`Param`, its type and valid values (undeclared ones take their default's type); every value is
-    checked before the method runs, and ``--hp`` strings are parsed by it."""
+    checked before the method runs, and ``--hp`` strings are parsed by it. ``strength``: ``(hyperparameter,
+    +1 | -1)``, the knob calibration moves (larger forgets more: +1; less: -1), one of ``space``."""
     space, params = dict(space or {}), dict(params or {})
+    if strength is not None and (strength[0] not in space or strength[1] not in (1, -1)):
+        raise ValueError(f"{name}: strength must be (a hyperparameter of the search space, +1 or -1), got {strength}")
     for what, names in (("search space", space), ("params", params)):
         unknown = set(names) - set(defaults)
         if unknown:
@@ -244,7 +250,8 @@ def register(name: str, defaults: Dict[str, Any], presets: Optional[Dict[str, Di
 
     def deco(fn):
         _METHODS[name] = MethodSpec(name, fn, dict(defaults), dict(presets or {}),
-                                    summary or (fn.__doc__ or "").strip().split("\n")[0], space, revision, params)
+                                    summary or (fn.__doc__ or "").strip().split("\n")[0], space, revision, params,
+                                    strength)
         return fn
 
     return deco
@@ -299,6 +306,7 @@ class Context:
     timer: Timer
     importance_cache: Any
     progress: bool = False
+    memo: Optional[Dict[Any, Any]] = None  # within one calibration: what the trials may share (forget importance)
 
 
 def resolve_hparams(spec: MethodSpec, preset: Optional[str], hparams: Dict[str, Any]) -> Dict[str, Any]:
@@ -331,8 +339,8 @@ def as_request(request_or_loaders: Any) -> UnlearningRequest:
 
 
 def unlearn(model: nn.Module, request_or_loaders: Any, method: str = "ssd", preset: Optional[str] = None,
-            progress: bool = False, importance_cache: Any = None, checks: bool = True,
-            **hparams) -> UnlearningResult:
+            progress: bool = False, importance_cache: Any = None, checks: bool = True, calibrate: bool = False,
+            trials: Optional[int] = None, **hparams) -> UnlearningResult:
     """Run an unlearning method on a copy of ``model`` and return the result (the caller's model is untouched).
 
     ``request_or_loaders``: an :class:`UnlearningRequest` or a dict ``{"forget": loader, "retain": loader,
@@ -340,25 +348,85 @@ def unlearn(model: nn.Module, request_or_loaders: Any, method: str = "ssd", pres
     ``importance_cache``: an ImportanceCache, None for the process-wide one, False for none.
     Remaining keyword arguments override the method's hyperparameters.
 
+    ``calibrate=True``: search the method's strength knob without a retrain oracle (:mod:`excise.calibration`;
+    at most ``trials`` runs, default 10), from the request's forget, retain and ``holdout`` data.
+    ``method="auto"``: calibrate the methods of ``excise.calibration.AUTO_METHODS``, cheapest first, and return
+    the first that meets the forget target within the utility bound (else the best by the same ranking).
+
     Before any work the request and every hyperparameter are checked (a ``ValueError`` naming the method).
     With ``checks`` (default), the result is scored on fixed-size samples of the forget and retain loaders
     (``result.info["checks"]``); a result that changed nothing, forgot nothing, lost utility or collapsed
     issues an :class:`excise.checks.ExciseWarning` and lists it in ``result.warnings``.
     """
+    from .. import calibration as cal
     from .. import checks as post
     from ..importance.cache import ImportanceCache, default_cache
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    spec = get_method(method)
     request = as_request(request_or_loaders)
-    hp = resolve_hparams(spec, preset, hparams)
-    post.validate_request(model, request, method)
+    if method == "auto":
+        if hparams or preset:
+            raise ValueError("method='auto' chooses each method's hyperparameters; pass none (or pick a method)")
+        calibrate = True
+    names = cal.AUTO_METHODS if method == "auto" else (method,)
+    specs = [get_method(n) for n in names]
+    if method == "auto" and request.retain is None:
+        raise ValueError("auto: calibration needs a retain loader (UnlearningRequest(retain=...))")
+    plans = [(spec, resolve_hparams(spec, preset, hparams)) for spec in specs]
+    for spec, _ in plans:
+        post.validate_request(model, request, spec.name)
+        if calibrate and spec.strength is None:
+            raise ValueError(f"{spec.name}: declares no strength to calibrate; methods that do: "
+                             f"{', '.join(cal.calibratable())}")
     if importance_cache is False:
         importance_cache = ImportanceCache(memory=False)
-    ctx = Context(Counters(), Timer(), importance_cache if importance_cache is not None else default_cache(), progress)
+    ctx = Context(Counters(), Timer(), importance_cache if importance_cache is not None else default_cache(), progress,
+                  memo={} if calibrate else None)
+    t0 = time.perf_counter()
+    if not calibrate:
+        spec, hp = plans[0]
+        result = _execute(spec, model, request, ctx, hp)
+    else:
+        budget = cal.DEFAULT_TRIALS if trials is None else trials
+        try:
+            evaluator = cal.prepare(model, request)
+        except cal.CalibrationError as e:
+            raise cal.CalibrationError(f"{method}: {e}") from None
+        tried = []
+        for spec, hp in plans:
+            ctx.memo = {}  # the forget importance of one method's trials, shared between them
+            result = cal.calibrate(model, request, spec, hp, lambda h, spec=spec: _execute(spec, model, request, ctx, h),
+                                   trials=budget, evaluator=evaluator)
+            tried.append(result)
+            if cal.good_enough(result):
+                break
+        if len(tried) > 1:
+            result = min(tried, key=lambda r: cal._rank(next(t for t in r.info["calibration"]["trials"]
+                                                          if t["trial"] == r.info["calibration"]["winner"])))
+            result.info["auto"] = {"tried": [r.method for r in tried], "chosen": result.method,
+                                   "trials_run": {r.method: r.info["calibration"]["trials_run"] for r in tried}}
+        elif method == "auto":
+            result.info["auto"] = {"tried": [result.method], "chosen": result.method,
+                                   "trials_run": {result.method: result.info["calibration"]["trials_run"]}}
+    result.seconds = time.perf_counter() - t0
+    result.timings = dict(ctx.timer.phases)
+    result.counters = ctx.counters
+    if checks:
+        t1 = time.perf_counter()
+        n = post.check_samples(ctx.counters.samples_seen)
+        findings = post.post_check(result.method, model, result, post.probe(model, request, n))
+        result.info["checks"]["seconds"] = time.perf_counter() - t1
+        result.warnings = post.issue(findings)
+    return result
+
+
+def _execute(spec: MethodSpec, model: nn.Module, request: UnlearningRequest, ctx: Context,
+             hp: Dict[str, Any]) -> UnlearningResult:
+    """One run of ``spec`` on a copy of ``model``."""
     work = copy.deepcopy(model)
     t0 = time.perf_counter()
+    method = spec.name
     try:
         result = spec.fn(work, request, ctx, **hp)
     except (ValueError, FloatingPointError) as e:  # name the method in every message of these plain kinds
@@ -366,17 +434,11 @@ def unlearn(model: nn.Module, request_or_loaders: Any, method: str = "ssd", pres
             raise type(e)(f"{method}: {e}") from e
         raise
     result.seconds = time.perf_counter() - t0
+    from .. import checks as post
+
     bad = post._non_finite(result.model)
     if bad:  # a method whose own checks missed a divergence: no caller should evaluate (or ship) this model
         raise FloatingPointError(f"{method}: the edited model has non-finite values in {', '.join(bad[:5])}"
                                  f"{' …' if len(bad) > 5 else ''}; lower its step size")
-    result.method, result.hparams = method, hp
-    result.timings = dict(ctx.timer.phases)
-    result.counters = ctx.counters
-    if checks:
-        t1 = time.perf_counter()
-        n = post.check_samples(ctx.counters.samples_seen)
-        findings = post.post_check(method, model, result, post.probe(model, request, n))
-        result.info["checks"]["seconds"] = time.perf_counter() - t1
-        result.warnings = post.issue(findings)
+    result.method, result.hparams = method, dict(hp)
     return result

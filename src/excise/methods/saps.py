@@ -189,7 +189,7 @@ PARAMS = dict(k=FRACTION, selector=Param(str, options=SELECTORS), largest=Param(
               scope=scope_param(), seed=SEED)
 
 
-@register("saps", defaults=DEFAULTS, space=SPACE, params=PARAMS,
+@register("saps", defaults=DEFAULTS, space=SPACE, params=PARAMS, strength=("k", 1),
           summary="SAPS: select the largest Hessian-diagonal entries, apply the correction update to them only")
 def saps(model, request, ctx, k, selector, largest, estimator, backend, curvature, curvature_samples, probes,
          mc_samples, update, tau, delta, cg_iters, cg_samples, curvature_product, lr, epochs, max_steps, beta,

@@ -52,7 +52,8 @@ PARAMS = dict(k=FRACTION, lam=NONNEG, lr=POS, epochs=COUNT, max_steps=MAYBE_COUN
 
 @register("scissorhands", defaults=DEFAULTS, presets={"paper": PAPER}, params=PARAMS,
           space=dict(k=Real(0.005, 0.2, log=True), lam=Real(0.005, 0.5, log=True), lr=Real(1e-3, 3e-2, log=True)),
-          summary="Scissorhands: re-initialise the top-k % by |θ·∇L_f|, repair on retain under a projection")
+          summary="Scissorhands: re-initialise the top-k % by |θ·∇L_f|, repair on retain under a projection",
+          strength=("k", 1))
 def scissorhands(model, request, ctx, k, lam, lr, epochs, max_steps, batch_size, n_batches, margin, memories, momentum,
                  weight_decay, scope, projection, norm_stats, seed):
     if request.retain is None:

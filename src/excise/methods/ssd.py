@@ -18,20 +18,24 @@ from torch.utils.data import ConcatDataset, DataLoader
 from .. import importance, selection
 from ..edit import dampen
 from ..selection import Scope
-from ..types import UnlearningResult
+from ..types import Scores, UnlearningResult
 from .registry import POS, Param, Real, register, scope_param
 
-# excise's defaults, measured on the shipped Fashion-MNIST protocols (benchmarks/results/ssd.md). With the
-# batch-mode Fisher at batch 256 the forget-set batches are single-class and their mean gradients do not
-# cancel, so I_f / I_D runs far above 10: the paper's α = 10 dampens 4 % of the weights on class forgetting
-# and costs ~25 points of retain accuracy. α = 50 (SSD) and α = 7 (LFSSD) forget the class and keep utility;
-# on sub-class and random forgetting, where retraining changes little, they change little too.
-SSD_DEFAULTS = dict(alpha=50.0, lam=1.0, fisher_mode="batch", scope=None)
-LFSSD_DEFAULTS = dict(SSD_DEFAULTS, alpha=7.0)
-PAPER = dict(alpha=10.0, lam=1.0)
-SPACE = dict(alpha=Real(1.0, 300.0, log=True), lam=Real(0.1, 10.0, log=True))
+# excise's default estimator, fisher_mode="subset" (importance.subset_importance): the forget set's squared mean
+# gradient against that of a random subset of D of the same size, from per-sample gradient moments — the same for
+# any batch size and order of the loaders, and α means the same for any forget size (a random forget set scores
+# about 1, a χ²₁ variable). No α suits every model: the selected share falls off a cliff at a place that moves with
+# the model (docs/calibration.md). α = 100 forgot a class and kept utility on the digits MLP and cost 10 points of
+# retain accuracy on the small Fashion-MNIST CNN (which the post-checks report); calibrate=True finds the value
+# for a model without a retrain oracle. The paper's estimator (batch-mean gradients) is preset="paper" /
+# fisher_mode="batch", kept bit for bit; "per_sample" is the plain empirical Fisher diagonal on D and D_f.
+SSD_DEFAULTS = dict(alpha=100.0, lam=1.0, fisher_mode="subset", scope=None)
+LFSSD_DEFAULTS = dict(SSD_DEFAULTS, alpha=30.0)
+PAPER = dict(alpha=10.0, lam=1.0, fisher_mode="batch")
+FISHER_MODES = ("subset", "per_sample", "batch")
+SPACE = dict(alpha=Real(1.0, 3000.0, log=True), lam=Real(0.1, 10.0, log=True))
 PARAMS = dict(alpha=Param(float, low=0.0, low_open=True, special=("auto",)), lam=POS,
-              fisher_mode=Param(str, options=("batch", "per_sample")), scope=scope_param())
+              fisher_mode=Param(str, options=FISHER_MODES), scope=scope_param())
 ASSD_PARAMS = {k: v for k, v in PARAMS.items() if k != "alpha"}
 
 
@@ -65,47 +69,120 @@ def _eligible(model, scope):
 
 def _scores(model, loader, ctx, task, label_free: bool, fisher_mode: str, cache: bool, data_key: Optional[str] = None,
             what: str = "data"):
+    """The importance of ``loader`` for the batch and per-sample modes; for ``subset``, its gradient moments
+    ``(mean, second)``. Returns ``(value, cache status)``."""
+    memo = getattr(ctx, "memo", None)  # calibration's trials run on copies of one model: score it once
+    key = (what, label_free, fisher_mode)
+    if memo is not None and key in memo:
+        return memo[key][0], "calibration memo"
     try:
-        return _cached_scores(model, loader, ctx, task, label_free, fisher_mode, cache, data_key)
+        found = _cached_scores(model, loader, ctx, task, label_free, fisher_mode, cache, data_key)
     except FloatingPointError as e:
         raise FloatingPointError(f"importance on {what}: {e}") from None
+    if memo is not None:
+        memo[key] = found
+    return found
+
+
+def _pack(mean: Scores, second: Scores) -> Scores:
+    packed = Scores({**{f"mean/{k}": v for k, v in mean.items()}, **{f"second/{k}": v for k, v in second.items()}})
+    packed.samples = mean.samples
+    return packed
+
+
+def _unpack(packed: Scores):
+    out = []
+    for part in ("mean/", "second/"):
+        s = Scores({k[len(part):]: v for k, v in packed.items() if k.startswith(part)})
+        s.samples = packed.samples
+        out.append(s)
+    return tuple(out)
 
 
 def _cached_scores(model, loader, ctx, task, label_free, fisher_mode, cache, data_key):
-    if label_free:
-        compute = lambda: importance.label_free(model, loader, task, ctx.counters, ctx.progress)  # noqa: E731
-        est, opts = "label_free", {}
+    if fisher_mode == "subset":
+        compute = lambda: _pack(*importance.gradient_moments(model, loader, task, label_free,  # noqa: E731
+                                                              ctx.counters, ctx.progress))
+        est = "moments (label-free)" if label_free else "moments"
+    elif label_free:
+        compute = lambda: importance.label_free(model, loader, task, ctx.counters, ctx.progress,  # noqa: E731
+                                                mode=fisher_mode)
+        est = "label_free"
     else:
         compute = lambda: importance.fisher(model, loader, task, fisher_mode, ctx.counters, ctx.progress)  # noqa: E731
-        est, opts = "fisher", {"mode": fisher_mode}
+        est = "fisher"
+    opts = {"mode": fisher_mode, "order_free": fisher_mode != "batch"}
     if not cache:
-        return compute(), "not cached"
-    scores, status = ctx.importance_cache.get_or_compute(model, loader, est, compute, opts, data_key=data_key,
-                                                         task=task)
-    if status == "hit":
-        ctx.counters.importance_cache_hits += 1
-    elif status == "miss":
-        ctx.counters.importance_cache_misses += 1
-    return scores, status
+        scores, status = compute(), "not cached"
+    else:
+        scores, status = ctx.importance_cache.get_or_compute(model, loader, est, compute, opts, data_key=data_key,
+                                                             task=task)
+        if status == "hit":
+            ctx.counters.importance_cache_hits += 1
+        elif status == "miss":
+            ctx.counters.importance_cache_misses += 1
+    return (_unpack(scores) if fisher_mode == "subset" else scores), status
+
+
+def _combine(a, b):
+    """The moments of the union of two disjoint sample sets from theirs."""
+    n_a, n_b = a[0].samples, b[0].samples
+    out = []
+    for x, y in zip(a, b):
+        s = Scores({k: (x[k] * n_a + y[k] * n_b) / (n_a + n_b) for k in x})
+        s.samples = n_a + n_b
+        out.append(s)
+    return tuple(out)
+
+
+def _subset_reference(model, request, ctx, label_free, reference, forget):
+    """(I_f, I_ref, cache status) for fisher_mode="subset": moments of the reference set (D for SSD/LFSSD, the
+    retain set for ASSD) from the cached pass over D, or the retain set when no D is given."""
+    what = "the reference data (D)" if request.train is not None else "the reference data (retain)"
+    if request.train is not None:
+        ref, status = _scores(model, request.train, ctx, request.task, label_free, "subset", cache=True,
+                              data_key=request.train_key, what=what)
+        if reference == "retain":
+            ref = importance.complement(ref[0], ref[1], forget[0], forget[1])
+    else:
+        if request.retain is None:
+            raise ValueError("this method needs the full training loader (train=...) or a retain loader")
+        ref, status = _scores(model, request.retain, ctx, request.task, label_free, "subset", cache=True, what=what)
+        if reference != "retain":
+            ref = _combine(ref, forget)
+    i_f, i_ref = importance.subset_importance(forget[0], ref[0], ref[1])
+    return i_f, i_ref, status, ref[0].samples
 
 
 def _run(model, request, ctx, *, alpha, lam, fisher_mode, scope, label_free: bool, reference: str):
     if isinstance(alpha, str) and alpha != "auto":
         raise ValueError(f"alpha must be a positive number or 'auto', got {alpha!r}")
-    ref_loader = _reference_loader(request, reference)
-    key = request.train_key if (request.train is not None and ref_loader is request.train) else None
-    with ctx.timer.phase("importance_ref"):
-        i_ref, status = _scores(model, ref_loader, ctx, request.task, label_free, fisher_mode, cache=True, data_key=key,
-                               what=f"the reference data ({reference if reference == 'retain' else 'D'})")
-    with ctx.timer.phase("importance_forget"):
-        i_f, _ = _scores(model, request.forget, ctx, request.task, label_free, fisher_mode, cache=False,
-                         what="the forget set")
+    info = {}
+    if fisher_mode == "subset":
+        with ctx.timer.phase("importance_forget"):
+            forget, _ = _scores(model, request.forget, ctx, request.task, label_free, fisher_mode, cache=False,
+                                what="the forget set")
+        with ctx.timer.phase("importance_ref"):
+            i_f, i_ref, status, n_ref = _subset_reference(model, request, ctx, label_free, reference, forget)
+        n_f = forget[0].samples
+        n_d = n_ref + n_f if reference == "retain" else n_ref
+    else:
+        ref_loader = _reference_loader(request, reference)
+        key = request.train_key if (request.train is not None and ref_loader is request.train) else None
+        with ctx.timer.phase("importance_ref"):
+            i_ref, status = _scores(model, ref_loader, ctx, request.task, label_free, fisher_mode, cache=True,
+                                    data_key=key, what=f"the reference data ({reference if reference == 'retain' else 'D'})")
+        with ctx.timer.phase("importance_forget"):
+            i_f, _ = _scores(model, request.forget, ctx, request.task, label_free, fisher_mode, cache=False,
+                             what="the forget set")
+        n_f = n_d = None
     with ctx.timer.phase("select"):
+        info["ref_importance_cache"] = status
         eligible = _eligible(model, scope)
-        info = {"ref_importance_cache": status}
         if alpha == "auto":
-            n_f, n_ref = _n_samples(request.forget), _n_samples(ref_loader)
-            n_d = n_ref + n_f if reference == "retain" else n_ref  # |D|: the reference D already holds D_f
+            if n_f is None:
+                n_f, n_ref = _n_samples(request.forget), _n_samples(ref_loader)
+                n_d = n_ref + n_f if reference == "retain" else n_ref  # |D|: the reference D already holds D_f
             p = 100.0 - math.log(1.0 + 100.0 * n_f / n_d)
             alpha = selection.ratio_percentile(i_f, i_ref, p, eligible)
             info.update(percentile=p, alpha=alpha)
@@ -118,6 +195,7 @@ def _run(model, request, ctx, *, alpha, lam, fisher_mode, scope, label_free: boo
 
 
 @register("ssd", defaults=SSD_DEFAULTS, presets={"paper": PAPER}, space=SPACE, params=PARAMS,
+          strength=("alpha", -1),
           summary="Selective Synaptic Dampening: Fisher on D vs D_f, dampen where D_f dominates")
 def ssd(model, request, ctx, alpha, lam, fisher_mode, scope):
     """SSD: I_D = Fisher on the full training data, I_f on D_f; select I_f > α·I_D; dampen."""
@@ -126,6 +204,7 @@ def ssd(model, request, ctx, alpha, lam, fisher_mode, scope):
 
 
 @register("lfssd", defaults=LFSSD_DEFAULTS, presets={"paper": PAPER}, space=SPACE, params=PARAMS,
+          strength=("alpha", -1),
           summary="Label-free SSD: importance from ‖f(x)‖², no labels needed")
 def lfssd(model, request, ctx, alpha, lam, fisher_mode, scope):
     """LFSSD: SSD with label-free importance (|∇ mean ‖f(x)‖²|); the loaders need no labels."""
@@ -133,7 +212,8 @@ def lfssd(model, request, ctx, alpha, lam, fisher_mode, scope):
                 label_free=True, reference="train")
 
 
-@register("assd", defaults=dict(lam=1.0, fisher_mode="batch", scope=None), space=dict(lam=SPACE["lam"]),
+@register("assd", defaults=dict(lam=1.0, fisher_mode="subset", scope=None), space=dict(lam=SPACE["lam"]),
+          presets={"paper": dict(lam=1.0, fisher_mode="batch")}, strength=("lam", -1),
           params=ASSD_PARAMS,
           summary="Automatic SSD: α from a percentile of the I_f/I_retain ratios")
 def assd(model, request, ctx, lam, fisher_mode, scope):
