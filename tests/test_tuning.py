@@ -10,6 +10,7 @@ from excise import protocol as protocol_mod  # noqa: E402
 from excise.bench import run_bench  # noqa: E402
 from excise.cli import main  # noqa: E402
 from excise.tuning import INFEASIBLE, TuneResult, load_tuned, tune, write_tuned  # noqa: E402
+from excise.methods.ssd import SSD_DEFAULTS
 
 TINY = """
 name = "digits-mlp-class"
@@ -66,7 +67,7 @@ def test_tune_ssd_forgets_toward_the_oracle_on_validation_only(tiny, tmp_path, n
     res = tune("ssd", str(tiny), budget=8, storage=tmp_path / "s.journal", progress=False)
     assert res.n_trials == 8 and len(res.trials) == 8
     first = res.trials[0]
-    assert first["defaults"] and first["params"] == {"alpha": 100.0, "lam": 1.0}  # the defaults come first
+    assert first["defaults"] and first["params"] == {"alpha": SSD_DEFAULTS["alpha"], "lam": 1.0}  # defaults first
     assert res.best_value <= res.default_value
     assert set(res.best_metrics) == {"forget_acc", "VA", "mia_val"}
     o, orig, best = res.oracle_metrics, res.original_metrics, res.best_metrics
@@ -198,7 +199,7 @@ def test_tuned_table_is_used_by_bench(tiny, tmp_path):
     md = rep.to_markdown()
     assert "| ssd (tuned) |" in md and "| lfssd |" in md
     plain = run_bench(str(tiny), methods=["ssd"], seeds=1, progress=False)
-    assert [r for r in plain.rows if r["method"] == "ssd"][0]["hparams"]["alpha"] == 100.0
+    assert [r for r in plain.rows if r["method"] == "ssd"][0]["hparams"]["alpha"] == SSD_DEFAULTS["alpha"]
 
 
 def test_cli_tune_writes_trials_and_table(tiny, tmp_path, capsys):
@@ -453,7 +454,7 @@ def test_a_protocols_search_table_narrows_or_holds_what_is_searched(tiny, tmp_pa
     assert res.n_trials == 3
     for t in res.trials:
         assert 20.0 <= t["params"]["alpha"] <= 30.0 and t["params"]["lam"] == 0.5
-    assert get_method("ssd").defaults["alpha"] == 100.0  # outside the narrowed range: the defaults trial drops it
+    assert not 20.0 <= get_method("ssd").defaults["alpha"] <= 30.0  # outside the narrowed range: no defaults trial
     table = write_tuned(res, tmp_path / "t")
     assert load_tuned("digits-mlp-class", table)["ssd"]["lam"] == 0.5
     rep = run_bench(str(narrowed), methods=["ssd"], seeds=1, progress=False, tuned=table)
@@ -461,7 +462,7 @@ def test_a_protocols_search_table_narrows_or_holds_what_is_searched(tiny, tmp_pa
     assert row["tuned"] and row["hparams"]["lam"] == 0.5 and 20.0 <= row["hparams"]["alpha"] <= 30.0
     # the unnarrowed protocol's study is another study (its journal name differs), and its space the method's
     plain = tune("ssd", str(tiny), budget=1, storage=tmp_path / "n.journal", progress=False)
-    assert plain.n_trials == 1 and plain.trials[0]["params"]["alpha"] == 100.0
+    assert plain.n_trials == 1 and plain.trials[0]["params"]["alpha"] == SSD_DEFAULTS["alpha"]
 
     proto = {"name": "p", "search": {"scrub": {"epochs": 1, "max_lr": [0.01, 0.02]}}}
     space = search_space(proto, "scrub")

@@ -8,11 +8,12 @@ model retrained without the forget set would do can then be stated without train
   them — on the forget set and on held-out samples of those classes — and keeps its accuracy on the other classes.
   Forget error = the highest of those accuracies (target 0).
 - **sample-like request** (chosen or random samples of classes that stay): the forget set must look like held-out
-  data of the same classes. Forget error = max(|forget acc − holdout acc|, 100·|AUC − 0.5|), AUC being a
-  loss-threshold membership test between forget and holdout samples (0.5 = chance). Needs a holdout loader.
+  data of the same classes. Forget error = max(|forget acc − the original's holdout acc|, 100·|AUC − 0.5|), AUC
+  being a loss-threshold membership test between forget and holdout samples (0.5 = chance). Needs a holdout loader.
 
-Utility: accuracy on a retain sample (and on held-out samples of the other classes) may fall by at most ``delta``
-points from the original's; a result predicting one class for ≥ 90 % of the retain sample is a collapse.
+Utility: accuracy on a retain sample and on the holdout sample (for a class request: its other classes) may fall
+by at most ``delta`` points from the original's; a result predicting one class for ≥ 90 % of the retain sample is
+a collapse.
 
 Search: the method's one declared strength knob (``strength`` in its registration, e.g. SSD's α, a baseline's
 learning rate), in its search-space range, on a log scale: the default first, then bisection towards the
@@ -120,6 +121,10 @@ class Evaluator:
         self.task, self.intent, self.classes = request.task, intent, classes
         self.samples = {k: take(getattr(request, k), n) for k in ("forget", "retain", "holdout")}
         self.base = self.measure(original)
+        gone = torch.tensor(classes)
+        self.sizes = {"forget": sum(self.task.batch_size(b) for b in self.samples["forget"]),
+                      "holdout": sum(int(torch.isin(torch.as_tensor(self.task.targets(b)).reshape(-1), gone).sum())
+                                     for b in self.samples["holdout"])}
 
     def measure(self, model: nn.Module) -> Dict[str, Any]:
         o = {k: _outputs(model, v, self.task) for k, v in self.samples.items()}
@@ -138,23 +143,32 @@ class Evaluator:
         return m
 
     def judge(self, m: Dict[str, Any], delta: float) -> Dict[str, Any]:
-        """Forget error (points, 0 = on target), its sign (+: too little forgetting), utility loss, feasibility."""
+        """Forget error (points; 0 = on target) and score (error over its tolerance: ≤ 1 meets the target), its
+        direction (+1: too little forgetting, −1: too much), utility loss (points), collapse, feasibility."""
         if self.intent == "class":
             accs = [a for a in (m["forget_acc"], m.get("holdout_forgotten_acc")) if a is not None]
             err = max(accs)
-            sign = 1 if err > FORGET_TOL else 0
-        else:
-            gap = m["forget_acc"] - m["holdout_acc"]
-            err = max(abs(gap), 100.0 * abs(m["mia_auc"] - 0.5))
-            sign = 1 if gap > FORGET_TOL else (-1 if gap < -FORGET_TOL else 0)
+            score = err / FORGET_TOL
+            sign = 1 if score > 1 else 0
+        else:  # the original's holdout accuracy: what data the model never saw scores (an edit that lowers every
+            # accuracy alike must not count as "looking unseen"); tolerances: 2 standard errors of what is measured
+            gap = m["forget_acc"] - self.base["holdout_acc"]
+            n_f, n_h = self.sizes["forget"], self.sizes["holdout"]
+            p = min(max(self.base["holdout_acc"] / 100.0, 0.01), 0.99)
+            tol_acc = max(FORGET_TOL, 200.0 * math.sqrt(p * (1 - p) / max(n_f, 1)))
+            tol_auc = 2.0 * math.sqrt((n_f + n_h + 1) / (12.0 * max(n_f, 1) * max(n_h, 1)))
+            err = abs(gap)
+            score = max(err / tol_acc, abs(m["mia_auc"] - 0.5) / tol_auc)
+            sign = 1 if gap > tol_acc else (-1 if gap < -tol_acc else 0)
         losses = [self.base["retain_acc"] - m["retain_acc"]]
-        if m.get("holdout_other_acc") is not None and self.base.get("holdout_other_acc") is not None:
-            losses.append(self.base["holdout_other_acc"] - m["holdout_other_acc"])
+        for k in ("holdout_other_acc", "holdout_acc"):
+            if m.get(k) is not None and self.base.get(k) is not None:
+                losses.append(self.base[k] - m[k])
         utility_loss = max(losses)
         collapsed = m["top_share"] is not None and m["top_share"] >= COLLAPSE_SHARE \
             and (self.base["top_share"] or 0) < COLLAPSE_SHARE
-        return {"forget_error": err, "direction": sign, "utility_loss": utility_loss, "collapsed": collapsed,
-                "feasible": utility_loss <= delta and not collapsed, "on_target": err <= FORGET_TOL}
+        return {"forget_error": err, "forget_score": score, "direction": sign, "utility_loss": utility_loss,
+                "collapsed": collapsed, "feasible": utility_loss <= delta and not collapsed, "on_target": score <= 1}
 
 
 def _value(space, s: float):
@@ -178,7 +192,7 @@ def _position(space, value) -> float:
 def _rank(trial: Dict[str, Any]) -> Tuple:
     j = trial["judgement"]
     # feasible first; then on target; then the smallest forget error; then the weakest edit
-    return (not j["feasible"], not j["on_target"], round(j["forget_error"], 6), trial["strength_position"])
+    return (not j["feasible"], not j["on_target"], round(j["forget_score"], 6), trial["strength_position"])
 
 
 def calibrate(model: nn.Module, request, spec, hparams: Dict[str, Any], run, *, trials: int = DEFAULT_TRIALS,
@@ -235,8 +249,9 @@ def calibrate(model: nn.Module, request, spec, hparams: Dict[str, Any], run, *, 
 def _why(trial, done) -> str:
     j = trial["judgement"]
     if j["feasible"] and j["on_target"]:
-        return (f"trial {trial['trial']}: the weakest tried edit that meets the forget target (error "
-                f"{j['forget_error']:.1f} ≤ {FORGET_TOL}) within the utility bound (loss {j['utility_loss']:.1f})")
+        return (f"trial {trial['trial']}: the best tried edit that meets the forget target (error "
+                f"{j['forget_error']:.1f} points, score {j['forget_score']:.2f} ≤ 1) within the utility bound (loss "
+                f"{j['utility_loss']:.1f} points)")
     if j["feasible"]:
         return (f"trial {trial['trial']}: no trial met the forget target within the utility bound; this one came "
                 f"closest (forget error {j['forget_error']:.1f}) keeping utility (loss {j['utility_loss']:.1f})")
@@ -257,6 +272,26 @@ def prepare(model: nn.Module, request, samples: int = EVAL_SAMPLES) -> Evaluator
             "data the model never trained on, to tell what 'forgotten' looks like — pass UnlearningRequest("
             "holdout=<loader over e.g. a validation split>), or intent='class' if the forget set is whole classes")
     return Evaluator(model, request, intent, classes, samples)
+
+
+def options(calibrate: Any) -> Dict[str, Any]:
+    """``calibrate=True`` or a dict of ``trials`` (≥ 1), ``delta`` (points, ≥ 0) and ``samples`` (per loader)."""
+    out = {"trials": DEFAULT_TRIALS, "delta": DELTA, "samples": EVAL_SAMPLES}
+    if calibrate is True:
+        return out
+    if not isinstance(calibrate, dict):
+        raise CalibrationError(f"calibrate must be True, False or a dict of {sorted(out)}, got {calibrate!r}")
+    unknown = set(calibrate) - set(out)
+    if unknown:
+        raise CalibrationError(f"unknown calibration options {sorted(unknown)}; known: {sorted(out)}")
+    out.update(calibrate)
+    if isinstance(out["trials"], bool) or not isinstance(out["trials"], int) or out["trials"] < 1:
+        raise CalibrationError(f"calibration trials must be an integer ≥ 1, got {out['trials']!r}")
+    if isinstance(out["samples"], bool) or not isinstance(out["samples"], int) or out["samples"] < 1:
+        raise CalibrationError(f"calibration samples must be an integer ≥ 1, got {out['samples']!r}")
+    if not isinstance(out["delta"], (int, float)) or not math.isfinite(out["delta"]) or out["delta"] < 0:
+        raise CalibrationError(f"calibration delta must be a number of points ≥ 0, got {out['delta']!r}")
+    return out
 
 
 def calibratable() -> List[str]:

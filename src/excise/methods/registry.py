@@ -339,8 +339,8 @@ def as_request(request_or_loaders: Any) -> UnlearningRequest:
 
 
 def unlearn(model: nn.Module, request_or_loaders: Any, method: str = "ssd", preset: Optional[str] = None,
-            progress: bool = False, importance_cache: Any = None, checks: bool = True, calibrate: bool = False,
-            trials: Optional[int] = None, **hparams) -> UnlearningResult:
+            progress: bool = False, importance_cache: Any = None, checks: bool = True, calibrate: Any = False,
+            **hparams) -> UnlearningResult:
     """Run an unlearning method on a copy of ``model`` and return the result (the caller's model is untouched).
 
     ``request_or_loaders``: an :class:`UnlearningRequest` or a dict ``{"forget": loader, "retain": loader,
@@ -348,8 +348,9 @@ def unlearn(model: nn.Module, request_or_loaders: Any, method: str = "ssd", pres
     ``importance_cache``: an ImportanceCache, None for the process-wide one, False for none.
     Remaining keyword arguments override the method's hyperparameters.
 
-    ``calibrate=True``: search the method's strength knob without a retrain oracle (:mod:`excise.calibration`;
-    at most ``trials`` runs, default 10), from the request's forget, retain and ``holdout`` data.
+    ``calibrate=True``: search the method's strength knob without a retrain oracle (:mod:`excise.calibration`),
+    from the request's forget, retain and ``holdout`` data; a dict sets its options, e.g.
+    ``calibrate={"trials": 6, "delta": 3.0}`` (at most 6 runs; utility may fall by 3 points; defaults 10 and 2).
     ``method="auto"``: calibrate the methods of ``excise.calibration.AUTO_METHODS``, cheapest first, and return
     the first that meets the forget target within the utility bound (else the best by the same ranking).
 
@@ -368,7 +369,7 @@ def unlearn(model: nn.Module, request_or_loaders: Any, method: str = "ssd", pres
     if method == "auto":
         if hparams or preset:
             raise ValueError("method='auto' chooses each method's hyperparameters; pass none (or pick a method)")
-        calibrate = True
+        calibrate = calibrate or True
     names = cal.AUTO_METHODS if method == "auto" else (method,)
     specs = [get_method(n) for n in names]
     if method == "auto" and request.retain is None:
@@ -388,16 +389,16 @@ def unlearn(model: nn.Module, request_or_loaders: Any, method: str = "ssd", pres
         spec, hp = plans[0]
         result = _execute(spec, model, request, ctx, hp)
     else:
-        budget = cal.DEFAULT_TRIALS if trials is None else trials
         try:
-            evaluator = cal.prepare(model, request)
+            opts = cal.options(calibrate)
+            evaluator = cal.prepare(model, request, opts["samples"])
         except cal.CalibrationError as e:
             raise cal.CalibrationError(f"{method}: {e}") from None
         tried = []
         for spec, hp in plans:
             ctx.memo = {}  # the forget importance of one method's trials, shared between them
             result = cal.calibrate(model, request, spec, hp, lambda h, spec=spec: _execute(spec, model, request, ctx, h),
-                                   trials=budget, evaluator=evaluator)
+                                   trials=opts["trials"], delta=opts["delta"], evaluator=evaluator)
             tried.append(result)
             if cal.good_enough(result):
                 break

@@ -1,8 +1,11 @@
 """Selective Synaptic Dampening (Foster et al., AAAI 2024) and its label-free (LFSSD) and automatic (ASSD) variants.
 
 Algorithm box:
-  1. I_ref ← importance on the reference data (D for SSD/LFSSD, the retain set for ASSD) — cached per model;
-  2. I_f   ← importance on D_f;
+  1. I_ref ← importance on the reference data — cached per model. Default (``fisher_mode="subset"``): per-sample
+     gradient moments of D (one pass, cached) less those of D_f give the retain set's; I_ref = the expected squared
+     mean gradient of a random retain subset of |D_f| samples. The paper's (``fisher_mode="batch"``): the
+     batch-mode Fisher on D (SSD, LFSSD) or on the retain set (ASSD);
+  2. I_f   ← importance on D_f (default: its squared mean gradient, D_f taken as one batch);
   3. select θ_i with I_f,i > α·I_ref,i (α given, or ``alpha="auto"`` — always for ASSD — the percentile
      p = 100 − ln(1 + 100·|D_f|/|D|) of the pooled finite ratios I_f/I_ref);
   4. dampen θ_i ← min(λ·I_ref,i / I_f,i, 1)·θ_i.
@@ -22,15 +25,17 @@ from ..types import Scores, UnlearningResult
 from .registry import POS, Param, Real, register, scope_param
 
 # excise's default estimator, fisher_mode="subset" (importance.subset_importance): the forget set's squared mean
-# gradient against that of a random subset of D of the same size, from per-sample gradient moments — the same for
-# any batch size and order of the loaders, and α means the same for any forget size (a random forget set scores
-# about 1, a χ²₁ variable). No α suits every model: the selected share falls off a cliff at a place that moves with
-# the model (docs/calibration.md). α = 100 forgot a class and kept utility on the digits MLP and cost 10 points of
-# retain accuracy on the small Fashion-MNIST CNN (which the post-checks report); calibrate=True finds the value
-# for a model without a retrain oracle. The paper's estimator (batch-mean gradients) is preset="paper" /
-# fisher_mode="batch", kept bit for bit; "per_sample" is the plain empirical Fisher diagonal on D and D_f.
-SSD_DEFAULTS = dict(alpha=100.0, lam=1.0, fisher_mode="subset", scope=None)
-LFSSD_DEFAULTS = dict(SSD_DEFAULTS, alpha=30.0)
+# gradient against that of a random subset of the retain set of the same size, from per-sample gradient moments
+# (D's, cached, less the forget set's): the same for any batch size and order of the loaders, and α means the same
+# for any forget size — a random forget set scores about 1 (a χ²₁ variable), a parameter only the forget set uses
+# scores ∞. (Against D instead, that parameter would score about (|D|/|D_f|)², 100 at a 10 % forget set.)
+# No α suits every model: the selected share falls off a cliff at a place that moves with the model
+# (docs/calibration.md). α = 50 forgets a class on the digits MLP keeping its accuracy (plateau 30–75), and on the
+# small Fashion-MNIST CNN at a cost of 11 points of retain accuracy, which the post-checks report; calibrate=True
+# finds the value for a model without a retrain oracle. The paper's estimator (batch-mean gradients, against D) is
+# preset="paper" / fisher_mode="batch", kept bit for bit; "per_sample" is the plain empirical Fisher on D and D_f.
+SSD_DEFAULTS = dict(alpha=50.0, lam=1.0, fisher_mode="subset", scope=None)
+LFSSD_DEFAULTS = dict(SSD_DEFAULTS, alpha=100.0)
 PAPER = dict(alpha=10.0, lam=1.0, fisher_mode="batch")
 FISHER_MODES = ("subset", "per_sample", "batch")
 SPACE = dict(alpha=Real(1.0, 3000.0, log=True), lam=Real(0.1, 10.0, log=True))
@@ -124,32 +129,19 @@ def _cached_scores(model, loader, ctx, task, label_free, fisher_mode, cache, dat
     return (_unpack(scores) if fisher_mode == "subset" else scores), status
 
 
-def _combine(a, b):
-    """The moments of the union of two disjoint sample sets from theirs."""
-    n_a, n_b = a[0].samples, b[0].samples
-    out = []
-    for x, y in zip(a, b):
-        s = Scores({k: (x[k] * n_a + y[k] * n_b) / (n_a + n_b) for k in x})
-        s.samples = n_a + n_b
-        out.append(s)
-    return tuple(out)
-
-
-def _subset_reference(model, request, ctx, label_free, reference, forget):
-    """(I_f, I_ref, cache status) for fisher_mode="subset": moments of the reference set (D for SSD/LFSSD, the
-    retain set for ASSD) from the cached pass over D, or the retain set when no D is given."""
-    what = "the reference data (D)" if request.train is not None else "the reference data (retain)"
+def _subset_reference(model, request, ctx, label_free, forget):
+    """(I_f, I_ref, cache status, |retain|) for fisher_mode="subset". The reference is the retain set D \\ D_f: its
+    moments are D's (one cached pass, reused by every later request on the model) less the forget set's, or the
+    retain loader's own when no D is given."""
     if request.train is not None:
         ref, status = _scores(model, request.train, ctx, request.task, label_free, "subset", cache=True,
-                              data_key=request.train_key, what=what)
-        if reference == "retain":
-            ref = importance.complement(ref[0], ref[1], forget[0], forget[1])
+                              data_key=request.train_key, what="the reference data (D)")
+        ref = importance.complement(ref[0], ref[1], forget[0], forget[1])
     else:
         if request.retain is None:
             raise ValueError("this method needs the full training loader (train=...) or a retain loader")
-        ref, status = _scores(model, request.retain, ctx, request.task, label_free, "subset", cache=True, what=what)
-        if reference != "retain":
-            ref = _combine(ref, forget)
+        ref, status = _scores(model, request.retain, ctx, request.task, label_free, "subset", cache=True,
+                              what="the reference data (retain)")
     i_f, i_ref = importance.subset_importance(forget[0], ref[0], ref[1])
     return i_f, i_ref, status, ref[0].samples
 
@@ -163,9 +155,9 @@ def _run(model, request, ctx, *, alpha, lam, fisher_mode, scope, label_free: boo
             forget, _ = _scores(model, request.forget, ctx, request.task, label_free, fisher_mode, cache=False,
                                 what="the forget set")
         with ctx.timer.phase("importance_ref"):
-            i_f, i_ref, status, n_ref = _subset_reference(model, request, ctx, label_free, reference, forget)
+            i_f, i_ref, status, n_retain = _subset_reference(model, request, ctx, label_free, forget)
         n_f = forget[0].samples
-        n_d = n_ref + n_f if reference == "retain" else n_ref
+        n_d = n_retain + n_f
     else:
         ref_loader = _reference_loader(request, reference)
         key = request.train_key if (request.train is not None and ref_loader is request.train) else None
