@@ -1,0 +1,153 @@
+"""Oracle-free calibration (excise.calibration): unlearn(..., calibrate=True) and method="auto"."""
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Subset, TensorDataset
+
+import excise.methods.registry as registry
+from excise import UnlearningRequest, unlearn
+from excise.calibration import CalibrationError, auc, good_enough
+from excise.evaluation.accuracy import accuracy
+
+
+def _digits_class(committed):
+    from excise.data import ForgetSpec
+    from excise.protocol import Setup
+    from excise.training import TrainRecipe
+
+    setup = Setup(dataset="digits", arch="mlp", recipe=TrainRecipe(epochs=40, batch_size=32), seed=0,
+                  importance_batch=64, forget=ForgetSpec.parse("class:3"))
+    prep = committed(setup)
+    req = prep.request()
+    return prep, UnlearningRequest(forget=req.forget, retain=req.retain, train=req.train, holdout=prep.loaders["val"])
+
+
+def test_a_class_request_is_recognised_and_forgotten_within_the_utility_bound(committed):
+    prep, req = _digits_class(committed)
+    res = unlearn(prep.original, req, "ssd", calibrate=True)
+    cal = res.info["calibration"]
+    assert cal["intent"] == "class" and cal["classes"] == [3] and cal["knob"] == "alpha"
+    assert good_enough(res), cal["why"]
+    assert accuracy(res.model, req.forget) <= 2.0  # a model that never saw the class scores 0 on it
+    assert accuracy(res.model, req.retain) >= accuracy(prep.original, req.retain) - 2.0
+    for t in cal["trials"]:  # every trial with its criteria
+        assert {"forget_acc", "retain_acc", "holdout_forgotten_acc", "holdout_other_acc"} <= set(t["metrics"])
+        assert {"forget_score", "utility_loss", "feasible", "on_target"} <= set(t["judgement"])
+    assert cal["trials"][0]["alpha"] == registry.get_method("ssd").defaults["alpha"]  # the default first
+
+
+def test_the_fmnist_cnn_is_calibrated_to_the_oracle(fmnist_small, committed):
+    """SSD's default α on this model forgets the class at a cost of 11 points of retain accuracy (test_ssd_real);
+    calibration finds the window where it forgets within 2 points."""
+    from excise.data import ForgetSpec
+    from excise.protocol import Setup
+    from excise.training import TrainRecipe
+
+    setup = Setup(dataset="fmnist-small", arch="smallcnn", recipe=TrainRecipe(epochs=3),
+                  forget=ForgetSpec.parse("class:9"), seed=0)
+    prep = committed(setup, fmnist_small)
+    req = prep.request()
+    req = UnlearningRequest(forget=req.forget, retain=req.retain, train=req.train, holdout=prep.loaders["val"])
+    res = unlearn(prep.original, req, "ssd", calibrate=True)
+    assert good_enough(res), res.info["calibration"]["why"]
+    assert accuracy(res.model, req.forget) <= 2.0
+    assert accuracy(res.model, prep.loaders["test"]) >= accuracy(prep.oracle, prep.loaders["test"]) - 3.0
+
+
+def _memorised(seed):
+    """A linear model that memorises each training sample through a code of its own (a one-hot input only that
+    sample has, as a secret a model learns by heart) beside features shared by its class."""
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    n_tr, n_ho, d = 300, 400, 10
+    y = torch.randint(0, 4, (n_tr + n_ho,), generator=g)
+    feats = (torch.randn(4, d, generator=g) * 0.8)[y] + torch.randn(n_tr + n_ho, d, generator=g)
+    codes = torch.zeros(n_tr + n_ho, n_tr)
+    codes[torch.arange(n_tr), torch.arange(n_tr)] = 1.0
+    x = torch.cat([feats, codes], 1)
+    model = nn.Linear(d + n_tr, 4)
+    opt = torch.optim.Adam(model.parameters(), 1e-2)
+    for _ in range(200):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x[:n_tr]), y[:n_tr]).backward()
+        opt.step()
+    ds = TensorDataset(x, y)
+
+    def loader(idx):
+        return DataLoader(Subset(ds, list(idx)), batch_size=32)
+
+    return model, UnlearningRequest(forget=loader(range(60)), retain=loader(range(60, n_tr)),
+                                    train=loader(range(n_tr)), holdout=loader(range(n_tr, n_tr + n_ho)))
+
+
+def _losses(model, loader):
+    with torch.no_grad():
+        return torch.cat([nn.functional.cross_entropy(model(x), y, reduction="none") for x, y in loader])
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_a_sample_request_meets_the_holdout_target(seed):
+    model, req = _memorised(seed)
+    before = auc(_losses(model, req.forget), _losses(model, req.holdout))
+    assert accuracy(model, req.forget) == 100.0 and before > 0.65  # memorised: the attack tells them apart
+    res = unlearn(model, req, "ssd", calibrate=True)
+    cal = res.info["calibration"]
+    assert cal["intent"] == "sample"
+    assert good_enough(res), cal["why"]
+    after = auc(_losses(res.model, req.forget), _losses(res.model, req.holdout))
+    assert abs(after - 0.5) < abs(before - 0.5) / 2
+    assert accuracy(res.model, req.retain) >= accuracy(model, req.retain) - 2.0
+    assert accuracy(res.model, req.holdout) >= accuracy(model, req.holdout) - 2.0
+
+
+def test_a_sample_request_without_holdout_is_refused_before_any_work(monkeypatch):
+    model, req = _memorised(0)
+    runs = []
+    monkeypatch.setattr(registry, "_execute", lambda *a, **k: runs.append(1))
+    no_holdout = UnlearningRequest(forget=req.forget, retain=req.retain, train=req.train)
+    with pytest.raises(CalibrationError, match="holdout"):
+        unlearn(model, no_holdout, "ssd", calibrate=True)
+    with pytest.raises(ValueError, match="holdout"):  # CalibrationError is a ValueError
+        unlearn(model, no_holdout, "auto")
+    assert runs == []
+
+
+@pytest.mark.parametrize("trials", [1, 3])
+def test_the_trial_budget_is_respected(committed, monkeypatch, trials):
+    prep, req = _digits_class(committed)
+    runs = []
+    real = registry._execute
+    monkeypatch.setattr(registry, "_execute", lambda *a, **k: runs.append(1) or real(*a, **k))
+    res = unlearn(prep.original, req, "lfssd", calibrate={"trials": trials})
+    assert 1 <= len(runs) <= trials
+    assert res.info["calibration"]["trials_run"] == len(runs) == len(res.info["calibration"]["trials"])
+
+
+def test_auto_takes_the_cheapest_method_that_meets_the_targets(committed):
+    prep, req = _digits_class(committed)
+    res = unlearn(prep.original, req, "auto")
+    assert res.info["auto"]["tried"][0] == "ssd" and res.method == res.info["auto"]["chosen"]
+    assert good_enough(res)
+    assert accuracy(res.model, req.forget) <= 2.0
+
+
+def test_bad_calibration_requests_fail_before_any_work(committed, monkeypatch):
+    prep, req = _digits_class(committed)
+    runs = []
+    monkeypatch.setattr(registry, "_execute", lambda *a, **k: runs.append(1))
+    with pytest.raises(ValueError, match="retrain: declares no strength"):
+        unlearn(prep.original, req, "retrain", calibrate=True)
+    with pytest.raises(ValueError, match="trials must be an integer"):
+        unlearn(prep.original, req, "ssd", calibrate={"trials": 0})
+    with pytest.raises(ValueError, match="unknown calibration options"):
+        unlearn(prep.original, req, "ssd", calibrate={"budget": 3})
+    with pytest.raises(ValueError, match="auto chooses each method's hyperparameters|pass none"):
+        unlearn(prep.original, req, "auto", alpha=3.0)
+    assert runs == []
+
+
+def test_auc_is_the_rank_statistic():
+    assert auc(torch.tensor([0.1, 0.2]), torch.tensor([1.0, 2.0])) == 1.0  # members: lower loss
+    assert auc(torch.tensor([1.0, 2.0]), torch.tensor([0.1, 0.2])) == 0.0
+    assert auc(torch.tensor([1.0, 1.0]), torch.tensor([1.0, 1.0])) == 0.5  # ties
