@@ -151,3 +151,22 @@ def test_auc_is_the_rank_statistic():
     assert auc(torch.tensor([0.1, 0.2]), torch.tensor([1.0, 2.0])) == 1.0  # members: lower loss
     assert auc(torch.tensor([1.0, 2.0]), torch.tensor([0.1, 0.2])) == 0.0
     assert auc(torch.tensor([1.0, 1.0]), torch.tensor([1.0, 1.0])) == 0.5  # ties
+
+
+def test_evaluate_takes_the_users_own_loaders_and_an_optional_oracle(committed):
+    import excise
+
+    prep, req = _digits_class(committed)
+    res = unlearn(prep.original, req, "ssd", calibrate=True)
+    loaders = {"forget": req.forget, "retain": req.retain, "test": prep.loaders["test"],
+               "test_retain": prep.loaders["test_retain"]}
+    alone = excise.evaluate(res.model, loaders, original=prep.original)
+    assert set(alone) == {"model", "original"} and alone["model"]["forget_acc"] <= 2.0
+    assert alone["original"]["forget_acc"] > 90
+    scored = excise.evaluate(res.model, loaders, oracle=prep.oracle, original=prep.original)
+    assert scored["gaps"]["model"]["avg_gap"] < scored["gaps"]["original"]["avg_gap"]  # closer to retraining
+    assert scored["gaps"]["model"]["avg_gap"] <= 3.0
+    with pytest.raises(ValueError, match="missing: test"):
+        excise.evaluate(res.model, {"forget": req.forget, "retain": req.retain})
+    with pytest.raises(ValueError, match="your own data"):
+        excise.evaluate(res.model, "mnist")

@@ -41,6 +41,24 @@ def test_unlearn_command_on_a_user_checkpoint(tmp_path, capsys):
     assert res["meta"]["result"]["hparams"]["alpha"] == 2
 
 
+def test_unlearn_command_calibrates_with_the_validation_split_as_holdout(tmp_path, capsys):
+    from pathlib import Path
+
+    ckpt = Path(__file__).parent / "fixtures" / "checkpoints" / "digits-mlp-e40-s0-original.safetensors"
+    args = ["unlearn", "--model", str(ckpt), "--arch", "mlp", "--data", "digits", "--epochs", "40",
+            "--forget", "class:3", "--quiet"]
+    assert main(args + ["--method", "auto", "--trials", "4", "--out", str(tmp_path / "a")]) == 0
+    printed = capsys.readouterr().out
+    assert "calibrated ssd (class-like request" in printed
+    res = json.loads((tmp_path / "a" / "results.json").read_text())["meta"]["result"]
+    assert res["method"] == "ssd" and res["info"]["calibration"]["trials_run"] <= 4
+    assert res["info"]["auto"]["chosen"] == "ssd"
+    assert main(args + ["--method", "auto", "--hp", "alpha=3", "--out", str(tmp_path / "b")]) == 2
+    assert "drop --hp" in capsys.readouterr().err
+    assert main(args + ["--method", "retrain", "--calibrate", "--out", str(tmp_path / "c")]) == 2
+    assert "declares no strength" in capsys.readouterr().err
+
+
 def test_unlearn_command_errors(tmp_path, capsys):
     model = build_model("smallcnn", (1, 8, 8), 10)
     save_state(model, tmp_path / "m.safetensors")

@@ -29,7 +29,7 @@ _LAZY = {
     "make_splits": ("excise.data.forget", "make_splits"),
     "build_model": ("excise.models", "build_model"),
     "Scope": ("excise.selection", "Scope"),
-    "evaluate": ("excise.bench.runner", "evaluate"),
+    "evaluate": ("excise.api", "evaluate"),
     "Report": ("excise.evaluation.report", "Report"),
     "resolve_device": ("excise.types", "resolve_device"),
     "tune": ("excise.tuning", "tune"),

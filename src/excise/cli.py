@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -156,8 +157,16 @@ def cmd_unlearn(args) -> int:
 
     # everything that can be refused is refused before the data is loaded or a pass is made
     folder = OutputFolder(args.out, inputs=[args.model], overwrite=args.overwrite).check()
-    get_method(args.method)
-    hp = _parse_hparams(args.hp, args.method)
+    auto = args.method == "auto"
+    if auto and args.hp:
+        raise ValueError("--method auto chooses each method's hyperparameters: drop --hp")
+    if not auto:
+        get_method(args.method)
+    hp = {} if auto else _parse_hparams(args.hp, args.method)
+    if args.trials is not None and args.trials < 1:
+        raise ValueError(f"--trials must be ≥ 1, got {args.trials}")
+    calibrate = (args.calibrate or auto or args.trials is not None) and (
+        {"trials": args.trials} if args.trials is not None else True)
     read_state(args.model)
     setup = _setup_from_args(args)
     prep = prepare(setup, with_original=False, with_oracle=False, progress=not args.quiet, device=args.device)
@@ -167,7 +176,14 @@ def cmd_unlearn(args) -> int:
     except ValueError as e:
         raise ValueError(f"{e} (--arch {args.arch})") from None
     model.eval()
-    res = unlearn(model, prep.request(), args.method, preset=args.preset, progress=not args.quiet, **hp)
+    request = prep.request()
+    if calibrate:  # the validation split: data the original never trained on, what "unseen" looks like
+        request = dataclasses.replace(request, holdout=prep.loaders["val"])
+    res = unlearn(model, request, args.method, preset=args.preset, progress=not args.quiet, calibrate=calibrate, **hp)
+    if calibrate:
+        cal = res.info["calibration"]
+        print(f"calibrated {res.method} ({cal['intent']}-like request, {cal['trials_run']} trials): "
+              f"{cal['knob']} = {res.hparams[cal['knob']]}; {cal['why']}")
     _warn_lines(res)
     L = prep.loaders
 
@@ -178,7 +194,7 @@ def cmd_unlearn(args) -> int:
         return out
 
     rows = [_row("before", metrics(model), None, None),
-            _row(args.method, metrics(res.model), res.seconds, None, res.info.get("selected_fraction"))]
+            _row(res.method, metrics(res.model), res.seconds, None, res.info.get("selected_fraction"))]
     rows[1]["warnings"] = res.warnings
     print(render_table(rows))
     try:  # every file into the staging folder, then one rename: the folder holds this run or the previous one
@@ -188,7 +204,7 @@ def cmd_unlearn(args) -> int:
             res.mask.save(stage / "mask.safetensors")
         prep.splits.save(stage / "splits.json")
         write_outputs(stage, rows, {"model": str(args.model), "result": res.summary(), "split_hash": prep.splits.hash},
-                      f"excise unlearn {args.method}")
+                      f"excise unlearn {res.method}")
         out = folder.commit()
     finally:
         folder.abort()
@@ -391,7 +407,11 @@ def build_parser() -> argparse.ArgumentParser:
     u = sub.add_parser("unlearn", help="unlearn from a user's checkpoint (safetensors or a state dict)")
     _common(u)
     u.add_argument("--model", required=True, help="checkpoint: .safetensors, or a state dict (.pt, weights only)")
-    u.add_argument("--method", default="ssd")
+    u.add_argument("--method", default="ssd", help="a registered method (excise methods), or 'auto': the cheapest "
+                   "that meets the oracle-free targets (implies --calibrate)")
+    u.add_argument("--calibrate", action="store_true",
+                   help="choose the method's strength without a retrain oracle (holdout: the validation split)")
+    u.add_argument("--trials", type=int, default=None, help="calibration runs at most (default 10; implies --calibrate)")
     u.add_argument("--out", required=True, help="output folder, written as a unit; must be new or empty")
     u.add_argument("--overwrite", action="store_true", help="replace the contents of a non-empty --out")
     u.set_defaults(func=cmd_unlearn)

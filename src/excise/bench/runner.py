@@ -42,7 +42,9 @@ def load_protocol(name_or_path: str | Path) -> Dict[str, Any]:
     if not p.suffix == ".toml" or not p.exists():
         shipped = PROTOCOL_DIR / f"{name_or_path}.toml"
         if not shipped.exists():
-            raise ValueError(f"unknown protocol {name_or_path!r}: not a .toml file; shipped: {list_protocols()}")
+            raise ValueError(f"unknown protocol {name_or_path!r}: not a .toml file; shipped: {list_protocols()} "
+                             "(to score a model on your own data: excise.evaluate(model, {'forget': loader, "
+                             "'retain': loader, 'test': loader}, oracle=..., original=...))")
         p = shipped
     with open(p, "rb") as f:
         proto = tomllib.load(f)

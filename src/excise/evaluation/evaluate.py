@@ -98,3 +98,34 @@ def gaps(row: Dict[str, Any], oracle_row: Dict[str, Any]) -> Dict[str, float]:
             out[f"gap_{k}"] = abs(float(row[k]) - float(oracle_row[k]))
     out["avg_gap"] = sum(out[f"gap_{k}"] for k in AVG_GAP_METRICS) / len(AVG_GAP_METRICS)
     return out
+
+
+
+def evaluate_loaders(model: nn.Module, loaders: Dict[str, Any], oracle: Optional[nn.Module] = None,
+                     original: Optional[nn.Module] = None, task: Optional[Task] = None, seed: int = 0,
+                     mia_feature: str = "confidence") -> Dict[str, Any]:
+    """Score ``model`` (and ``original``, ``oracle`` when given) on a user's loaders: ``forget``, ``retain``,
+    ``test`` (required); ``val``, ``test_forget``, ``test_retain``, ``corrected`` (optional; for class-wise
+    forgetting pass ``test_retain``, the test samples of the classes that stay: TA and the SVC attack's
+    non-members then use them, SalUn's roles). Returns ``{"model": metrics, "original": …, "oracle": …,
+    "gaps": {"model": …, "original": …}}``; ``gaps`` (|Δ| per metric and Avg Gap) only with an ``oracle``."""
+    if not isinstance(loaders, dict):
+        raise TypeError("evaluate(model, data): data is a dict of loaders {'forget', 'retain', 'test', ...} or a "
+                        f"shipped protocol's name, got {type(loaders).__name__}")
+    missing = [k for k in ("forget", "retain", "test") if loaders.get(k) is None]
+    if missing:
+        raise ValueError(f"evaluate needs loaders for forget, retain and test; missing: {', '.join(missing)}")
+    unknown = set(loaders) - {"forget", "retain", "test", "val", "test_forget", "test_retain", "corrected"}
+    if unknown:
+        raise ValueError(f"unknown loaders {sorted(unknown)}; known: forget, retain, test, val, test_forget, "
+                         "test_retain, corrected")
+    oracle_preds = model_predictions(oracle, loaders, task) if oracle is not None else None
+    out: Dict[str, Any] = {"model": metrics_from_predictions(model_predictions(model, loaders, task), oracle_preds,
+                                                             seed, mia_feature)}
+    if original is not None:
+        out["original"] = metrics_from_predictions(model_predictions(original, loaders, task), oracle_preds, seed,
+                                                   mia_feature)
+    if oracle is not None:
+        out["oracle"] = metrics_from_predictions(oracle_preds, oracle_preds, seed, mia_feature)
+        out["gaps"] = {k: gaps(out[k], out["oracle"]) for k in ("model", "original") if k in out}
+    return out
