@@ -482,3 +482,16 @@ def test_post_checks_skip_what_a_task_cannot_say():
     checks = res.info["checks"]
     assert checks["entries_changed"] > 0 and checks["forget"]["acc_before"] is None
     assert checks["retain"]["top_share_after"] is None and res.warnings == []
+
+
+def test_one_sample_of_a_small_probe_is_not_a_utility_loss():
+    """On a 16-sample probe one sample is 6.25 points: a utility warning needs more than one sample lost."""
+    from excise.checks import judge
+
+    def probe(after_hits):
+        return {"samples": 16, "acc_before": 100.0, "acc_after": 100.0 * after_hits / 16, "top_share_before": 0.2,
+                "top_share_after": 0.2}
+
+    for hits, warned in ((15, False), (14, True)):
+        found = judge("m", {"entries_changed": 5, "forget": probe(0), "retain": probe(hits)})
+        assert any(cls is UtilityDropWarning for cls, _ in found) == warned, hits

@@ -28,7 +28,8 @@ MIN_CHECK_SAMPLES = 16  # ... at least this many ...
 # then cost about 5 % of it (measured: benchmarks/results/postcheck_cost.md).
 CHECK_BUDGET = 1 / 40
 FORGET_MOVE = 1.0  # points: forget-sample accuracy that fell by less than this "did not move"
-UTILITY_DROP = 5.0  # points: retain-sample accuracy that fell by more than this is a utility loss
+UTILITY_DROP = 5.0  # points: retain-sample accuracy that fell by more than this (and by more than one sample of the
+# probe's: on 16 samples one sample is 6.25 points) is a utility loss
 COLLAPSE_SHARE = 0.9  # one predicted class on at least this share of the retain sample (and not before) = collapse
 
 
@@ -230,12 +231,6 @@ def post_check(method: str, original: nn.Module, result, pr: Optional[Probe]) ->
     ``result.info["checks"]``). The caller issues the warnings."""
     changed = _changed_entries(original, result.model)
     checks: Dict[str, Any] = {"entries_changed": changed}
-    found: List[tuple] = []
-    selected = result.mask.count() if result.mask is not None else None
-    if changed == 0 or selected == 0:
-        why = "selected no parameter entry" if selected == 0 else "changed no parameter entry"
-        found.append((NothingChangedWarning, f"{method} {why}: the result is the input model, nothing was "
-                      "forgotten (for SSD-style methods: lower alpha, or see `calibrate`)"))
     if pr is not None:
         after = {"forget": _predictions(result.model, pr.forget, pr.task),
                  "retain": _predictions(result.model, pr.retain, pr.task)}
@@ -243,23 +238,40 @@ def post_check(method: str, original: nn.Module, result, pr: Optional[Probe]) ->
             checks[split] = {"samples": pr.before[split]["n"], "acc_before": pr.before[split]["acc"],
                              "acc_after": after[split]["acc"], "top_share_before": pr.before[split]["top_share"],
                              "top_share_after": after[split]["top_share"]}
-        f, r = checks["forget"], checks["retain"]
-        if changed and f["acc_before"] is not None and f["acc_after"] > f["acc_before"] - FORGET_MOVE:
-            found.append((NothingForgottenWarning,
-                          f"{method}: accuracy on {f['samples']} forget samples did not move ({f['acc_before']:.1f} → "
-                          f"{f['acc_after']:.1f} %); right only if the forget set already looks like unseen data "
-                          "to the model, else nothing was forgotten"))
-        if r["acc_before"] is not None and r["acc_after"] < r["acc_before"] - UTILITY_DROP:
-            found.append((UtilityDropWarning,
-                          f"{method}: accuracy on {r['samples']} retain samples fell from {r['acc_before']:.1f} to "
-                          f"{r['acc_after']:.1f} % (more than {UTILITY_DROP:g} points): the model lost utility"))
-        if (r["top_share_after"] is not None and r["top_share_after"] >= COLLAPSE_SHARE
-                and r["top_share_before"] < COLLAPSE_SHARE):
-            found.append((CollapseWarning,
-                          f"{method}: the predictions collapsed: one class on {100 * r['top_share_after']:.0f} % of "
-                          f"{r['samples']} retain samples (before: {100 * r['top_share_before']:.0f} %)"))
     result.info["checks"] = checks
-    return [{"warning": cls.__name__, "message": msg, "category": cls} for cls, msg in found]
+    selected = result.mask.count() if result.mask is not None else None
+    return [{"warning": cls.__name__, "message": msg, "category": cls}
+            for cls, msg in judge(method, checks, selected)]
+
+
+def judge(method: str, checks: Dict[str, Any], selected: Optional[int] = None) -> List[tuple]:
+    """The warnings the numbers of :func:`post_check` call for: ``[(warning class, message)]`` (pure)."""
+    found: List[tuple] = []
+    changed = checks["entries_changed"]
+    if changed == 0 or selected == 0:
+        why = "selected no parameter entry" if selected == 0 else "changed no parameter entry"
+        found.append((NothingChangedWarning, f"{method} {why}: the result is the input model, nothing was "
+                      "forgotten (for SSD-style methods: lower alpha, or see `calibrate`)"))
+    if "forget" not in checks:
+        return found
+    f, r = checks["forget"], checks["retain"]
+    if changed and f["acc_before"] is not None and f["acc_after"] > f["acc_before"] - FORGET_MOVE:
+        found.append((NothingForgottenWarning,
+                      f"{method}: accuracy on {f['samples']} forget samples did not move ({f['acc_before']:.1f} → "
+                      f"{f['acc_after']:.1f} %); right only if the forget set already looks like unseen data "
+                      "to the model, else nothing was forgotten"))
+    drop = max(UTILITY_DROP, 100.0 / max(r["samples"], 1))  # points, and more than one sample of the probe's
+    if r["acc_before"] is not None and r["acc_after"] < r["acc_before"] - drop:
+        found.append((UtilityDropWarning,
+                      f"{method}: accuracy on {r['samples']} retain samples fell from {r['acc_before']:.1f} to "
+                      f"{r['acc_after']:.1f} % (more than {UTILITY_DROP:g} points and more than one sample): the "
+                      "model lost utility"))
+    if (r["top_share_after"] is not None and r["top_share_after"] >= COLLAPSE_SHARE
+            and r["top_share_before"] < COLLAPSE_SHARE):
+        found.append((CollapseWarning,
+                      f"{method}: the predictions collapsed: one class on {100 * r['top_share_after']:.0f} % of "
+                      f"{r['samples']} retain samples (before: {100 * r['top_share_before']:.0f} %)"))
+    return found
 
 
 def issue(findings: List[Dict[str, Any]], stacklevel: int = 3) -> List[Dict[str, str]]:
