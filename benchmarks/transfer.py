@@ -274,10 +274,17 @@ def cmd_run(args) -> int:
         t0 = time.perf_counter()
         result = run_setting(name)
         result["seconds"] = time.perf_counter() - t0
-        result["machine"] = {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+        result["machine"] = {"cpu": _cpu(), "threads": torch.get_num_threads(),
                              "torch": torch.__version__, "device": "cpu"}
         path.write_text(json.dumps(result, indent=1))
     return 0
+
+
+def _cpu() -> str:
+    sys.path.insert(0, str(Path(__file__).parent))
+    from importance_cost import cpu_name
+
+    return cpu_name()
 
 
 def _fmt(v, nd=2):
@@ -297,7 +304,8 @@ def cmd_write(args) -> int:
         if path.exists():
             results[name] = json.loads(path.read_text())
     lines = ["# Transfer: settings no default and no tuned entry was fitted on", "",
-             f"Written by `{COMMAND}` (excise {excise.__version__}; CPU, {os.cpu_count()} cores, one seed per "
+             f"Written by `{COMMAND}` (excise {excise.__version__}; {_cpu()}, {os.cpu_count()} cores, CPU only; "
+             "one seed per "
              "setting: each setting's own). Avg Gap: mean |Δ| to the retrain oracle over UA, RA, TA and MIA "
              "(svc), SalUn's roles for class forgetting. Seconds: the whole request, calibration included; "
              "speed-up: retraining's seconds over the row's.", ""]

@@ -1,0 +1,184 @@
+"""What SSD's loader-invariant importance costs, and what it buys.
+
+    python benchmarks/importance_cost.py        # → benchmarks/results/importance_cost.(md|json)
+
+1. Cost of one pass over 10,000 Fashion-MNIST training images (batch 256, eval mode, CPU threads as set) for
+   SmallCNN and ResNet-18 width 16, against a training step's throughput (SGD, batch 256, train mode):
+   the paper's batch-mode Fisher; excise's gradient moments (importance.gradient_moments, hooks); the per-sample
+   Fisher through whole-model torch.func.vmap (the fallback route); BackPACK's SumGradSquared (optional).
+   A first request pays one pass over D and one over D_f for either estimator.
+2. Loader invariance on the test suite's committed SmallCNN (8,000 images, class 9 forgotten): entries selected
+   by SSD at its default (subset) and by the paper's batch estimator, for loaders of batch 16, 64, 256 and shuffled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Subset
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+RESULTS = ROOT / "benchmarks" / "results"
+COMMAND = "python benchmarks/importance_cost.py"
+N = 10_000
+
+
+def _timed(fn, repeat=2):
+    best = None
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        dt = time.perf_counter() - t0
+        best = dt if best is None else min(best, dt)
+    return best
+
+
+def _train_pass(model, loader):
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    for x, y in loader:
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    model.eval()
+
+
+def _backpack_pass(model, loader):
+    from backpack import backpack, extend
+    from backpack.extensions import SumGradSquared
+
+    m = extend(model.eval(), use_converter=True)
+    lossf = extend(nn.CrossEntropyLoss(reduction="sum"))
+    for x, y in loader:
+        with backpack(SumGradSquared()):
+            lossf(m(x), y).backward()
+
+
+def cost():
+    import copy
+
+    from excise.data import load_fashion_mnist
+    from excise.importance import fisher, gradient_moments
+    from excise.importance._common import trainable
+    from excise.importance.per_sample import _vmapped
+    from excise.models import build_model
+    from excise.tasks import ClassificationTask
+
+    ds = load_fashion_mnist("train")
+    sub = Subset(ds, list(range(N)))
+    loader = DataLoader(sub, batch_size=256)
+    task = ClassificationTask()
+    rows = []
+    for arch, kw in (("smallcnn", {}), ("resnet18", {"width": 16})):
+        torch.manual_seed(0)
+        model = build_model(arch, (1, 28, 28), 10, **kw).eval()
+        row = {"model": f"{arch}{'-w16' if kw else ''}", "samples": N}
+        row["train_step"] = _timed(lambda: _train_pass(copy.deepcopy(model), loader), 1)
+        row["batch_fisher"] = _timed(lambda: fisher(model, loader, mode="batch"))
+        row["gradient_moments"] = _timed(lambda: gradient_moments(model, loader))
+
+        def losses(out, b):
+            return task.loss_from_output(out, task.targets(b), reduction="none")
+
+        small = DataLoader(Subset(ds, list(range(N // 5))), batch_size=256)  # vmap is slow: a fifth, scaled
+        row["vmap_per_sample"] = 5 * _timed(lambda: _vmapped(model, small, task, losses, "square",
+                                                             trainable(model), None, False, "v"), 1)
+        try:
+            row["backpack_sum_grad_squared"] = _timed(lambda: _backpack_pass(copy.deepcopy(model), loader), 1)
+        except (ImportError, AttributeError, NotImplementedError, RuntimeError, TypeError, ValueError) as e:
+            # BackPACK is optional and refuses some models: recorded in the table, not fatal
+            row["backpack_sum_grad_squared"] = None
+            row["backpack_error"] = f"{type(e).__name__}: {str(e)[:120]}"
+        rows.append(row)
+        print(row, flush=True)
+    return rows
+
+
+def invariance():
+    from checkpoints import fixture_setups, fmnist_small, load_prepared
+
+    import excise
+
+    prep = load_prepared(fixture_setups()[0], fmnist_small())
+    req = prep.request()
+    out = []
+    for batch, shuffle in ((16, False), (64, False), (256, False), (256, True)):
+        g = torch.Generator().manual_seed(1)
+
+        def again(ld):
+            return DataLoader(ld.dataset, batch_size=batch, shuffle=shuffle, generator=g if shuffle else None)
+
+        r = excise.UnlearningRequest(forget=again(req.forget), retain=again(req.retain), train=again(req.train))
+        row = {"batch": batch, "shuffled": shuffle}
+        for label, hp in (("subset", {}), ("batch", {"preset": "paper"}), ("batch α=130", {"fisher_mode": "batch",
+                                                                                         "alpha": 130.0})):
+            res = excise.unlearn(prep.original, r, "ssd", importance_cache=False, checks=False, **hp)
+            row[label] = {"selected": res.mask.count(),
+                          "forget_acc": excise.evaluation.accuracy(res.model, req.forget)}
+        out.append(row)
+        print(row, flush=True)
+    return out
+
+
+def write(cost_rows, inv_rows, machine):
+    import excise
+
+    lines = ["# SSD's importance: cost of the loader-invariant estimator, and the invariance it buys", "",
+             f"Written by `{COMMAND}` (excise {excise.__version__}; {machine['cpu']}, {machine['threads']} torch "
+             f"threads, {machine['torch']}; CPU only, nothing else running). One pass over {N:,} Fashion-MNIST "
+             "training images at batch 256; best of two runs (vmap: one run over a fifth, scaled ×5).", "",
+             "| model | training step (s) | batch Fisher (paper) | gradient moments (default) | per-sample vmap | "
+             "BackPACK SumGradSquared |", "|---|---:|---:|---:|---:|---:|"]
+    for r in cost_rows:
+        def cell(k):
+            v = r.get(k)
+            return "fails" if v is None else f"{v:.1f} s ({v / r['train_step']:.2f}×)"
+
+        lines.append(f"| {r['model']} | {r['train_step']:.1f} | {cell('batch_fisher')} | {cell('gradient_moments')} "
+                     f"| {cell('vmap_per_sample')} | {cell('backpack_sum_grad_squared')} |")
+    lines += ["", "(×: seconds relative to one training pass over the same images.)", "",
+              "Loader invariance, the test suite's committed SmallCNN (8,000 images, class 9 forgotten), "
+              "entries selected of 421,834 and forget accuracy:", "",
+              "| loader batch | shuffled | SSD default (subset, α = 50) | paper (batch, α = 10) | batch, α = 130 |",
+              "|---:|---|---|---|---|"]
+    for r in inv_rows:
+        cells = [f"{r[k]['selected']:,}, {r[k]['forget_acc']:.1f} %" for k in ("subset", "batch", "batch α=130")]
+        lines.append(f"| {r['batch']} | {'yes' if r['shuffled'] else 'no'} | " + " | ".join(cells) + " |")
+    errs = [f"- {r['model']}: BackPACK {r['backpack_error']}" for r in cost_rows if r.get("backpack_error")]
+    if errs:
+        lines += ["", "BackPACK:"] + errs
+    reading = Path(__file__).with_name("importance_cost_reading.md")
+    md = "\n".join(lines) + "\n" + ("\n" + reading.read_text() if reading.exists() else "")
+    (RESULTS / "importance_cost.md").write_text(md)
+    (RESULTS / "importance_cost.json").write_text(json.dumps(
+        {"command": COMMAND, "machine": machine, "cost": cost_rows, "invariance": inv_rows}, indent=1))
+    print(md)
+
+
+def cpu_name() -> str:
+    info = Path("/proc/cpuinfo")
+    lines = info.read_text().splitlines() if info.exists() else []
+    names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
+    return names[0] if names else (platform.processor() or platform.machine())
+
+
+def main():
+    torch.set_num_threads(int(os.environ.get("THREADS", "2")))
+    machine = {"cpu": cpu_name(), "threads": torch.get_num_threads(),
+               "torch": torch.__version__, "cores": os.cpu_count()}
+    if "--write-only" in sys.argv:
+        data = json.loads((RESULTS / "importance_cost.json").read_text())
+        return write(data["cost"], data["invariance"], data["machine"])
+    write(cost(), invariance(), machine)
+
+
+if __name__ == "__main__":
+    main()
