@@ -9,6 +9,7 @@
    A first request pays one pass over D and one over D_f for either estimator.
 2. Loader invariance on the test suite's committed SmallCNN (8,000 images, class 9 forgotten): entries selected
    by SSD at its default (subset) and by the paper's batch estimator, for loaders of batch 16, 64, 256 and shuffled.
+3. Whether a seeded subsample of the retain set could stand for the full pass (mask agreement).
 """
 
 from __future__ import annotations
@@ -128,7 +129,39 @@ def invariance():
     return out
 
 
-def write(cost_rows, inv_rows, machine):
+def subsample():
+    """Could a seeded subsample of the retain set replace the full pass? Mask agreement with the full pass."""
+    from checkpoints import fixture_setups, fmnist_small, load_prepared
+
+    from excise import importance, selection
+
+    prep = load_prepared(fixture_setups()[0], fmnist_small())
+    req = prep.request()
+    fm, _ = importance.gradient_moments(prep.original, req.forget)
+    full = importance.gradient_moments(prep.original, req.retain)
+    out = []
+    n = len(req.retain.dataset)
+    for fraction in (0.25, 0.5, 0.75, 1.0):
+        idx = torch.randperm(n, generator=torch.Generator().manual_seed(0))[: int(n * fraction)].tolist()
+        part = full if fraction == 1.0 else importance.gradient_moments(
+            prep.original, DataLoader(Subset(req.retain.dataset, idx), batch_size=256))
+        row = {"fraction": fraction}
+        for alpha in (50.0, 85.0):
+            masks = []
+            for ref in (full, part):
+                i_f, i_ref = importance.subset_importance(fm, ref[0], ref[1])
+                m = selection.ratio(i_f, i_ref, alpha)
+                masks.append(torch.cat([v.flatten() for v in m.values()]))
+            a, b = masks
+            row[f"alpha {alpha:g}"] = {"selected_full": int(a.sum()), "selected": int(b.sum()),
+                                       "jaccard": float((a & b).sum()) / max(float((a | b).sum()), 1.0),
+                                       "agreement": float((a == b).float().mean())}
+        out.append(row)
+        print(row, flush=True)
+    return out
+
+
+def write(cost_rows, inv_rows, machine, sub_rows=()):
     import excise
 
     lines = ["# SSD's importance: cost of the loader-invariant estimator, and the invariance it buys", "",
@@ -152,6 +185,19 @@ def write(cost_rows, inv_rows, machine):
     for r in inv_rows:
         cells = [f"{r[k]['selected']:,}, {r[k]['forget_acc']:.1f} %" for k in ("subset", "batch", "batch α=130")]
         lines.append(f"| {r['batch']} | {'yes' if r['shuffled'] else 'no'} | " + " | ".join(cells) + " |")
+    if sub_rows:
+        lines += ["", "A seeded subsample of the retain set instead of all of it (same committed SmallCNN, class 9; "
+                  "masks compared with the full pass's): Jaccard index of the selected sets, and the share of all "
+                  "entries on which the two masks agree.", "",
+                  "| retain fraction | α = 50: selected (full) | Jaccard | agreement | α = 85: selected (full) | "
+                  "Jaccard | agreement |", "|---:|---|---:|---:|---|---:|---:|"]
+        for r in sub_rows:
+            cells = []
+            for k in ("alpha 50", "alpha 85"):
+                e = r[k]
+                cells += [f"{e['selected']:,} ({e['selected_full']:,})", f"{e['jaccard']:.3f}",
+                          f"{100 * e['agreement']:.2f} %"]
+            lines.append(f"| {r['fraction']:.2f} | " + " | ".join(cells) + " |")
     errs = [f"- {r['model']}: BackPACK {r['backpack_error']}" for r in cost_rows if r.get("backpack_error")]
     if errs:
         lines += ["", "BackPACK:"] + errs
@@ -159,7 +205,8 @@ def write(cost_rows, inv_rows, machine):
     md = "\n".join(lines) + "\n" + ("\n" + reading.read_text() if reading.exists() else "")
     (RESULTS / "importance_cost.md").write_text(md)
     (RESULTS / "importance_cost.json").write_text(json.dumps(
-        {"command": COMMAND, "machine": machine, "cost": cost_rows, "invariance": inv_rows}, indent=1))
+        {"command": COMMAND, "machine": machine, "cost": cost_rows, "invariance": inv_rows,
+         "subsample": list(sub_rows)}, indent=1))
     print(md)
 
 
@@ -176,8 +223,8 @@ def main():
                "torch": torch.__version__, "cores": os.cpu_count()}
     if "--write-only" in sys.argv:
         data = json.loads((RESULTS / "importance_cost.json").read_text())
-        return write(data["cost"], data["invariance"], data["machine"])
-    write(cost(), invariance(), machine)
+        return write(data["cost"], data["invariance"], data["machine"], data.get("subsample", ()))
+    write(cost(), invariance(), machine, subsample())
 
 
 if __name__ == "__main__":

@@ -165,3 +165,29 @@ def test_moments_are_cached_by_content_not_by_batching(tmp_path):
     assert first.info["ref_importance_cache"] == "miss" and other.info["ref_importance_cache"] == "hit"
     for k in first.mask:
         assert torch.equal(first.mask[k], other.mask[k])
+
+
+def test_a_module_whose_output_is_unused_scores_zero_without_a_fallback():
+    class Heads(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body, self.used, self.unused = nn.Linear(4, 6), nn.Linear(6, 3), nn.Linear(6, 3)
+
+        def forward(self, x):
+            h = torch.relu(self.body(x))
+            self.unused(h)  # an auxiliary head the loss never sees
+            return self.used(h)
+
+    model = Heads()
+    loader = DataLoader(TensorDataset(torch.randn(20, 4), torch.randint(0, 3, (20,))), batch_size=7)
+    task = ClassificationTask()
+
+    def losses(out, b):
+        return task.loss_from_output(out, task.targets(b), reduction="none")
+
+    named = trainable(model)
+    fast, _ = _hooked(model, loader, task, losses, "square", _owners(model, named), named, None, False, "t")
+    ref, _ = _vmapped(model, loader, task, losses, "square", named, None, False, "t")
+    assert not bool(fast["unused.weight"].any())
+    for n in ref:
+        torch.testing.assert_close(fast[n], ref[n], rtol=1e-4, atol=1e-7)

@@ -214,8 +214,12 @@ def _hooked(model, loader, task, sample_losses, reduce, owners, named, counters,
                         gsum[full].add_(g.float())
                 collecting[0] = False
                 for m, local in owners.items():
-                    if len(inputs[m]) != 1 or len(grads[m]) != 1:
+                    if len(inputs[m]) != 1:
                         raise _Fallback(f"{type(m).__name__} ran {len(inputs[m])} times in one forward")
+                    if not grads[m]:  # its output never reached the loss: no gradient for its parameters
+                        continue
+                    if len(grads[m]) != 1:
+                        raise _Fallback(f"{type(m).__name__}'s output was used in several places")
                     a, g = inputs[m][0], grads[m][0]
                     out: Dict[str, torch.Tensor] = {}
                     form = _closed_form(m)
