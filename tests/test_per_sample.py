@@ -10,6 +10,7 @@ from excise import UnlearningRequest, unlearn
 from excise.importance import ImportanceCache, gradient_moments, subset_importance
 from excise.importance._common import trainable
 from excise.importance.per_sample import _Fallback, _hooked, _owners, _vmapped, per_sample_sums
+from excise.methods.ssd import SSD_DEFAULTS
 from excise.tasks import ClassificationTask
 
 
@@ -109,13 +110,13 @@ def test_ssd_default_mask_is_the_same_for_any_batch_size_and_order(committed):
         res = unlearn(prep.original, req, "ssd", importance_cache=False, checks=False)
         masks[(batch, shuffle)] = torch.cat([v.flatten() for v in res.mask.values()])
         if ratios is None:
-            mean, second = gradient_moments(prep.original, req.train)
-            fm, _ = gradient_moments(prep.original, req.forget)
-            i_f, i_ref = subset_importance(fm, mean, second)
+            fm, fs = gradient_moments(prep.original, req.forget)
+            rm, rs = gradient_moments(prep.original, req.retain)
+            i_f, i_ref = subset_importance(fm, fs, rm, rs)
             ratios = torch.cat([(i_f[k] / i_ref[k]).flatten() for k in res.mask])
     base = masks[(16, False)]
     assert base.sum() > 0  # it selects something
-    near = (ratios / 100.0 - 1).abs() < 1e-3  # α = 100, the default
+    near = (ratios / SSD_DEFAULTS["alpha"] - 1).abs() < 1e-3
     for key, m in masks.items():
         assert torch.equal(m[~near], base[~near]), key
 
@@ -131,23 +132,40 @@ def test_batch_mode_depends_on_the_batch_size_the_default_does_not(committed):
 
 
 def test_a_random_forget_set_scores_about_one():
-    """α's meaning: a random forget set's I_f / I_ref averages 1 whatever its size (E over random subsets of the
-    reference of the same size), so α = 100 is far out in its tail."""
+    """α's meaning: a random forget set's I_f / I_ref averages about 1 whatever its size (below, at and above the
+    comparison batch b = min(|D_f|, 256)), so α = 100 is far out in its tail."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(10, 16), nn.Tanh(), nn.Linear(16, 3))
-    x, y = torch.randn(400, 10), torch.randint(0, 3, (400,))
-    ds = TensorDataset(x, y)
-    mean, second = gradient_moments(model, DataLoader(ds, batch_size=64))
-    for size in (5, 40):
+    n = 1200
+    ds = TensorDataset(torch.randn(n, 10), torch.randint(0, 3, (n,)))
+    for size in (5, 40, 400):
         ratios = []
-        for seed in range(30):
-            idx = torch.randperm(400, generator=torch.Generator().manual_seed(seed))[:size].tolist()
-            fm, _ = gradient_moments(model, DataLoader(Subset(ds, idx), batch_size=64))
-            i_f, i_ref = subset_importance(fm, mean, second)
+        for seed in range(12):
+            perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+            fm, fs = gradient_moments(model, DataLoader(Subset(ds, perm[:size]), batch_size=64))
+            rm, rs = gradient_moments(model, DataLoader(Subset(ds, perm[size:]), batch_size=64))
+            i_f, i_ref = subset_importance(fm, fs, rm, rs)
             ratios.append(torch.cat([(i_f[k] / i_ref[k]).flatten() for k in i_f]))
         r = torch.stack(ratios)
-        assert 0.8 < float(r.mean()) < 1.2, size
+        assert 0.7 < float(r.mean()) < 1.3, (size, float(r.mean()))
         assert float((r > 100).float().mean()) < 1e-3
+
+
+def test_a_parameter_only_the_forget_set_moves_stands_out():
+    """A parameter the retain set never moves: its ratio is (|D| / |D_f|)² when the forget samples pull it the
+    same way (bounded by D's mean gradient, which holds their pull), far above the rest at a 1 % forget set."""
+    torch.manual_seed(0)
+    model = nn.Linear(6, 2, bias=False)
+    x = torch.randn(400, 6)
+    x[:, 5] = 0.0
+    x[:4, 5] = 1.0  # feature 5 is on for the four forget samples only
+    ds = TensorDataset(x, torch.zeros(400, dtype=torch.long))
+    fm, fs = gradient_moments(model, DataLoader(Subset(ds, range(4)), batch_size=8))
+    rm, rs = gradient_moments(model, DataLoader(Subset(ds, range(4, 400)), batch_size=8))
+    i_f, i_ref = subset_importance(fm, fs, rm, rs)
+    ratio = i_f["weight"] / i_ref["weight"]
+    torch.testing.assert_close(ratio[:, 5], torch.full((2,), (400 / 4) ** 2), rtol=1e-3, atol=0)
+    assert float(ratio[:, :5].max()) < 100
 
 
 def test_moments_are_cached_by_content_not_by_batching(tmp_path):

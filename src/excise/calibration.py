@@ -37,7 +37,7 @@ FORGET_TOL = 2.0  # points: a forget error at most this meets the target
 EVAL_SAMPLES = 1024  # per loader, at most (the first batches: no silent subsampling of what is reported)
 COLLAPSE_SHARE = 0.9
 # method="auto": cheapest first (the SSD family's trials share one importance pass), then methods that train
-AUTO_METHODS = ("ssd", "lfssd", "assd", "scissorhands", "salun")
+AUTO_METHODS = ("ssd", "lfssd", "assd", "scissorhands", "salun", "neggrad_plus")
 
 
 class CalibrationError(ValueError):

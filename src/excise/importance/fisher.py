@@ -72,27 +72,42 @@ def gradient_moments(model: nn.Module, loader, task: Optional[Task] = None, labe
                           "gradient moments (label-free)" if label_free else "gradient moments")
 
 
-def subset_importance(forget_mean: Scores, ref_mean: Scores, ref_second: Scores) -> Tuple[Scores, Scores]:
-    """SSD's importances at the forget set's own size, from per-sample gradient moments (``fisher_mode="subset"``).
+SUBSET_BATCH = 256  # the batch size b at which subset_importance compares the forget set with the retain set
 
-    I_f = ḡ_f², the squared mean gradient of D_f taken as one batch (the batch-mode Fisher of that one batch);
-    I_ref = E_S[ḡ_S²] over random subsets S of the reference set R of the same size n = |D_f|:
-    ḡ_R² + (F_R − ḡ_R²)/n · (N_R − n)/(N_R − 1) (sampling without replacement).
-    So I_f / I_ref is how many times harder the forget set pulls on θ_i than a random set of its size does: about
-    1 for a random forget set (a χ²₁ variable: above 30 with probability 4·10⁻⁸), whatever the forget size, the
-    batch size or the order of the loaders. Returns ``(I_f, I_ref)``.
+
+def subset_importance(forget_mean: Scores, forget_second: Scores, retain_mean: Scores, retain_second: Scores,
+                      batch: int = SUBSET_BATCH) -> Tuple[Scores, Scores]:
+    """SSD's importances from per-sample gradient moments (``fisher_mode="subset"``), for any loaders.
+
+    With b = min(|D_f|, ``batch``), I is the expected batch-mode Fisher E[ḡ_B²] over random batches B of b
+    samples, each batch's mean gradient ḡ_B squared (the paper's estimator, in expectation, with the batching
+    fixed by excise instead of the loader):
+
+    - I_f   = ḡ_f² + (F_f − ḡ_f²)/b · (n_f − b)/(n_f − 1): batches of the forget set (ḡ_f² when b = |D_f|);
+    - I_ref = ḡ_D² + (F_r − ḡ_r²)/b · (n_r − b)/(n_r − 1): batches of b random retain samples, centred on the
+      mean gradient of D = retain ∪ forget (zero at D's optimum, where a trained model sits; the retain set's own
+      mean there mirrors the forget set's pull, −|D_f|/|D_r|·ḡ_f, and would hide it).
+
+    I_f / I_ref is then how many times harder the forget set pulls on θ_i than b random samples do: about 1 for
+    a random forget set of any size, large where the forget set pulls coherently against little spread in the
+    retain set (a class's own features), and unbounded where only the forget set moves θ_i. Returns
+    ``(I_f, I_ref)``.
     """
-    n, n_ref = forget_mean.samples, ref_mean.samples
-    if n is None or n_ref is None:
+    n_f, n_r = forget_mean.samples, retain_mean.samples
+    if n_f is None or n_r is None:
         raise ValueError("subset_importance needs per-sample moments (Scores with .samples)")
-    fpc = (n_ref - n) / (n_ref - 1) if n_ref > 1 else 0.0
-    if fpc <= 0:
-        raise ValueError(f"the forget set ({n} samples) is not smaller than the reference data ({n_ref}): is the "
-                         "forget set part of the training loader?")
-    i_f = Scores({k: v.pow(2) for k, v in forget_mean.items()})
-    i_ref = Scores({k: ref_mean[k].pow(2) + (ref_second[k] - ref_mean[k].pow(2)).clamp_min(0) * (fpc / n)
-                    for k in ref_mean})
-    i_f.samples = i_ref.samples = n
+    if n_r < 2:
+        raise ValueError(f"the retain set has {n_r} samples: at least 2 are needed for its spread")
+    b = max(1, min(int(batch), n_f))
+    fpc_f = (n_f - b) / (n_f - 1) if n_f > 1 else 0.0
+    fpc_r = (n_r - b) / (n_r - 1)
+    i_f, i_ref = Scores(), Scores()
+    for k in forget_mean:
+        g_f, g_r = forget_mean[k], retain_mean[k]
+        i_f[k] = g_f.pow(2) + (forget_second[k] - g_f.pow(2)).clamp_min(0) * (fpc_f / b)
+        centre = (g_r * n_r + g_f * n_f) / (n_r + n_f)
+        i_ref[k] = centre.pow(2) + (retain_second[k] - g_r.pow(2)).clamp_min(0) * (fpc_r / b)
+    i_f.samples, i_ref.samples = n_f, n_r
     return i_f, i_ref
 
 
