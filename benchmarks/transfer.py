@@ -99,7 +99,7 @@ SETTINGS: Dict[str, Dict[str, Any]] = {
                            opt="adam", seed=3, requests=("class:3", "random:0.1")),
     "fmnist-usercnn": dict(data=lambda: _fmnist(20000, 4000, 5), model=UserCNN, epochs=2, lr=1e-3, batch=64,
                            opt="adam", seed=5, requests=("class:2", "random:0.1"), batch_sizes=(32, 64, 256)),
-    "fmnist-usercnn-memorised": dict(data=lambda: _fmnist(3000, 4000, 6), model=UserCNN, epochs=30, lr=1e-3,
+    "fmnist-usercnn-memorised": dict(data=lambda: _fmnist(3000, 4000, 6), model=UserCNN, epochs=60, lr=1e-3,
                                      batch=64, opt="adam", seed=6, requests=("random:0.1", "class:2")),
     "fmnist-resnet18w16-adam": dict(data=lambda: _fmnist(20000, 4000, 7), model=_resnet, epochs=3, lr=2e-3,
                                     batch=128, opt="adam", seed=7, requests=("class:4",), light=True),
