@@ -143,6 +143,8 @@ def test_bad_calibration_requests_fail_before_any_work(committed, monkeypatch):
         unlearn(prep.original, req, "ssd", calibrate={"trials": 0})
     with pytest.raises(ValueError, match="unknown calibration options"):
         unlearn(prep.original, req, "ssd", calibrate={"budget": 3})
+    with pytest.raises(ValueError, match="cannot start from alpha='auto'"):
+        unlearn(prep.original, req, "ssd", calibrate=True, alpha="auto")
     with pytest.raises(ValueError, match="auto chooses each method's hyperparameters|pass none"):
         unlearn(prep.original, req, "auto", alpha=3.0)
     assert runs == []

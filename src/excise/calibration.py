@@ -208,6 +208,9 @@ def calibrate(model: nn.Module, request, spec, hparams: Dict[str, Any], run, *, 
         evaluator = prepare(model, request, samples)
     name, sign = spec.strength
     space = spec.space[name]
+    if isinstance(hparams[name], (str, bool)) or not isinstance(hparams[name], (int, float)):
+        raise CalibrationError(f"{spec.name}: calibration searches {name} itself; it cannot start from "
+                               f"{name}={hparams[name]!r}")
     to_pos = (lambda v: _position(space, v)) if sign > 0 else (lambda v: 1.0 - _position(space, v))
     from_pos = (lambda s: _value(space, s)) if sign > 0 else (lambda s: _value(space, 1.0 - s))
     lo, hi = 0.0, 1.0  # positions in strength: 0 weakest, 1 strongest
@@ -242,7 +245,6 @@ def calibrate(model: nn.Module, request, spec, hparams: Dict[str, Any], run, *, 
                                   "knob": name, "delta": delta, "forget_tol": FORGET_TOL, "trials_run": len(done),
                                   "budget": trials, "original": evaluator.base, "trials": done,
                                   "winner": trial["trial"], "why": why}
-    result.hparams = {k: v for k, v in result.hparams.items()} if result.hparams else {}
     return result
 
 

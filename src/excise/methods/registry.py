@@ -375,11 +375,14 @@ def unlearn(model: nn.Module, request_or_loaders: Any, method: str = "ssd", pres
     if method == "auto" and request.retain is None:
         raise ValueError("auto: calibration needs a retain loader (UnlearningRequest(retain=...))")
     plans = [(spec, resolve_hparams(spec, preset, hparams)) for spec in specs]
-    for spec, _ in plans:
+    for spec, hp in plans:
         post.validate_request(model, request, spec.name)
         if calibrate and spec.strength is None:
             raise ValueError(f"{spec.name}: declares no strength to calibrate; methods that do: "
                              f"{', '.join(cal.calibratable())}")
+        if calibrate and isinstance(hp[spec.strength[0]], (str, bool)):
+            raise ValueError(f"{spec.name}: calibration searches {spec.strength[0]} itself; it cannot start from "
+                             f"{spec.strength[0]}={hp[spec.strength[0]]!r}")
     if importance_cache is False:
         importance_cache = ImportanceCache(memory=False)
     ctx = Context(Counters(), Timer(), importance_cache if importance_cache is not None else default_cache(), progress,
