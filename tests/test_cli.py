@@ -75,6 +75,7 @@ def test_methods_lists_presets(capsys):
     out = capsys.readouterr().out
     assert "ssd" in out and "assd" in out and "paper" in out
     assert "tuned over: alpha [1, 3000] log, lam [0.1, 10] log" in out  # the search space excise tune uses
+    assert "calibrate=True moves alpha [1, 3000] log (smaller forgets more)" in out
 
 
 def test_unlearn_command_runs_saps_on_a_relabel_request(tmp_path, capsys):

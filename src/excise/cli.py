@@ -366,6 +366,10 @@ def cmd_methods(args) -> int:
         print(f"{name:10s} {summary}\n{'':10s} defaults: {spec.defaults}{presets}")
         if spec.space:
             print(f"{'':10s} tuned over: " + ", ".join(f"{k} {_space_str(v)}" for k, v in spec.space.items()))
+        if spec.strength is not None:
+            knob, sign = spec.strength
+            print(f"{'':10s} calibrate=True moves {knob} {_space_str(spec.space[knob])} "
+                  f"({'larger' if sign > 0 else 'smaller'} forgets more)")
         if spec.params:
             print(f"{'':10s} valid: " + "; ".join(f"{k}: {p.describe()}" for k, p in spec.params.items()))
     return 0
