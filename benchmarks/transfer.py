@@ -162,17 +162,21 @@ def _split(train: TensorDataset, request: str, seed: int):
     return pool.tolist(), forget.tolist(), retain.tolist(), val.tolist()
 
 
+SHOWN = ("UA", "RA", "TA", "mia_svc_confidence", "forget_acc")  # the metrics a row keeps
+
+
 def _row(label: str, res, evaluation: Dict[str, Any], retrain_s: float) -> Dict[str, Any]:
     m, g = evaluation["model"], evaluation["gaps"]["model"]
-    row = {"method": label, **{k: m[k] for k in ("UA", "RA", "TA", "mia_svc_confidence", "forget_acc")},
-           "avg_gap": g["avg_gap"]}
+    row = {"method": label, **{k: m[k] for k in SHOWN}, "avg_gap": g["avg_gap"]}
     if res is not None:
         row.update(seconds=res.seconds, speedup=retrain_s / res.seconds if res.seconds else None,
                    hparams={k: v for k, v in res.hparams.items() if not isinstance(v, (dict, list))},
                    warnings=[w["warning"] for w in res.warnings], selected=res.info.get("selected_fraction"))
         cal = res.info.get("calibration")
         if cal:
-            win = next(t for t in cal["trials"] if t["trial"] == cal["winner"])
+            from excise.calibration import winner
+
+            win = winner(res)
             row["calibration"] = {"intent": cal["intent"], "trials_run": cal["trials_run"], "knob": cal["knob"],
                                   "value": res.hparams.get(cal["knob"]), "on_target": win["judgement"]["on_target"],
                                   "feasible": win["judgement"]["feasible"], "why": cal["why"]}
@@ -212,12 +216,9 @@ def run_setting(name: str) -> Dict[str, Any]:
             tl["test_retain"] = DataLoader(Subset(test, keep), batch_size=512)
         rows = []
         base = excise.evaluate(original, tl, oracle=oracle)
-        rows.append({"method": "original", **{k: base["model"][k] for k in ("UA", "RA", "TA", "mia_svc_confidence",
-                                                                              "forget_acc")},
+        rows.append({"method": "original", **{k: base["model"][k] for k in SHOWN},
                      "avg_gap": base["gaps"]["model"]["avg_gap"]})
-        orow = base["oracle"]
-        rows.append({"method": "retrain (oracle)", **{k: orow[k] for k in ("UA", "RA", "TA", "mia_svc_confidence",
-                                                                            "forget_acc")},
+        rows.append({"method": "retrain (oracle)", **{k: base["oracle"][k] for k in SHOWN},
                      "avg_gap": 0.0, "seconds": retrain_s, "speedup": 1.0})
         plan = [(m, m, False) for m in DEFAULTS]
         plan += [(f"{m} (calibrated)", m, True) for m in CALIBRATED]

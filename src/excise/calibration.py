@@ -31,11 +31,12 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from .checks import COLLAPSE_SHARE
+
 DEFAULT_TRIALS = 10
 DELTA = 2.0  # points of utility a calibrated result may lose against the original
 FORGET_TOL = 2.0  # points: a forget error at most this meets the target
 EVAL_SAMPLES = 1024  # per loader, at most (the first batches: no silent subsampling of what is reported)
-COLLAPSE_SHARE = 0.9
 # method="auto": cheapest first (the SSD family's trials share one importance pass), then methods that train
 AUTO_METHODS = ("ssd", "lfssd", "assd", "scissorhands", "salun", "neggrad_plus")
 
@@ -98,18 +99,12 @@ def _acc(o: Dict[str, torch.Tensor], keep: Optional[torch.Tensor] = None) -> Opt
 
 def auc(members: torch.Tensor, non_members: torch.Tensor) -> float:
     """Area under the ROC curve of the score −loss for telling members from non-members (0.5: chance)."""
+    from sklearn.metrics import roc_auc_score
+
     if not len(members) or not len(non_members):
         return 0.5
-    scores = torch.cat([-members, -non_members]).double()
-    ranks = torch.empty_like(scores)
-    order = scores.argsort()
-    ranks[order] = torch.arange(1, len(scores) + 1, dtype=torch.double)
-    for v in scores.unique():  # ties share their mean rank
-        tied = scores == v
-        if int(tied.sum()) > 1:
-            ranks[tied] = ranks[tied].mean()
-    n1, n0 = len(members), len(non_members)
-    return float((ranks[:n1].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
+    labels = torch.cat([torch.ones(len(members)), torch.zeros(len(non_members))]).numpy()
+    return float(roc_auc_score(labels, torch.cat([-members, -non_members]).double().numpy()))
 
 
 class Evaluator:
@@ -166,7 +161,7 @@ class Evaluator:
                 losses.append(self.base[k] - m[k])
         utility_loss = max(losses)
         collapsed = m["top_share"] is not None and m["top_share"] >= COLLAPSE_SHARE \
-            and (self.base["top_share"] or 0) < COLLAPSE_SHARE
+            and (self.base["top_share"] or 0) < COLLAPSE_SHARE  # the post-checks' definition
         return {"forget_error": err, "forget_score": score, "direction": sign, "utility_loss": utility_loss,
                 "collapsed": collapsed, "feasible": utility_loss <= delta and not collapsed, "on_target": score <= 1}
 
@@ -303,7 +298,13 @@ def calibratable() -> List[str]:
     return sorted(n for n, s in _METHODS.items() if s.strength is not None)
 
 
-def good_enough(result) -> bool:
+def winner(result) -> Optional[Dict[str, Any]]:
+    """The winning trial of a calibrated result (None for a result that was not calibrated)."""
     cal = result.info.get("calibration", {})
-    win = next((t for t in cal.get("trials", []) if t["trial"] == cal.get("winner")), None)
+    return next((t for t in cal.get("trials", []) if t["trial"] == cal.get("winner")), None)
+
+
+def good_enough(result) -> bool:
+    """Whether a calibrated result met its forget target within the utility bound."""
+    win = winner(result)
     return bool(win and win["judgement"]["feasible"] and win["judgement"]["on_target"])

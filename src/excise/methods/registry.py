@@ -406,8 +406,7 @@ def unlearn(model: nn.Module, request_or_loaders: Any, method: str = "ssd", pres
             if cal.good_enough(result):
                 break
         if len(tried) > 1:
-            result = min(tried, key=lambda r: cal._rank(next(t for t in r.info["calibration"]["trials"]
-                                                          if t["trial"] == r.info["calibration"]["winner"])))
+            result = min(tried, key=lambda r: cal._rank(cal.winner(r)))
             result.info["auto"] = {"tried": [r.method for r in tried], "chosen": result.method,
                                    "trials_run": {r.method: r.info["calibration"]["trials_run"] for r in tried}}
         elif method == "auto":
