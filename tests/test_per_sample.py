@@ -209,3 +209,65 @@ def test_a_module_whose_output_is_unused_scores_zero_without_a_fallback():
     assert not bool(fast["unused.weight"].any())
     for n in ref:
         torch.testing.assert_close(fast[n], ref[n], rtol=1e-4, atol=1e-7)
+
+
+class _Tokens(nn.Module):
+    """Integer inputs (an embedding starts the graph), a frozen layer between trained ones, an in-place ReLU on a
+    leaf's copy."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.frozen, self.relu = nn.Embedding(11, 6), nn.Linear(6, 6), nn.ReLU(inplace=True)
+        self.head = nn.Linear(6, 3)
+        self.frozen.requires_grad_(False)
+
+    def forward(self, tokens):
+        return self.head(self.frozen(self.relu(self.emb(tokens))).mean(1))
+
+
+class _FrozenStem(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem, self.conv, self.relu = nn.Conv2d(1, 4, 3), nn.Conv2d(4, 4, 3, stride=2, dilation=2), nn.ReLU(True)
+        self.head = nn.Linear(4, 3)
+        self.stem.requires_grad_(False)
+
+    def forward(self, x):
+        return self.head(self.relu(self.conv(self.stem(x))).mean((2, 3)))
+
+
+@pytest.mark.parametrize("make", ["tokens", "frozen-stem"])
+def test_graphs_started_inside_the_model_match_vmap_and_leave_requires_grad_as_it_was(make):
+    torch.manual_seed(1)
+    if make == "tokens":
+        model, x = _Tokens(), torch.randint(0, 11, (30, 5))
+    else:
+        model, x = _FrozenStem(), torch.randn(30, 1, 11, 11)
+    loader = DataLoader(TensorDataset(x, torch.randint(0, 3, (30,))), batch_size=8)
+    task = ClassificationTask()
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+
+    def losses(out, b):
+        return task.loss_from_output(out, task.targets(b), reduction="none")
+
+    named = trainable(model)
+    fast, fast_mean = _hooked(model, loader, task, losses, "square", _owners(model, named), named, None, False, "t")
+    ref, ref_mean = _vmapped(model, loader, task, losses, "square", named, None, False, "t")
+    assert set(fast) == {n for n, _ in named} and "frozen.weight" not in fast and "stem.weight" not in fast
+    for n in ref:
+        assert bool(ref[n].any())
+        torch.testing.assert_close(fast[n], ref[n], rtol=1e-4, atol=1e-7)
+        torch.testing.assert_close(fast_mean[n], ref_mean[n], rtol=1e-4, atol=1e-7)
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+
+
+def test_requires_grad_is_restored_when_the_hooked_route_gives_up():
+    lin = nn.Linear(4, 4)
+    model = nn.Sequential(lin, nn.Tanh(), lin)
+    loader = DataLoader(TensorDataset(torch.randn(6, 4), torch.randint(0, 4, (6,))), batch_size=3)
+    task = ClassificationTask()
+    named = trainable(model)
+    with pytest.raises(_Fallback):
+        _hooked(model, loader, task, lambda o, b: task.loss_from_output(o, task.targets(b), reduction="none"),
+                "square", _owners(model, named), named, None, False, "t")
+    assert all(p.requires_grad for p in model.parameters())

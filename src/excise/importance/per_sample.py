@@ -54,19 +54,32 @@ def _owners(model: nn.Module, named: List[Tuple[str, nn.Parameter]]) -> Dict[nn.
     return owners
 
 
-def _linear(module: nn.Linear, a: torch.Tensor, g: torch.Tensor, r, out: Dict[str, torch.Tensor]) -> None:
+def _linear(module: nn.Linear, a: torch.Tensor, g: torch.Tensor, r, out: Dict[str, Tuple]) -> None:
     if a.dim() == 2:
-        out["weight"] = r(g).t() @ r(a)
+        out["weight"] = (r(g).t() @ r(a), g.t() @ a)
         if module.bias is not None:
-            out["bias"] = r(g).sum(0)
+            out["bias"] = (r(g).sum(0), g.sum(0))
         return
     a3, g3 = a.reshape(a.shape[0], -1, a.shape[-1]), g.reshape(g.shape[0], -1, g.shape[-1])
-    out["weight"] = r(torch.bmm(g3.transpose(1, 2), a3)).sum(0)
+    w = torch.bmm(g3.transpose(1, 2), a3)
+    out["weight"] = (r(w).sum(0), w.sum(0))
     if module.bias is not None:
-        out["bias"] = r(g3.sum(1)).sum(0)
+        b = g3.sum(1)
+        out["bias"] = (r(b).sum(0), b.sum(0))
 
 
-def _conv(module: nn.Module, a: torch.Tensor, g: torch.Tensor, r, out: Dict[str, torch.Tensor]) -> None:
+def _columns(a: torch.Tensor, k, d, p, s) -> torch.Tensor:
+    """``F.unfold(a, k, dilation=d, padding=p, stride=s)`` as one strided copy of the padded input (the same
+    (N, C·k·k, L) layout; faster than unfold's im2col on CPU)."""
+    a = F.pad(a, (p[1], p[1], p[0], p[0])) if any(p) else a
+    n, c, h, w = a.shape
+    ho, wo = (h - d[0] * (k[0] - 1) - 1) // s[0] + 1, (w - d[1] * (k[1] - 1) - 1) // s[1] + 1
+    sn, sc, sh, sw = a.stride()
+    view = a.as_strided((n, c, k[0], k[1], ho, wo), (sn, sc, sh * d[0], sw * d[1], sh * s[0], sw * s[1]))
+    return view.reshape(n, c * k[0] * k[1], ho * wo)
+
+
+def _conv(module: nn.Module, a: torch.Tensor, g: torch.Tensor, r, out: Dict[str, Tuple]) -> None:
     if isinstance(module, nn.Conv1d):
         a, g = a.unsqueeze(2), g.unsqueeze(2)
         k, d, p, s = (1, *module.kernel_size), (1, *module.dilation), (0, *module.padding), (1, *module.stride)
@@ -74,17 +87,21 @@ def _conv(module: nn.Module, a: torch.Tensor, g: torch.Tensor, r, out: Dict[str,
         k, d, p, s = module.kernel_size, module.dilation, module.padding, module.stride
     gf = g.flatten(2)  # (N, O, L)
     inplace = _INPLACE["square" if r is REDUCERS["square"] else "abs"]
-    w = None
+    w = plain = None
     for i in range(0, a.shape[0], _CHUNK):
-        cols = F.unfold(a[i:i + _CHUNK], k, dilation=d, padding=p, stride=s)  # (n, C·k·k, L)
-        part = inplace(torch.bmm(gf[i:i + _CHUNK], cols.transpose(1, 2))).sum(0)
+        cols = _columns(a[i:i + _CHUNK], k, d, p, s)  # (n, C·k·k, L)
+        per = torch.bmm(gf[i:i + _CHUNK], cols.transpose(1, 2))
+        total = per.sum(0)
+        plain = total if plain is None else plain.add_(total)
+        part = inplace(per).sum(0)
         w = part if w is None else w.add_(part)
-    out["weight"] = w.view_as(module.weight)
+    out["weight"] = (w.view_as(module.weight), plain.view_as(module.weight))
     if module.bias is not None:
-        out["bias"] = r(gf.sum(2)).sum(0)
+        b = gf.sum(2)
+        out["bias"] = (r(b).sum(0), b.sum(0))
 
 
-def _affine(module: nn.Module, xhat: torch.Tensor, g: torch.Tensor, r, out: Dict[str, torch.Tensor],
+def _affine(module: nn.Module, xhat: torch.Tensor, g: torch.Tensor, r, out: Dict[str, Tuple],
             trailing: int) -> None:
     """∇γ ℓ_n = Σ g_n·x̂_n and ∇β ℓ_n = Σ g_n over every axis but the sample's and the affine parameters' own:
     axis 1 for BatchNorm (``trailing=0``), the last ``trailing`` axes for LayerNorm."""
@@ -94,19 +111,21 @@ def _affine(module: nn.Module, xhat: torch.Tensor, g: torch.Tensor, r, out: Dict
         return t.reshape(t.shape[0], -1, *t.shape[t.dim() - trailing:]).sum(1)
 
     if module.weight is not None:
-        out["weight"] = r(per_sample(g * xhat)).sum(0)
+        w = per_sample(g * xhat)
+        out["weight"] = (r(w).sum(0), w.sum(0))
     if module.bias is not None:
-        out["bias"] = r(per_sample(g)).sum(0)
+        b = per_sample(g)
+        out["bias"] = (r(b).sum(0), b.sum(0))
 
 
-def _batchnorm(module: nn.Module, a: torch.Tensor, g: torch.Tensor, r, out: Dict[str, torch.Tensor]) -> None:
+def _batchnorm(module: nn.Module, a: torch.Tensor, g: torch.Tensor, r, out: Dict[str, Tuple]) -> None:
     shape = (1, -1) + (1,) * (a.dim() - 2)
     xhat = (a - module.running_mean.float().view(shape)) * torch.rsqrt(module.running_var.float().view(shape)
                                                                       + module.eps)
     _affine(module, xhat, g, r, out, 0)
 
 
-def _layernorm(module: nn.LayerNorm, a: torch.Tensor, g: torch.Tensor, r, out: Dict[str, torch.Tensor]) -> None:
+def _layernorm(module: nn.LayerNorm, a: torch.Tensor, g: torch.Tensor, r, out: Dict[str, Tuple]) -> None:
     dims = tuple(range(a.dim() - len(module.normalized_shape), a.dim()))
     xhat = (a - a.mean(dims, keepdim=True)) * torch.rsqrt(a.var(dims, unbiased=False, keepdim=True) + module.eps)
     _affine(module, xhat, g, r, out, len(module.normalized_shape))
@@ -127,7 +146,7 @@ def _closed_form(module: nn.Module) -> Optional[Callable]:
 
 
 def _generic(module: nn.Module, local: Dict[str, str], a: torch.Tensor, g: torch.Tensor, r,
-             out: Dict[str, torch.Tensor]) -> None:
+             out: Dict[str, Tuple]) -> None:
     """The vector-Jacobian product of ``module`` alone, per sample (torch.func), for its own parameters."""
     from torch.func import functional_call, vjp, vmap
 
@@ -139,7 +158,7 @@ def _generic(module: nn.Module, local: Dict[str, str], a: torch.Tensor, g: torch
 
     grads = vmap(one)(a, g)
     for k in local:
-        out[k] = r(grads[k].float()).sum(0)
+        out[k] = (r(grads[k].float()).sum(0), grads[k].float().sum(0))
 
 
 def per_sample_sums(model: nn.Module, loader, task: Task, sample_losses: Callable, reduce: str,
@@ -174,29 +193,48 @@ def _moments(model: nn.Module, loader, task: Task, sample_losses: Callable, redu
 
 
 def _hooked(model, loader, task, sample_losses, reduce, owners, named, counters, show, desc) -> Scores:
+    """The module-local route. The parameters are taken out of autograd for the pass (``requires_grad`` off,
+    restored after), so the backward computes only the gradients that flow between modules — not the weight
+    gradients, which the per-sample forms give, summed, for free. A module whose input carries no gradient (the
+    first layer, an embedding) has its output made a leaf of the graph, and the backward runs to those leaves."""
     r = REDUCERS[reduce]
     acc = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in named}
     gsum = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in named}
-    params = [p for _, p in named]
     inputs: Dict[nn.Module, list] = {m: [] for m in owners}
     grads: Dict[nn.Module, list] = {m: [] for m in owners}
+    leaves: List[torch.Tensor] = []
 
     collecting = [True]  # off while the per-module sums re-run modules (the generic route)
 
+    def capture(module):
+        return lambda g: grads[module].append(g.detach())
+
     def fwd(module, args, output):
         if not collecting[0]:
-            return
+            return None
         if len(args) != 1 or not isinstance(args[0], torch.Tensor) or not isinstance(output, torch.Tensor):
             raise _Fallback(f"{type(module).__name__} takes or returns more than one tensor")
         inputs[module].append(args[0].detach())
-        if output.requires_grad:  # a tensor hook sees the gradient of this value even if a later op (an
-            # in-place ReLU) modifies it; a module full-backward hook would forbid that in-place op
-            output.register_hook(lambda g: grads[module].append(g.detach()))
+        if not output.is_floating_point():
+            raise _Fallback(f"{type(module).__name__} returns a tensor of {output.dtype}")
+        replaced = None
+        if not output.requires_grad:  # nothing upstream carries a gradient: start the graph here, on a copy that
+            # later in-place operations (a ReLU) may modify without touching the leaf
+            leaf = output.detach().requires_grad_(True)
+            leaves.append(leaf)
+            output = replaced = leaf.clone()
+        # a tensor hook sees the gradient of this value even if a later op (an in-place ReLU) modifies it; a
+        # module full-backward hook would forbid that in-place op
+        output.register_hook(capture(module))
+        return replaced
 
     handles = []
     device = model_device(model)
     total = 0
+    detached = [p for _, p in named]
     try:
+        for prm in detached:
+            prm.requires_grad_(False)
         for m in owners:
             handles.append(m.register_forward_hook(fwd))
         with eval_mode(model):
@@ -205,13 +243,12 @@ def _hooked(model, loader, task, sample_losses, reduce, owners, named, counters,
                 for m in owners:
                     inputs[m].clear()
                     grads[m].clear()
+                leaves.clear()
                 losses = sample_losses(task.output(model, batch), batch)
                 if not bool(torch.isfinite(losses.detach()).all()):
                     raise FloatingPointError(_non_finite(desc, task))
-                summed = torch.autograd.grad(losses.float().sum(), params, allow_unused=True)
-                for (full, _), g in zip(named, summed):
-                    if g is not None:
-                        gsum[full].add_(g.float())
+                if leaves and losses.requires_grad:
+                    torch.autograd.grad(losses.float().sum(), leaves, allow_unused=True)
                 collecting[0] = False
                 for m, local in owners.items():
                     if len(inputs[m]) != 1:
@@ -221,14 +258,15 @@ def _hooked(model, loader, task, sample_losses, reduce, owners, named, counters,
                     if len(grads[m]) != 1:
                         raise _Fallback(f"{type(m).__name__}'s output was used in several places")
                     a, g = inputs[m][0], grads[m][0]
-                    out: Dict[str, torch.Tensor] = {}
+                    out: Dict[str, Tuple] = {}
                     form = _closed_form(m)
                     if form is not None:
                         form(m, a.float(), g.float(), r, out)
                     else:
                         _generic(m, local, a, g, r, out)
                     for k, full in local.items():
-                        acc[full].add_(out[k].to(acc[full].dtype))
+                        acc[full].add_(out[k][0].to(acc[full].dtype))
+                        gsum[full].add_(out[k][1].to(gsum[full].dtype))
                 collecting[0] = True
                 n = int(losses.shape[0])
                 total += n
@@ -239,6 +277,8 @@ def _hooked(model, loader, task, sample_losses, reduce, owners, named, counters,
     finally:
         for h in handles:
             h.remove()
+        for prm in detached:
+            prm.requires_grad_(True)
     return _finish(acc, total, desc, task), _finish(gsum, total, desc, task, check_zero=False)
 
 
