@@ -173,3 +173,17 @@ def test_evaluate_takes_the_users_own_loaders_and_an_optional_oracle(committed):
         excise.evaluate(res.model, {"forget": req.forget, "retain": req.retain})
     with pytest.raises(ValueError, match="your own data"):
         excise.evaluate(res.model, "mnist")
+
+
+def test_the_search_stops_at_a_trial_that_is_clearly_on_target(committed, monkeypatch):
+    prep, req = _digits_class(committed)
+    runs = []
+    real = registry._execute
+    monkeypatch.setattr(registry, "_execute", lambda *a, **k: runs.append(1) or real(*a, **k))
+    res = unlearn(prep.original, req, "assd", calibrate={"trials": 10})
+    cal = res.info["calibration"]
+    last = cal["trials"][-1]["judgement"]
+    assert last["forget_score"] <= 0.5 and last["utility_loss"] <= cal["delta"] / 2 and last["feasible"]
+    assert len(runs) == cal["trials_run"] < 10
+    assert all(not (t["judgement"]["forget_score"] <= 0.5 and t["judgement"]["utility_loss"] <= cal["delta"] / 2
+                    and t["judgement"]["feasible"]) for t in cal["trials"][:-1])

@@ -17,7 +17,8 @@ a collapse.
 
 Search: the method's one declared strength knob (``strength`` in its registration, e.g. SSD's α, a baseline's
 learning rate), in its search-space range, on a log scale: the default first, then bisection towards the
-weakest setting that meets the forget target without breaking utility. Seeded; at most ``trials`` runs (each a
+weakest setting that meets the forget target without breaking utility; the search stops early at a trial that
+is clearly on target (forget score ≤ ``CLEAR``, half the tolerance, and utility loss ≤ delta/2). Seeded; at most ``trials`` runs (each a
 full run of the method on a copy of the model; the SSD family reuses the cached reference importance and the
 forget importance of the first trial, so a trial costs a re-selection, a dampening and the evaluation).
 Every trial, its criteria and why the winner won are in ``result.info["calibration"]``.
@@ -36,6 +37,7 @@ from .checks import COLLAPSE_SHARE
 DEFAULT_TRIALS = 10
 DELTA = 2.0  # points of utility a calibrated result may lose against the original
 FORGET_TOL = 2.0  # points: a forget error at most this meets the target
+CLEAR = 0.5  # a trial with forget score ≤ CLEAR and utility loss ≤ delta/2 is clearly on target: the search stops
 EVAL_SAMPLES = 1024  # per loader, at most (the first batches: no silent subsampling of what is reported)
 # method="auto": cheapest first (the SSD family's trials share one importance pass), then methods that train
 AUTO_METHODS = ("ssd", "lfssd", "assd", "scissorhands", "salun", "neggrad_plus")
@@ -222,8 +224,9 @@ def calibrate(model: nn.Module, request, spec, hparams: Dict[str, Any], run, *, 
         done.append(trial)
         if best is None or _rank(trial) < _rank(best[0]):
             best = (trial, result)
-        if j["on_target"] and j["feasible"] and i > 0 and hi - lo < 0.02:
-            break
+        if j["on_target"] and j["feasible"] and (j["forget_score"] <= CLEAR and j["utility_loss"] <= delta / 2
+                                                 or i > 0 and hi - lo < 0.02):
+            break  # clearly on target (a weaker edit could only spend trials), or the bracket is narrow
         # move: too little forgetting → stronger; too much, or utility lost → weaker
         if j["direction"] > 0 and j["feasible"]:
             lo = max(lo, to_pos(hp[name]))
