@@ -18,7 +18,7 @@ setup() {
     echo "[run.sh] creating the virtual environment $VENV" >&2
     python3 -m venv "$VENV"
   fi
-  if ! "$VENV/bin/python" -c "import torch, excise, pytest, matplotlib, backpack, optuna" >/dev/null 2>&1; then
+  if ! "$VENV/bin/python" -c "import torch, excise, pytest, matplotlib, backpack, optuna, tomli_w, filelock, platformdirs" >/dev/null 2>&1; then
     echo "[run.sh] installing torch==2.13.0, excise (plots, test, tune extras) and BackPACK" >&2
     "$VENV/bin/pip" install -q --disable-pip-version-check torch==2.13.0
     "$VENV/bin/pip" install -q --disable-pip-version-check -e ".[plots,test,tune]"

@@ -68,7 +68,7 @@ def cost():
 
     from excise.data import load_fashion_mnist
     from excise.importance import fisher, gradient_moments
-    from excise.importance._common import trainable
+    from excise.importance.common import trainable
     from excise.importance.per_sample import _vmapped
     from excise.models import build_model
     from excise.tasks import ClassificationTask

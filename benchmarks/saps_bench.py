@@ -1,4 +1,4 @@
-"""Benchmark (issue 5, parts b and c): SAPS on label correction and secret removal, against the retrained oracle.
+"""Benchmark: SAPS on label correction and secret removal, against the retrained oracle.
 
     .venv/bin/python benchmarks/saps_bench.py correction   # → benchmarks/results/saps_correction.json
     .venv/bin/python benchmarks/saps_bench.py relearn      # re-runs only its relearn probes (cached models)

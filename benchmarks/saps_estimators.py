@@ -1,4 +1,4 @@
-"""Benchmark (issue 5, part a): Hessian-diagonal estimators — accuracy against the exact diagonal, and cost.
+"""Benchmark: Hessian-diagonal estimators — accuracy against the exact diagonal, and cost.
 
 Regenerate benchmarks/results/saps_estimators.json (read into benchmarks/results/saps.md) with
 

@@ -21,7 +21,7 @@ import torch
 
 from excise import unlearn
 from excise.bench import load_protocol, run_bench
-from excise.bench.runner import _setup
+from excise.protocol import setup_for
 from excise.methods import get_method
 from excise.protocol import prepare
 
@@ -35,7 +35,7 @@ PAPER_ON = ("smallcnn",)  # the paper preset repairs for 10 epochs: on ResNet-18
 def projection_cost(protocol: str, steps_epochs: int = 1):
     """Seconds per repair step with and without the projection (same data, same seed, one repair epoch)."""
     proto = load_protocol(protocol)
-    prep = prepare(_setup(proto, proto["seeds"][0]), progress=False)
+    prep = prepare(setup_for(proto, proto["seeds"][0]), progress=False)
     req = prep.request()
     out = {}
     for proj in (False, True):

@@ -70,7 +70,7 @@ def table(rows, retrain_s):
         warm = r.get("warm_seconds")
         sel = "—" if r["selected"] is None else f"{r['selected']:.2f}"
         out.append(f"| {r['method']} | {fmt(r['UA'])} | {fmt(r['RA'])} | {fmt(r['TA'])} | {fmt(r.get('test_forget_acc'))} | "
-                   f"{fmt(r['MIA'])} | {sel} | "
+                   f"{fmt(r['mia_lr_entropy'])} | {sel} | "
                    f"{fmt(r['seconds'])} | {fmt(warm)} | {'—' if not warm else f'{retrain_s / warm:.0f}×'} |")
     return "\n".join(out)
 

@@ -38,7 +38,7 @@ def main(argv=None) -> int:
 
     from excise import __version__
     from excise.bench import load_protocol, run_bench
-    from excise.tuning import load_tuned, tuned_table_path
+    from excise.tuned import load_tuned, tuned_table_path
 
     cmd = "python benchmarks/tuned_vs_defaults.py " + " ".join(argv if argv is not None else sys.argv[1:])
     lines = ["# Tuned on validation, measured on test", "",

@@ -20,7 +20,8 @@ from excise.data import ForgetSpec, Splits, load_digits, make_splits
 from excise.importance import ImportanceCache
 from excise.models import build_model
 from excise.tasks import ClassificationTask
-from excise.training import CheckpointCache, save_state, state_hash
+from excise.storage import state_hash
+from excise.training import CheckpointCache, save_state
 
 from helpers import tiny_cnn, toy_loader
 

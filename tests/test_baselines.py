@@ -1,4 +1,4 @@
-"""Baselines (issue 6) on a small MLP trained on scikit-learn's digits, forgetting one class."""
+"""Baselines on a small MLP trained on scikit-learn's digits, forgetting one class."""
 
 import math
 

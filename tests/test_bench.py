@@ -39,7 +39,7 @@ def test_shipped_protocols_load():
     names = list_protocols()
     for kind in ("class", "subclass", "random10"):
         assert f"fmnist-smallcnn-{kind}" in names and f"fmnist-resnet18w16-{kind}" in names
-    assert "fmnist-resnet18w32-class" in names  # the longer run (issue 7)
+    assert "fmnist-resnet18w32-class" in names  # the longer run
     for n in names:
         proto = load_protocol(n)
         assert proto["seeds"] == [0, 1, 2]
@@ -126,10 +126,10 @@ def test_retrain_oracle_is_its_own_ideal_and_original_is_not(tiny):
 
 def test_evaluate_a_user_checkpoint(tiny, tmp_path):
     rep = run_bench(str(tiny), methods=["ssd"], seeds=1, progress=False)
-    from excise.bench.runner import _setup
+    from excise.protocol import setup_for
     from excise.protocol import prepare
 
-    prep = prepare(_setup(load_protocol(tiny), 0), progress=False)
+    prep = prepare(setup_for(load_protocol(tiny), 0), progress=False)
     save_state(prep.oracle, tmp_path / "mine.safetensors")
     out = tmp_path / "ev"
     assert main(["evaluate", "--model", str(tmp_path / "mine.safetensors"), "--protocol", str(tiny),

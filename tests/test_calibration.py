@@ -5,6 +5,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Subset, TensorDataset
 
+import excise.api as api
 import excise.methods.registry as registry
 from excise import UnlearningRequest, unlearn
 from excise.calibration import CalibrationError, auc, good_enough
@@ -105,7 +106,7 @@ def test_a_sample_request_meets_the_holdout_target(seed):
 def test_a_sample_request_without_holdout_is_refused_before_any_work(monkeypatch):
     model, req = _memorised(0)
     runs = []
-    monkeypatch.setattr(registry, "_execute", lambda *a, **k: runs.append(1))
+    monkeypatch.setattr(api, "_execute", lambda *a, **k: runs.append(1))
     no_holdout = UnlearningRequest(forget=req.forget, retain=req.retain, train=req.train)
     with pytest.raises(CalibrationError, match="holdout"):
         unlearn(model, no_holdout, "ssd", calibrate=True)
@@ -118,8 +119,8 @@ def test_a_sample_request_without_holdout_is_refused_before_any_work(monkeypatch
 def test_the_trial_budget_is_respected(committed, monkeypatch, trials):
     prep, req = _digits_class(committed)
     runs = []
-    real = registry._execute
-    monkeypatch.setattr(registry, "_execute", lambda *a, **k: runs.append(1) or real(*a, **k))
+    real = api._execute
+    monkeypatch.setattr(api, "_execute", lambda *a, **k: runs.append(1) or real(*a, **k))
     res = unlearn(prep.original, req, "lfssd", calibrate={"trials": trials})
     assert 1 <= len(runs) <= trials
     assert res.info["calibration"]["trials_run"] == len(runs) == len(res.info["calibration"]["trials"])
@@ -136,7 +137,7 @@ def test_auto_takes_the_cheapest_method_that_meets_the_targets(committed):
 def test_bad_calibration_requests_fail_before_any_work(committed, monkeypatch):
     prep, req = _digits_class(committed)
     runs = []
-    monkeypatch.setattr(registry, "_execute", lambda *a, **k: runs.append(1))
+    monkeypatch.setattr(api, "_execute", lambda *a, **k: runs.append(1))
     with pytest.raises(ValueError, match="retrain: declares no strength"):
         unlearn(prep.original, req, "retrain", calibrate=True)
     with pytest.raises(ValueError, match="trials must be an integer"):
@@ -178,8 +179,8 @@ def test_evaluate_takes_the_users_own_loaders_and_an_optional_oracle(committed):
 def test_the_search_stops_at_a_trial_that_is_clearly_on_target(committed, monkeypatch):
     prep, req = _digits_class(committed)
     runs = []
-    real = registry._execute
-    monkeypatch.setattr(registry, "_execute", lambda *a, **k: runs.append(1) or real(*a, **k))
+    real = api._execute
+    monkeypatch.setattr(api, "_execute", lambda *a, **k: runs.append(1) or real(*a, **k))
     res = unlearn(prep.original, req, "assd", calibrate={"trials": 10})
     cal = res.info["calibration"]
     last = cal["trials"][-1]["judgement"]

@@ -97,7 +97,7 @@ def test_coverage_reads_which_methods_a_tuned_table_holds(lb, tmp_path, monkeypa
     (line,) = lb.coverage(["fmnist-smallcnn-class"], tmp_path)
     assert "salun - (carried from fmnist-resnet18w16-class)" in line.split(" | ")
     assert line.startswith("fmnist-smallcnn-class: 2/13 tuned")
-    monkeypatch.setattr("excise.tuning.TUNED_DIR", tmp_path)
+    monkeypatch.setattr("excise.tuned.TUNED_DIR", tmp_path)
     text = "\n".join(lb.tuned_section(["fmnist-smallcnn-class"]))
     assert ("| salun | lr=0.01 | — | — | 0: carried from fmnist-resnet18w16-class (objective 0.19 there, 12 trials) "
             "| — | - |") in text
@@ -106,7 +106,7 @@ def test_coverage_reads_which_methods_a_tuned_table_holds(lb, tmp_path, monkeypa
 def test_stale_refuses_a_reused_report_whose_protocol_or_tuned_values_changed(lb):
     from excise.bench import load_protocol
     from excise.evaluation.report import Report
-    from excise.tuning import load_tuned
+    from excise.tuned import load_tuned
 
     proto = load_protocol("fmnist-smallcnn-class")
     ssd = load_tuned(proto["name"])["ssd"]

@@ -8,7 +8,7 @@ from torch.utils.data import DataLoader, Subset, TensorDataset
 
 from excise import UnlearningRequest, unlearn
 from excise.importance import ImportanceCache, gradient_moments, subset_importance
-from excise.importance._common import trainable
+from excise.importance.common import trainable
 from excise.importance.per_sample import _Fallback, _hooked, _owners, _vmapped, per_sample_sums
 from excise.methods.ssd import SSD_DEFAULTS
 from excise.tasks import ClassificationTask
@@ -102,7 +102,7 @@ def _digits_request(committed, batch, shuffle=False, seed=0):
 
 
 def test_ssd_default_mask_is_the_same_for_any_batch_size_and_order(committed):
-    """Issue 35: the batch-mode Fisher selected 0 to 3,656 entries by loader batch size; the default may differ
+    """The batch-mode Fisher selected 0 to 3,656 entries by loader batch size; the default may differ
     only where an entry's ratio lies within float rounding of α."""
     masks, ratios = {}, None
     for batch, shuffle in ((16, False), (64, False), (256, False), (64, True)):

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from excise.models import build_model, model_names
-from excise.training import CheckpointCache, TrainRecipe, load_state, save_state, seeded_loader, state_hash, train
+from excise.storage import state_hash
+from excise.training import CheckpointCache, TrainRecipe, load_state, save_state, seeded_loader, train
 
 
 def _fit(ds, seed=0):

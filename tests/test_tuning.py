@@ -1,6 +1,7 @@
-"""The tuner (issue 7) on a small MLP trained on scikit-learn's digits, forgetting one class."""
+"""The tuner on a small MLP trained on scikit-learn's digits, forgetting one class."""
 
 import json
+import tomllib
 
 import pytest
 
@@ -9,7 +10,8 @@ pytest.importorskip("optuna")
 from excise import protocol as protocol_mod  # noqa: E402
 from excise.bench import run_bench  # noqa: E402
 from excise.cli import main  # noqa: E402
-from excise.tuning import INFEASIBLE, TuneResult, load_tuned, tune, write_tuned  # noqa: E402
+from excise.tuned import load_tuned  # noqa: E402
+from excise.tuning import INFEASIBLE, TuneResult, tune, write_tuned  # noqa: E402
 from excise.methods.ssd import SSD_DEFAULTS
 
 TINY = """
@@ -331,7 +333,7 @@ def test_tune_over_several_seeds_averages_their_objectives(tiny, tmp_path):
     assert both.trials[0]["value"] == pytest.approx((one[0].trials[0]["value"] + one[1].trials[0]["value"]) / 2)
     assert both.oracle_metrics["VA"] == pytest.approx((one[0].oracle_metrics["VA"] + one[1].oracle_metrics["VA"]) / 2)
     table = write_tuned(both, tmp_path / "t")
-    assert "seed = [0, 1]" in table.read_text()
+    assert tomllib.loads(table.read_text())["tuning"]["ssd"]["seed"] == [0, 1]
 
 
 def test_tuned_table_keeps_values_exactly(tmp_path):
@@ -365,6 +367,7 @@ def test_a_tuned_entry_records_the_methods_revision_and_an_older_one_warns(tmp_p
 
 def test_check_rescores_the_best_values_nearby_and_flags_a_cliff(tiny, tmp_path, monkeypatch, capsys):
     from excise import tuning
+    from excise.tuning import search as tuning_search
 
     res = tune("ssd", str(tiny), budget=3, storage=tmp_path / "s.journal", progress=False, check=0.05)
     st = res.stability
@@ -377,8 +380,8 @@ def test_check_rescores_the_best_values_nearby_and_flags_a_cliff(tiny, tmp_path,
     assert st["shift"] == pytest.approx(max(abs(r["value"] - res.best_value) for r in st["runs"]))
     assert st["fragile"] == (st["shift"] > tuning.STABILITY_TOLERANCE)
     # kept in the journal: asking again re-uses it (no new runs), and the table records the shift
-    real = tuning._stability
-    monkeypatch.setattr(tuning, "_stability", lambda *a: pytest.fail("re-scored a check already made"))
+    real = tuning_search._stability
+    monkeypatch.setattr(tuning_search, "_stability", lambda *a: pytest.fail("re-scored a check already made"))
     again = tune("ssd", str(tiny), budget=3, storage=tmp_path / "s.journal", progress=False, check=0.05)
     assert again.stability == st
     assert ("FRAGILE" if st["fragile"] else "stable") + " at ±5 %: objective" in again.summary()
@@ -407,8 +410,8 @@ def test_recheck_rescores_a_tables_entry_without_its_journal(tiny, tmp_path, cap
     assert chk["values"] == res.best_params and chk["recorded"] == round(res.best_value, 4)
     assert chk["value"] == pytest.approx(res.best_value, abs=1e-6)  # same models, same values: same objective
     assert chk["same_models"] is True and len(res.models) == 1 and res.environment["device"] == "cpu"
-    text = table.read_text()
-    assert f'models = ["{res.models[0]}"]' in text and f"threads = {res.environment['threads']}" in text
+    entry = tomllib.loads(table.read_text())["tuning"]["ssd"]
+    assert entry["models"] == [res.models[0]] and entry["threads"] == res.environment["threads"]
     assert [r["scale"] for r in chk["runs"]] == [0.95, 1.05]
     assert chk["shift"] == pytest.approx(max(abs(r["value"] - chk["value"]) for r in chk["runs"]))
     before = load_tuned("digits-mlp-class", table)
@@ -492,8 +495,9 @@ def test_carry_copies_another_protocols_entry_marked_and_bench_runs_it(tiny, tmp
     """A protocol too costly to search (ResNet-18 width 32) takes the nearest searched protocol's entry:
     copied, marked as carried, values the target's [search] table holds set to those; never over a searched
     entry; `bench --tuned` runs it and its note says it was not searched there."""
-    import excise.tuning as tuning_mod
-    from excise.tuning import carried_entries, carry_tuned
+    import excise.tuned as tuned_mod
+    from excise.tuned import carried_entries
+    from excise.tuning import carry_tuned
 
     big = tmp_path / "big.toml"
     big.write_text(TINY.replace('"digits-mlp-class"', '"digits-mlp-class-big"') + "\n[search.ssd]\nlam = 1.5\n")
@@ -525,7 +529,7 @@ def test_carry_copies_another_protocols_entry_marked_and_bench_runs_it(tiny, tmp
     assert row["hparams"]["alpha"] == 4.0 and row["hparams"]["lam"] == 1.5
     assert any("ssd carried from digits-mlp-class (not searched on this protocol)" in n for n in rep.notes)
     # the CLI: no search; the source read from the shipped tables (here: the folder above)
-    monkeypatch.setattr(tuning_mod, "TUNED_DIR", tables)
+    monkeypatch.setattr(tuned_mod, "TUNED_DIR", tables)
     out = tmp_path / "cli.toml"
     assert main(["tune", "ssd", str(big), "--carry-from", str(tiny), "--write", str(out)]) == 0
     assert "carried the ssd entry of" in capsys.readouterr().out

@@ -14,7 +14,7 @@ from typing import Any
 __version__ = "0.6.0"
 
 _LAZY = {
-    "unlearn": ("excise.methods.registry", "unlearn"),
+    "unlearn": ("excise.api", "unlearn"),
     "available_methods": ("excise.methods.registry", "available"),
     "Scores": ("excise.types", "Scores"),
     "Mask": ("excise.types", "Mask"),

@@ -73,7 +73,7 @@ def infer_intent(request) -> Tuple[str, List[int]]:
 
 @torch.no_grad()
 def _outputs(model: nn.Module, batches: Sequence, task) -> Dict[str, torch.Tensor]:
-    from .importance._common import eval_mode
+    from .importance.common import eval_mode
     from .tasks import model_device
 
     device = model_device(model)
@@ -168,6 +168,12 @@ class Evaluator:
                 "collapsed": collapsed, "feasible": utility_loss <= delta and not collapsed, "on_target": score <= 1}
 
 
+def _calibratable() -> List[str]:
+    from .methods import calibratable
+
+    return calibratable()
+
+
 def _value(space, s: float):
     """The hyperparameter value at position s ∈ [0, 1] of its range (log scale when the range is)."""
     lo, hi = float(space.low), float(space.high)
@@ -198,7 +204,7 @@ def calibrate(model: nn.Module, request, spec, hparams: Dict[str, Any], run, *, 
     returns its UnlearningResult. Returns the winning result with ``info["calibration"]``."""
     if spec.strength is None:
         raise CalibrationError(f"{spec.name} declares no strength to calibrate; methods that do: "
-                               f"{', '.join(calibratable())}")
+                               f"{', '.join(_calibratable())}")
     if trials < 1:
         raise CalibrationError(f"trials must be ≥ 1, got {trials}")
     if evaluator is None:
@@ -292,13 +298,6 @@ def options(calibrate: Any) -> Dict[str, Any]:
     if not isinstance(out["delta"], (int, float)) or not math.isfinite(out["delta"]) or out["delta"] < 0:
         raise CalibrationError(f"calibration delta must be a number of points ≥ 0, got {out['delta']!r}")
     return out
-
-
-def calibratable() -> List[str]:
-    from .methods.registry import _METHODS, _load_builtin
-
-    _load_builtin()
-    return sorted(n for n, s in _METHODS.items() if s.strength is not None)
 
 
 def winner(result) -> Optional[Dict[str, Any]]:

@@ -153,7 +153,7 @@ def _head(batch, k: int):
 @torch.no_grad()
 def _predictions(model: nn.Module, batches: List[Any], task) -> Dict[str, Any]:
     """Accuracy (None without labels) and the most frequent prediction's share, over ``batches``."""
-    from .importance._common import eval_mode
+    from .importance.common import eval_mode
     from .tasks import model_device
 
     if not batches:

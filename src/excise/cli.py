@@ -9,20 +9,9 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+from .cli_tune import _parse_hparams, cmd_tune  # noqa: F401  (_parse_hparams: the tests')
+
 DEMO_METHODS = ("ssd", "lfssd", "assd")
-
-
-def _parse_hparams(items: Optional[List[str]], method: str) -> Dict[str, Any]:
-    """``NAME=VALUE`` strings, each value parsed by the method's declared type for NAME (an error names both)."""
-    from .methods.registry import parse_hparam
-
-    out: Dict[str, Any] = {}
-    for item in items or []:
-        if "=" not in item:
-            raise ValueError(f"--hp takes NAME=VALUE, got {item!r}")
-        k, v = item.split("=", 1)
-        out[k.strip()] = parse_hparam(method, k.strip(), v)
-    return out
 
 
 def _warn_lines(res) -> None:
@@ -38,13 +27,16 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
-COLUMNS = [("method", "method"), ("UA", "UA"), ("RA", "RA"), ("TA", "TA"), ("MIA", "MIA (lr-entropy)"),
-           ("selected_pct", "selected %"), ("seconds", "seconds"), ("speedup", "speed-up")]
+SHOWN = ("UA", "RA", "TA", "mia_lr_entropy")  # metrics of the demo / unlearn table (titles from the registry)
+COLUMNS = [("method", "method")] + [(m, m) for m in SHOWN] + [("selected_pct", "selected %"), ("seconds", "seconds"),
+                                                             ("speedup", "speed-up")]
 
 
 def render_table(rows: List[Dict[str, Any]]) -> str:
     """Markdown table of demo / unlearn rows."""
-    cols = list(COLUMNS)
+    from .evaluation.metrics import get_metric
+
+    cols = [(k, get_metric(k).title if k in SHOWN else t) for k, t in COLUMNS]
     if any(r.get("corrected_acc") is not None for r in rows):  # a label-correction request
         cols.insert(2, ("corrected_acc", "acc. on Z with true labels"))
     head = "| " + " | ".join(title for _, title in cols) + " |"
@@ -79,10 +71,12 @@ def _setup_from_args(args) -> "Any":
     from .protocol import Setup
     from .training import TrainRecipe
 
+    from .data import has_coarse
+
     spec = ForgetSpec.parse(args.forget, seed=args.seed)
     dataset = args.data
-    if spec.kind == "subclass" and dataset == "fashion-mnist":
-        dataset = "fashion-mnist-coarse"
+    if spec.kind == "subclass" and has_coarse(dataset):  # a sub-class request: the dataset's coarse labels
+        dataset += "-coarse"
     arch_kwargs = {"width": args.width} if args.arch == "resnet18" else {}
     return Setup(dataset=dataset, arch=args.arch, arch_kwargs=arch_kwargs, recipe=TrainRecipe(epochs=args.epochs),
                  forget=spec, seed=args.seed, data_root=args.data_root)
@@ -92,7 +86,7 @@ def cmd_demo(args) -> int:
     from . import unlearn
     from .evaluation.summary import basic_metrics
     from .protocol import prepare
-    from .training import default_cache_dir, state_hash
+    from .storage import default_cache_dir, state_hash
     from .types import atomic_write_bytes
 
     from .outputs import OutputFolder
@@ -228,115 +222,16 @@ def cmd_bench(args) -> int:
     return 0
 
 
-def cmd_tune(args) -> int:
-    from .tuning import tune, write_tuned
-    from .types import atomic_write_bytes
-
-    if args.recheck:
-        return _recheck(args)
-    if args.carry_from:
-        return _carry(args)
-    seed = args.seed[0] if args.seed and len(args.seed) == 1 else args.seed
-    res = tune(args.method, args.protocol, budget=args.budget, seed=seed, floor=args.floor,
-               floor_ref=args.floor_ref, storage=args.storage, device=args.device, progress=not args.quiet,
-               fixed=_parse_hparams(args.hp, args.method) if args.hp else None, timeout=args.timeout, check=args.check,
-               start=_starts(args))
-    print(res.summary())
-    o, b = res.oracle_metrics, res.best_metrics
-    print("validation metrics   " + "  ".join(f"{k:>10s}" for k in o))
-    for name, m in (("oracle", o), ("original", res.original_metrics), ("best", b)):
-        print(f"{name:20s} " + "  ".join(f"{m.get(k, float('nan')):10.2f}" for k in o))
-    feasible = res.best_value < 100
-    if not feasible:
-        print("warning: no trial met the utility floor (or every trial diverged)", file=sys.stderr)
-    out = Path(args.out)
-    atomic_write_bytes(out / f"{res.protocol}.{res.method}.json", json.dumps(res.to_dict(), indent=1).encode())
-    print(f"wrote {out / f'{res.protocol}.{res.method}.json'} (every trial)")
-    if args.write is not None:
-        if not res.complete:
-            print(f"not written into the tuned table: {res.n_trials} of {args.budget} trials (resume to finish)")
-            return 0
-        if not feasible:
-            print("error: nothing written into the tuned table", file=sys.stderr)
-            return 1
-        path = write_tuned(res, None if args.write is True else args.write)
-        print(f"wrote the tuned values into {path}")
-    return 0
-
-
-def _starts(args) -> List[Dict[str, Any]]:
-    """``--start NAME=VALUE,NAME=VALUE`` (repeatable) and ``--start-tuned`` (the searched values that the tuned
-    table holds for the method now) as starting points for ``tune``."""
-    from .bench import load_protocol
-    from .methods import get_method
-    from .tuning import load_tuned, search_space
-
-    starts = [_parse_hparams(item.split(","), args.method) for item in args.start or []]
-    if args.start_tuned:
-        proto = load_protocol(args.protocol)
-        table = None if args.write in (None, True) else args.write
-        entry = load_tuned(proto["name"], table).get(args.method)
-        if entry is None:
-            print(f"--start-tuned: the tuned table holds no {args.method} entry for {proto['name']}; "
-                  "searching without it", file=sys.stderr)
-        else:
-            space = search_space(proto, args.method, get_method(args.method))
-            starts.append({k: v for k, v in entry.items() if k in space})
-    return starts
-
-
-def _carry(args) -> int:
-    from .tuning import carry_tuned
-
-    if args.recheck or args.seed or args.hp or args.storage or args.timeout or args.start or args.start_tuned \
-            or args.check is not None:
-        raise SystemExit("error: --carry-from copies another protocol's tuned entry without a search; the search "
-                         "options do not apply")
-    table = None if args.write in (None, True) else args.write
-    path = carry_tuned(args.method, args.carry_from, args.protocol, table=table)
-    print(f"carried the {args.method} entry of {args.carry_from} into {path} (not searched on {args.protocol}: "
-          "`excise tune` there replaces it)")
-    return 0
-
-
-def _recheck(args) -> int:
-    from .tuning import check_tuned, record_check
-    from .types import atomic_write_bytes
-
-    if args.seed or args.hp or args.storage or args.timeout:
-        raise SystemExit("error: --recheck re-scores the table's entry as it was tuned (its seeds, the protocol's "
-                         "fixed values); --seed, --hp, --storage and --timeout do not apply")
-    table = None if args.write in (None, True) else args.write
-    res = check_tuned(args.method, args.protocol, rel=args.check or 0.01, table=table, floor=args.floor,
-                      floor_ref=args.floor_ref, device=args.device, progress=not args.quiet)
-    verdict = "FRAGILE" if res["fragile"] else "stable"
-    rec = "" if res["recorded"] is None else f" (recorded when tuned: {res['recorded']:.2f})"
-    print(f"{res['method']} on {res['protocol']}: tuned values {res['values']} score {res['value']:.2f}{rec}")
-    if res.get("same_models") is False:
-        print("  note: these originals are not the ones the entry was tuned on (trained again: another device "
-              "or CPU thread count gives other bits), so the two objectives need not match")
-    for r in res["runs"]:
-        print(f"  x{r['scale']:.4g}: {r['value']:.2f}")
-    print(f"{verdict} at ±{res['rel'] * 100:g} %: the objective moves by {res['shift']:.2f} (tolerance {res['tolerance']})"
-          + (f"; {res['note']}" if res.get("note") else ""))
-    out = Path(args.out) / f"{res['protocol']}.{res['method']}.check.json"
-    atomic_write_bytes(out, json.dumps(res, indent=1).encode())
-    print(f"wrote {out}")
-    if args.write is not None:
-        print(f"recorded the check in {record_check(res, table)}")
-    return 0
-
-
 def cmd_evaluate(args) -> int:
     from .bench import evaluate, load_protocol
-    from .bench.runner import _setup
+    from .protocol import setup_for
     from .models import build_model
     from .data import load_dataset
     from .training import load_state
     from .types import resolve_device
 
     proto = load_protocol(args.protocol)
-    setup = _setup(proto, proto["seeds"][0] if args.seed is None else args.seed)
+    setup = setup_for(proto, proto["seeds"][0] if args.seed is None else args.seed)
     train = load_dataset(setup.dataset, "train", setup.data_root)
     model = build_model(setup.arch, train.input_shape, train.num_classes, **setup.arch_kwargs)
     try:
@@ -355,6 +250,23 @@ def _space_str(dim) -> str:
     if hasattr(dim, "options"):
         return "{" + ", ".join(map(str, dim.options)) + "}"
     return f"[{dim.low:g}, {dim.high:g}]" + (" log" if dim.log else "")
+
+
+def cmd_datasets(args) -> int:
+    from .data import dataset_names, get_dataset
+
+    for name in dataset_names():
+        base = name[:-len("-coarse")] if name.endswith("-coarse") else name
+        try:
+            spec = get_dataset(name)
+        except ValueError:  # <name>-coarse: the dataset with its coarse labels
+            spec = get_dataset(base)
+            print(f"{name:22s} {base} with coarse labels: {', '.join(spec.coarse)} (for subclass:NAME requests)")
+            continue
+        print(f"{name:22s} {spec.summary}{'  (needs --data-root)' if spec.needs_root else ''}")
+    print(f"{'package.module:function':22s} your own: function(split, root) returning an ArrayDataset, a pair of "
+          "tensors (inputs, labels) or a dataset of (input, label) pairs")
+    return 0
 
 
 def cmd_methods(args) -> int:
@@ -377,7 +289,8 @@ def cmd_methods(args) -> int:
 
 def _common(p: argparse.ArgumentParser, forget_default: str = "class:9") -> None:
     p.add_argument("--data", default="fashion-mnist",
-                   help="fashion-mnist | fashion-mnist-coarse | digits | cifar10 | cifar100 (cifar needs --data-root)")
+                   help="a registered dataset (excise datasets: fashion-mnist, digits, cifar10, cifar100 — cifar "
+                        "needs --data-root) or your own as package.module:function (called with split, root)")
     p.add_argument("--data-root", default=None, help="folder of the dataset's files (default: the Debian package's)")
     p.add_argument("--arch", default="smallcnn", help="mlp | smallcnn | resnet18")
     p.add_argument("--width", type=int, default=16, help="ResNet-18 width (64 is the paper's; 16 suits a CPU)")
@@ -482,6 +395,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=cmd_evaluate)
     m = sub.add_parser("methods", help="list the registered methods with their defaults and presets")
     m.set_defaults(func=cmd_methods)
+    d = sub.add_parser("datasets", help="list the registered datasets (--data NAME; or package.module:function)")
+    d.set_defaults(func=cmd_datasets)
     return parser
 
 

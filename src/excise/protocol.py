@@ -9,7 +9,14 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from typing import Any, Dict, Optional
+import sys
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
 
 import torch
 from torch import nn
@@ -73,6 +80,50 @@ class Prepared:
     def build(self) -> nn.Module:
         return build_model(self.setup.arch, self.train_ds.input_shape, self.train_ds.num_classes,
                            **self.setup.arch_kwargs)
+
+
+# ---- protocols: TOML files naming a dataset, a model, a recipe, a forget request and seeds ----
+
+PROTOCOL_DIR = Path(__file__).parent / "bench" / "protocols"
+_KEYS = {"name", "dataset", "arch", "arch_kwargs", "recipe", "forget", "val_fraction", "seeds", "importance_batch",
+         "methods", "data_root", "description", "search"}
+
+
+def list_protocols() -> List[str]:
+    return sorted(p.stem for p in PROTOCOL_DIR.glob("*.toml"))
+
+
+def load_protocol(name_or_path: str | Path) -> Dict[str, Any]:
+    """A shipped protocol by name, or a TOML file by path."""
+    p = Path(name_or_path)
+    if not p.suffix == ".toml" or not p.exists():
+        shipped = PROTOCOL_DIR / f"{name_or_path}.toml"
+        if not shipped.exists():
+            raise ValueError(f"unknown protocol {name_or_path!r}: not a .toml file; shipped: {list_protocols()} "
+                             "(to score a model on your own data: excise.evaluate(model, {'forget': loader, "
+                             "'retain': loader, 'test': loader}, oracle=..., original=...))")
+        p = shipped
+    with open(p, "rb") as f:
+        proto = tomllib.load(f)
+    unknown = set(proto) - _KEYS
+    if unknown:
+        raise ValueError(f"{p}: unknown protocol keys {sorted(unknown)}; allowed: {sorted(_KEYS)}")
+    for need in ("dataset", "arch", "forget"):
+        if need not in proto:
+            raise ValueError(f"{p}: protocol needs '{need}'")
+    proto.setdefault("name", p.stem)
+    proto.setdefault("seeds", [0])
+    proto.setdefault("methods", {})
+    ForgetSpec.parse(proto["forget"])  # fail early on a bad spec
+    return proto
+
+
+def setup_for(proto: Dict[str, Any], seed: int) -> "Setup":
+    """The :class:`Setup` of a loaded protocol (:func:`load_protocol`) at one of its seeds."""
+    return Setup(dataset=proto["dataset"], arch=proto["arch"], arch_kwargs=dict(proto.get("arch_kwargs", {})),
+                 recipe=TrainRecipe(**proto.get("recipe", {})),
+                 forget=ForgetSpec.parse(proto["forget"], seed=seed, val_fraction=proto.get("val_fraction", 0.1)),
+                 seed=seed, data_root=proto.get("data_root"), importance_batch=proto.get("importance_batch", 256))
 
 
 def _digest(indices) -> str:
@@ -143,7 +194,7 @@ def prepare(setup: Setup, cache: Optional[CheckpointCache] = None, with_oracle: 
 
 @dataclasses.dataclass
 class CanarySetup:
-    """Secret removal (issue 5's second task): a character-level LSTM trained on Python's pydoc text with
+    """Secret removal: a character-level LSTM trained on Python's pydoc text with
     ``prefix + secret`` inserted ``copies`` times. The request replaces every window that holds a copy (Z) by
     the same window of the text without it (Z̃); the oracle is trained on the retained windows and Z̃.
     Exposure is measured over every secret of the same length drawn from ``alphabet``."""

@@ -8,7 +8,6 @@ fingerprint + split hash + seed + role, in safetensors, so later runs load inste
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import time
@@ -19,15 +18,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
+from .storage import cache_key, default_cache_dir, tensor_digest
 from .tasks import ClassificationTask, Task, model_device
-from .types import atomic_write_bytes, load_tensors, save_tensors
-
-CACHE_ENV = "EXCISE_CACHE"
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "excise")
-
+from .types import load_tensors, save_tensors
 
 @dataclasses.dataclass(frozen=True)
 class TrainRecipe:
@@ -106,16 +99,6 @@ def train(model: nn.Module, loader: DataLoader, recipe: TrainRecipe, task: Optio
     return model
 
 
-def state_hash(model: nn.Module) -> str:
-    """SHA-256 of a model's parameters and buffers (names, shapes, dtypes, values)."""
-    h = hashlib.sha256()
-    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
-        h.update(name.encode())
-        h.update(str((tuple(t.shape), str(t.dtype))).encode())
-        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
 def training_environment(model: nn.Module) -> Dict[str, Any]:
     """What, beside the data, seed and recipe, decides a trained model's bits: on a CPU the thread count
     changes the order of floating-point reductions, so the same recipe trained with 1 and with 2 threads gives
@@ -124,10 +107,6 @@ def training_environment(model: nn.Module) -> Dict[str, Any]:
     device = model_device(model)
     return {"torch": torch.__version__, "device": str(device),
             "threads": torch.get_num_threads() if device.type == "cpu" else None}
-
-
-def cache_key(**parts: Any) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 
 class CheckpointCache:
@@ -152,7 +131,6 @@ class CheckpointCache:
 
         from safetensors import SafetensorError, safe_open
 
-        from .importance.cache import _tensor_digest
 
         p = self.path(key)
         if not p.exists():
@@ -172,7 +150,7 @@ class CheckpointCache:
                 return meta
             if "excise_meta" not in header or "sha256" not in header:
                 problem = "its metadata is missing (an older excise's file without its .json)"
-            elif header["sha256"] != _tensor_digest(state):
+            elif header["sha256"] != tensor_digest(state):
                 problem = "its checksum does not match its tensors"
         except (SafetensorError, OSError, ValueError, RuntimeError) as e:  # json errors are ValueErrors
             problem = f"it cannot be read ({e})"
@@ -188,11 +166,10 @@ class CheckpointCache:
 
     def store(self, model: nn.Module, key: str, meta: Dict[str, Any]) -> None:
         """Weights, metadata and checksum in one file, written atomically."""
-        from .importance.cache import _tensor_digest
 
         state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
         save_tensors(state, self.path(key), metadata={"excise_meta": json.dumps(meta, default=str),
-                                                      "sha256": _tensor_digest(state)})
+                                                      "sha256": tensor_digest(state)})
 
     def get_or_train(self, key_parts: Dict[str, Any], build: Callable[[], nn.Module],
                      fit: Callable[[nn.Module], nn.Module]) -> tuple:

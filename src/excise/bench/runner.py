@@ -11,64 +11,16 @@ from __future__ import annotations
 
 import json
 import re
-import sys
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
+from typing import Any, Dict, Optional, Sequence
 
 from .. import __version__
-from ..data import ForgetSpec
 from ..evaluation.evaluate import metrics_from_predictions, model_predictions
+from ..evaluation.metrics import metric_names
 from ..evaluation.report import ORACLE, Report
-from ..training import TrainRecipe, cache_key, default_cache_dir, state_hash
+from ..storage import cache_key, default_cache_dir, state_hash
+from ..protocol import load_protocol, setup_for
 from ..types import atomic_write_bytes, resolve_device
-
-PROTOCOL_DIR = Path(__file__).parent / "protocols"
-_KEYS = {"name", "dataset", "arch", "arch_kwargs", "recipe", "forget", "val_fraction", "seeds", "importance_batch",
-         "methods", "data_root", "description", "search"}
-
-
-def list_protocols() -> List[str]:
-    return sorted(p.stem for p in PROTOCOL_DIR.glob("*.toml"))
-
-
-def load_protocol(name_or_path: str | Path) -> Dict[str, Any]:
-    """A shipped protocol by name, or a TOML file by path."""
-    p = Path(name_or_path)
-    if not p.suffix == ".toml" or not p.exists():
-        shipped = PROTOCOL_DIR / f"{name_or_path}.toml"
-        if not shipped.exists():
-            raise ValueError(f"unknown protocol {name_or_path!r}: not a .toml file; shipped: {list_protocols()} "
-                             "(to score a model on your own data: excise.evaluate(model, {'forget': loader, "
-                             "'retain': loader, 'test': loader}, oracle=..., original=...))")
-        p = shipped
-    with open(p, "rb") as f:
-        proto = tomllib.load(f)
-    unknown = set(proto) - _KEYS
-    if unknown:
-        raise ValueError(f"{p}: unknown protocol keys {sorted(unknown)}; allowed: {sorted(_KEYS)}")
-    for need in ("dataset", "arch", "forget"):
-        if need not in proto:
-            raise ValueError(f"{p}: protocol needs '{need}'")
-    proto.setdefault("name", p.stem)
-    proto.setdefault("seeds", [0])
-    proto.setdefault("methods", {})
-    ForgetSpec.parse(proto["forget"])  # fail early on a bad spec
-    return proto
-
-
-def _setup(proto: Dict[str, Any], seed: int):
-    from ..protocol import Setup
-
-    return Setup(dataset=proto["dataset"], arch=proto["arch"], arch_kwargs=dict(proto.get("arch_kwargs", {})),
-                 recipe=TrainRecipe(**proto.get("recipe", {})),
-                 forget=ForgetSpec.parse(proto["forget"], seed=seed, val_fraction=proto.get("val_fraction", 0.1)),
-                 seed=seed, data_root=proto.get("data_root"), importance_batch=proto.get("importance_batch", 256))
-
 
 def _protocol_identity(proto: Dict[str, Any], seeds: Sequence[int], split_hashes: Dict[int, str], data_fp: str):
     # ``search`` narrows what ``excise tune`` searches; it changes no row, so it is not part of the identity
@@ -155,7 +107,7 @@ def run_bench(protocol: str | Dict[str, Any], methods: Optional[Sequence[str]] =
     labels = list(methods) if methods else list(table)
     tuned_note, hit = None, []
     if tuned is not None and tuned is not False:
-        from ..tuning import carried_entries, load_tuned, tuned_table_path
+        from ..tuned import carried_entries, load_tuned, tuned_table_path
 
         where = None if tuned is True else tuned
         values = load_tuned(proto["name"], where)
@@ -170,8 +122,9 @@ def run_bench(protocol: str | Dict[str, Any], methods: Optional[Sequence[str]] =
                                 for lb in hit if lb in carried)
                       + f"{', '.join(lb for lb in labels if lb not in hit) or 'no method'} on the protocol's values")
     rows_by_seed, split_hashes, fp = {}, {}, ""
+    metrics = metric_names()  # a row cached before a metric was registered lacks it: the set is in every key
     for seed in seed_list:
-        prep = prepare(_setup(proto, seed), progress=progress, device=device)
+        prep = prepare(setup_for(proto, seed), progress=progress, device=device)
         split_hashes[seed], fp = prep.splits.hash, prep.train_ds.fingerprint()
         loaders = _loaders(prep)
         o_hash = state_hash(prep.original)
@@ -192,10 +145,12 @@ def run_bench(protocol: str | Dict[str, Any], methods: Optional[Sequence[str]] =
 
         rows = [
             {"method": "original", "seed": seed, **made(prep.original_meta, o_hash), **_cached_row(
-                cache_key(kind="eval", model=o_hash, oracle=r_hash, split=prep.splits.hash, v=__version__),
+                cache_key(kind="eval", model=o_hash, oracle=r_hash, split=prep.splits.hash, v=__version__,
+                          metrics=metrics),
                 lambda: {**eval_row(model_predictions(prep.original, loaders)), "seconds": None})},
             {"method": ORACLE, "seed": seed, **made(prep.oracle_meta, r_hash), **_cached_row(
-                cache_key(kind="eval", model=r_hash, oracle=r_hash, split=prep.splits.hash, v=__version__),
+                cache_key(kind="eval", model=r_hash, oracle=r_hash, split=prep.splits.hash, v=__version__,
+                          metrics=metrics),
                 lambda: {**eval_row(oracle_predictions()), "seconds": prep.oracle_meta["train_seconds"]})},
         ]
         request = prep.request()
@@ -232,7 +187,7 @@ def run_bench(protocol: str | Dict[str, Any], methods: Optional[Sequence[str]] =
 
             rev = get_method(name).revision  # a method whose behaviour changed does not reuse older rows
             key = cache_key(kind="method", model=o_hash, split=prep.splits.hash, method=name, preset=preset,
-                            hparams=entry, v=__version__, **({"rev": rev} if rev else {}))
+                            hparams=entry, v=__version__, metrics=metrics, **({"rev": rev} if rev else {}))
             rows.append({"method": label, "seed": seed, **_cached_row(key, compute), **({"revision": rev} if rev else {}),
                          **({"tuned": True} if label in hit else {})})
         rows_by_seed[seed] = rows
@@ -268,7 +223,7 @@ def evaluate(model, protocol: str | Dict[str, Any], seed: Optional[int] = None, 
 
     proto = load_protocol(protocol) if not isinstance(protocol, dict) else protocol
     seed = proto["seeds"][0] if seed is None else seed
-    prep = prepare(_setup(proto, seed), progress=progress, with_oracle=oracle is None, device=resolve_device(device))
+    prep = prepare(setup_for(proto, seed), progress=progress, with_oracle=oracle is None, device=resolve_device(device))
     if oracle is not None:
         prep.oracle, prep.oracle_meta = oracle, {"train_seconds": None}
     loaders = _loaders(prep)

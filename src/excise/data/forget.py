@@ -315,7 +315,7 @@ def flip_labels(dataset, n: int, seed: int = 0, source: Optional[int] = None, ta
     positions may be flipped (e.g. the training part D). Returns ``(flipped_dataset, indices)``; the
     corrected versions Z̃ are ``dataset`` at those indices.
     """
-    from .sources import ArrayDataset
+    from .arrays import ArrayDataset
 
     g = torch.Generator().manual_seed(seed)
     pool = torch.arange(len(dataset)) if candidates is None else torch.tensor(list(candidates))
@@ -340,7 +340,7 @@ def flip_labels(dataset, n: int, seed: int = 0, source: Optional[int] = None, ta
 
 def with_wrong_labels(train, splits: Splits):
     """The training dataset as the original model of a relabel request saw it (wrong labels on the forget set)."""
-    from .sources import ArrayDataset
+    from .arrays import ArrayDataset
 
     if splits.wrong_labels is None:
         raise ValueError("these splits are not a relabel request")

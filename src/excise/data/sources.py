@@ -7,17 +7,18 @@ content fingerprint used by the caches and split files.
 from __future__ import annotations
 
 import gzip
-import hashlib
 import io
 import os
 import pickle
 import struct
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import List, Optional
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+
+from .arrays import ArrayDataset
+from .registry import register_dataset
 
 FASHION_MNIST_CLASSES = [
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
@@ -34,64 +35,6 @@ FASHION_MNIST_COARSE = {
 FASHION_MNIST_ENV = "EXCISE_FASHION_MNIST_ROOT"
 FASHION_MNIST_DEFAULT_ROOTS = ["/usr/share/datasets/fashion-mnist"]
 _FMNIST_MEAN, _FMNIST_STD = 0.2860, 0.3530
-
-
-class ArrayDataset(Dataset):
-    """In-memory dataset of ``(x[i], y[i])`` pairs with class names and a content fingerprint.
-
-    ``fine_targets`` keeps the original fine labels when ``targets`` were mapped to coarse ones.
-    """
-
-    def __init__(self, x: torch.Tensor, y: torch.Tensor, classes: Sequence[str], name: str,
-                 fine_targets: Optional[torch.Tensor] = None, fine_classes: Optional[Sequence[str]] = None):
-        if len(x) != len(y):
-            raise ValueError(f"inputs and labels differ in length: {len(x)} vs {len(y)}")
-        self.x = x
-        self.targets = y.long()
-        self.classes = list(classes)
-        self.name = name
-        self.fine_targets = self.targets if fine_targets is None else fine_targets.long()
-        self.fine_classes = self.classes if fine_classes is None else list(fine_classes)
-        self._fingerprint: Optional[str] = None
-
-    def __len__(self) -> int:
-        return len(self.targets)
-
-    def __getitem__(self, i):
-        return self.x[i], self.targets[i]
-
-    @property
-    def input_shape(self):
-        return tuple(self.x.shape[1:])
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.classes)
-
-    def fingerprint(self) -> str:
-        """SHA-256 of the inputs, labels and fine labels (computed once)."""
-        if self._fingerprint is None:
-            h = hashlib.sha256()
-            h.update(self.name.encode())
-            for t in (self.x, self.targets, self.fine_targets):
-                h.update(str(tuple(t.shape)).encode())
-                h.update(t.contiguous().numpy().tobytes())
-            self._fingerprint = h.hexdigest()
-        return self._fingerprint
-
-    def with_coarse_labels(self, coarse: dict) -> "ArrayDataset":
-        """Map fine labels to coarse ones; ``coarse`` maps a coarse name to a list of fine class names."""
-        lookup = torch.full((len(self.fine_classes),), -1, dtype=torch.long)
-        for ci, (cname, members) in enumerate(coarse.items()):
-            for m in members:
-                if m not in self.fine_classes:
-                    raise ValueError(f"coarse map names unknown class {m!r}")
-                lookup[self.fine_classes.index(m)] = ci
-        if (lookup < 0).any():
-            missing = [self.fine_classes[i] for i in (lookup < 0).nonzero().flatten().tolist()]
-            raise ValueError(f"coarse map leaves classes unassigned: {missing}")
-        return ArrayDataset(self.x, lookup[self.fine_targets], list(coarse), self.name + "-coarse",
-                            fine_targets=self.fine_targets, fine_classes=self.fine_classes)
 
 
 def _read_idx(path: Path) -> np.ndarray:
@@ -243,16 +186,13 @@ def load_cifar(root: str | os.PathLike, split: str = "train", num_classes: Optio
     return ArrayDataset(x, y, names, f"cifar{num_classes}-{label}-{split}")
 
 
-def load_dataset(name: str, split: str = "train", root: Optional[str] = None) -> ArrayDataset:
-    """By name: ``fashion-mnist``, ``fashion-mnist-coarse``, ``digits``, ``cifar10``, ``cifar100`` (root required)."""
-    if name == "fashion-mnist":
-        return load_fashion_mnist(split, root)
-    if name == "fashion-mnist-coarse":
-        return load_fashion_mnist(split, root).with_coarse_labels(FASHION_MNIST_COARSE)
-    if name == "digits":
-        return load_digits(split)
-    if name in ("cifar10", "cifar100"):
-        if root is None:
-            raise ValueError(f"{name} needs root=<directory in the CIFAR python format>; excise never downloads")
-        return load_cifar(root, split, num_classes=int(name[5:]))
-    raise ValueError(f"unknown dataset {name!r}; known: fashion-mnist, fashion-mnist-coarse, digits, cifar10, cifar100")
+# ---- the built-in datasets ----
+
+register_dataset("fashion-mnist", lambda split, root=None: load_fashion_mnist(split, root), coarse=FASHION_MNIST_COARSE,
+                 summary="Fashion-MNIST, 28×28 grey (the Debian package dataset-fashion-mnist, or $EXCISE_FASHION_MNIST_ROOT)")
+register_dataset("digits", lambda split, root=None: load_digits(split),
+                 summary="scikit-learn's 8×8 digits (ships with scikit-learn), a seeded 80/20 split")
+register_dataset("cifar10", lambda split, root=None: load_cifar(root, split, num_classes=10), needs_root=True,
+                 summary="CIFAR-10 from a user-supplied folder in the python format")
+register_dataset("cifar100", lambda split, root=None: load_cifar(root, split, num_classes=100), needs_root=True,
+                 summary="CIFAR-100 (fine labels) from a user-supplied folder in the python format")

@@ -110,7 +110,7 @@ def masked_sgd(model: nn.Module, loader, step_loss: Callable, *, task, lr: float
     loss (the batch already on the model's device); ``clip`` bounds the gradient's global norm; ``norm_stats``
     as in :func:`train_mode`. Counts passes and samples into ``counters``; raises FloatingPointError (with
     ``hint``) on a non-finite loss. Leaves the model in eval mode and returns the number of steps taken."""
-    from ..importance._common import progress
+    from ..importance.common import progress
     from ..tasks import model_device
 
     device = model_device(model)

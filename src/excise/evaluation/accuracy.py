@@ -7,7 +7,7 @@ from typing import Optional, Tuple
 import torch
 from torch import nn
 
-from ..importance._common import eval_mode
+from ..importance.common import eval_mode
 from ..tasks import ClassificationTask, Task, model_device
 
 

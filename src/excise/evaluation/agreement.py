@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Dict
-
 import torch
 
 
@@ -25,16 +23,6 @@ def js_divergence(p: torch.Tensor, q: torch.Tensor) -> float:
     _same(p, q)
     m = 0.5 * (p.double() + q.double())
     return 0.5 * kl_divergence(p, m) + 0.5 * kl_divergence(q, m)
-
-
-def agreement_metrics(preds: Dict[str, torch.Tensor], oracle: Dict[str, torch.Tensor]) -> Dict[str, float]:
-    out = {}
-    for split in ("forget", "test"):
-        if split in preds and split in oracle:
-            out[f"agree_{split}"] = prediction_agreement(preds[split], oracle[split])
-            out[f"kl_{split}"] = kl_divergence(oracle[split], preds[split])
-            out[f"js_{split}"] = js_divergence(oracle[split], preds[split])
-    return out
 
 
 def _same(a, b):

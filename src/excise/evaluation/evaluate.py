@@ -9,29 +9,10 @@ from torch import nn
 
 from ..tasks import Task
 from .accuracy import predict
-from .agreement import agreement_metrics
-from .mia import features, mia_loss_cv_scores, mia_lr_entropy_scores, mia_svc_scores
+from .metrics import Predictions, avg_gap_metrics, compute, describe, gap_metrics
 
-# metric name → (direction, ideal): what the report says next to each number
-METRICS: Dict[str, tuple] = {
-    "UA": ("higher = more forgotten", "the oracle's"),
-    "RA": ("higher is better", "the oracle's"),
-    "TA": ("higher is better (class-wise forgetting: on the other classes' test samples)", "the oracle's"),
-    "TA_all": ("accuracy on the whole test set, the forgotten class included (class-wise forgetting)", "the oracle's"),
-    "VA": ("higher is better", "the oracle's"),
-    "forget_acc": ("lower = more forgotten", "the oracle's"),
-    "corrected_acc": ("accuracy on the corrected samples with their true labels (relabel requests)", "the oracle's"),
-    "mia_svc_confidence": ("% of D_f called non-member; higher = more forgotten", "the oracle's"),
-    "mia_lr_entropy": ("% of D_f called member; lower = more forgotten", "the oracle's"),
-    "mia_loss_cv": ("CV accuracy forget vs test", "≈ 0.5"),
-    "agree_forget": ("% same predictions as the oracle on D_f", "100"),
-    "agree_test": ("% same predictions as the oracle on test", "100"),
-    "kl_forget": ("mean KL(oracle ‖ model) on D_f", "0"),
-    "kl_test": ("mean KL(oracle ‖ model) on test", "0"),
-    "js_forget": ("mean JS(oracle, model) on D_f", "0"),
-    "js_test": ("mean JS(oracle, model) on test", "0"),
-}
-AVG_GAP_METRICS = ("UA", "RA", "TA", "mia_svc_confidence")  # the SalUn paper's Avg Gap
+METRICS: Dict[str, tuple] = describe()  # {name: (direction, ideal)} (see excise.evaluation.metrics)
+AVG_GAP_METRICS = avg_gap_metrics()  # the SalUn paper's Avg Gap: UA, RA, TA, mia_svc_confidence
 
 
 def model_predictions(model: nn.Module, loaders: Dict[str, Any], task: Optional[Task] = None) -> Dict[str, tuple]:
@@ -50,35 +31,7 @@ def metrics_from_predictions(preds: Dict[str, tuple], oracle_preds: Optional[Dic
     for need in ("forget", "retain", "test"):
         if need not in preds:
             raise ValueError(f"evaluation needs the {need} split")
-    acc = {k: 100.0 * float((p.argmax(-1) == y).float().mean()) for k, (p, y) in preds.items()}
-    heldout = "test_retain" if "test_retain" in preds else "test"
-    out: Dict[str, Any] = {"UA": 100.0 - acc["forget"], "forget_acc": acc["forget"], "RA": acc["retain"],
-                           "TA": acc[heldout]}
-    if heldout == "test_retain":
-        out["TA_all"] = acc["test"]
-    if "val" in acc:
-        out["VA"] = acc["val"]
-    if "test_forget" in acc:
-        out["test_forget_acc"] = acc["test_forget"]
-    if "corrected" in acc:
-        out["corrected_acc"] = acc["corrected"]
-    feat = {k: features(p, y, mia_feature) for k, (p, y) in preds.items()}
-    svc = mia_svc_scores(feat["retain"], feat[heldout], feat["forget"], seed=seed)
-    out["mia_svc_confidence"] = svc["value"]
-    out["mia_svc_members_used"] = svc["members_used"]
-    ent = {k: features(p, y, "entropy") for k, (p, y) in preds.items()}
-    out["mia_lr_entropy"] = 100.0 * mia_lr_entropy_scores(ent["retain"], ent["test"], ent["forget"])
-    loss = {k: features(p, y, "loss") for k, (p, y) in preds.items()}
-    cv = mia_loss_cv_scores(loss["forget"], loss["test"], seed=seed)
-    out["mia_loss_cv"], out["mia_loss_cv_per_class"] = cv["value"], cv["per_class"]
-    p_test, y_test = preds["test"]
-    classes = int(p_test.shape[1])
-    out["per_class_test_acc"] = [
-        100.0 * float((p_test.argmax(-1)[y_test == c] == c).float().mean()) if (y_test == c).any() else None
-        for c in range(classes)]
-    if oracle_preds is not None:
-        out.update(agreement_metrics({k: v[0] for k, v in preds.items()}, {k: v[0] for k, v in oracle_preds.items()}))
-    return out
+    return compute(Predictions(preds, oracle_preds, seed, mia_feature))
 
 
 def evaluate_metrics(model: nn.Module, loaders: Dict[str, Any], oracle: Optional[nn.Module] = None,
@@ -93,12 +46,11 @@ def evaluate_metrics(model: nn.Module, loaders: Dict[str, Any], oracle: Optional
 def gaps(row: Dict[str, Any], oracle_row: Dict[str, Any]) -> Dict[str, float]:
     """|Δ| to the oracle for every shared numeric metric, and Avg Gap over UA, RA, TA and mia_svc_confidence."""
     out = {}
-    for k in METRICS:
+    for k in gap_metrics():
         if k in row and k in oracle_row and row[k] is not None and oracle_row[k] is not None:
             out[f"gap_{k}"] = abs(float(row[k]) - float(oracle_row[k]))
     out["avg_gap"] = sum(out[f"gap_{k}"] for k in AVG_GAP_METRICS) / len(AVG_GAP_METRICS)
     return out
-
 
 
 def evaluate_loaders(model: nn.Module, loaders: Dict[str, Any], oracle: Optional[nn.Module] = None,

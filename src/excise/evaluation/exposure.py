@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..importance._common import eval_mode
+from ..importance.common import eval_mode
 from ..tasks import model_device
 
 

@@ -14,10 +14,11 @@ from typing import Any, Dict, List, Optional
 
 from ..types import atomic_write_bytes
 from .evaluate import METRICS, gaps
+from .metrics import avg_gap_metrics, get_metric
 
 ORACLE = "retrain"
-TABLE_COLUMNS = [("UA", "UA"), ("RA", "RA"), ("TA", "TA"), ("mia_svc_confidence", "MIA (svc)"),
-                 ("avg_gap", "Avg Gap"), ("seconds", "seconds"), ("speedup", "speed-up")]
+TABLE_COLUMNS = [(m, get_metric(m).title) for m in avg_gap_metrics()] + [
+    ("avg_gap", "Avg Gap"), ("seconds", "seconds"), ("speedup", "speed-up")]  # SalUn's Table 1
 
 
 def protocol_hash(protocol: Dict[str, Any]) -> str:

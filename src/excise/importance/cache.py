@@ -26,6 +26,7 @@ from torch import nn
 from torch.utils.data import ConcatDataset, DataLoader, Subset, TensorDataset
 from torch.utils.data.sampler import RandomSampler, SequentialSampler
 
+from ..storage import default_cache_dir, state_hash, tensor_digest
 from ..types import Scores
 
 
@@ -114,15 +115,6 @@ def task_fingerprint(task) -> str:
     return hashlib.sha256(f"{_class_code(type(task))}|{json.dumps(state, sort_keys=True)}".encode()).hexdigest()
 
 
-def _tensor_digest(tensors: Dict[str, torch.Tensor], extra: str = "") -> str:
-    h = hashlib.sha256(extra.encode())
-    for k in sorted(tensors):
-        t = tensors[k].detach().cpu().contiguous()
-        h.update(f"{k}|{tuple(t.shape)}|{t.dtype}".encode())
-        h.update(t.view(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
 def _samples_tag(scores: Scores) -> str:
     return "" if scores.samples is None else f"samples={scores.samples}|"
 
@@ -165,7 +157,7 @@ class ImportanceCache:
             s.samples = int(samples) if samples else None
             if stored is None:
                 problem = "it has no checksum"
-            elif stored != _tensor_digest(s, _samples_tag(s)):
+            elif stored != tensor_digest(s, _samples_tag(s)):
                 problem = "its checksum does not match its tensors"
         except (SafetensorError, OSError, ValueError, RuntimeError) as e:
             problem = f"it cannot be read ({e})"
@@ -185,7 +177,7 @@ class ImportanceCache:
         if p is not None:
             from ..types import save_tensors
 
-            meta = {"type": "Scores", "sha256": _tensor_digest(scores, _samples_tag(scores))}
+            meta = {"type": "Scores", "sha256": tensor_digest(scores, _samples_tag(scores))}
             if scores.samples is not None:
                 meta["samples"] = str(scores.samples)
             save_tensors(scores, p, metadata=meta)
@@ -196,7 +188,6 @@ class ImportanceCache:
         """Return ``(scores, status)`` with status ``hit``, ``miss`` or ``uncacheable`` (data of unknown content).
         ``task``: the Task the scores are computed with (part of the key)."""
         from ..tasks import model_device
-        from ..training import state_hash
 
         data_key = data_key or loader_fingerprint(loader, order_free=bool((options or {}).get("order_free")))
         if data_key is None:
@@ -221,7 +212,6 @@ _DEFAULT: Optional[ImportanceCache] = None
 def default_cache() -> ImportanceCache:
     """The process-wide cache: memory, plus disk under the cache folder ($EXCISE_CACHE or ~/.cache/excise)."""
     global _DEFAULT
-    from ..training import default_cache_dir
 
     if _DEFAULT is None or _DEFAULT.root != default_cache_dir():
         _DEFAULT = ImportanceCache(root=default_cache_dir())

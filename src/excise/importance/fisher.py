@@ -9,7 +9,7 @@ from torch import nn
 
 from ..tasks import Task, get_task
 from ..types import Counters, Scores
-from ._common import accumulate_grads
+from .common import accumulate_grads
 from .per_sample import per_sample_sums, sample_moments
 
 

@@ -31,7 +31,7 @@ from torch import nn
 
 from ..tasks import Task, get_task, model_device
 from ..types import Counters, Scores
-from ._common import eval_mode, progress, squared_sample_grads, trainable
+from .common import eval_mode, progress, squared_sample_grads, trainable
 
 ESTIMATORS = ("exact", "hutchinson", "ggn_exact", "ggn_mc")
 BACKENDS = ("torch", "backpack")

@@ -27,7 +27,7 @@ from torch import nn
 
 from ..tasks import Task, model_device
 from ..types import Counters, Scores
-from ._common import check_finite, eval_mode, progress, trainable
+from .common import check_finite, eval_mode, progress, trainable
 
 REDUCERS = {"square": lambda t: t.pow(2), "abs": torch.abs}
 _INPLACE = {"square": torch.Tensor.square_, "abs": torch.Tensor.abs_}

@@ -1,4 +1,4 @@
-"""Baselines users compare against (issue 6), each a short composition of one shared training loop.
+"""Baselines users compare against, each a short composition of one shared training loop.
 
   finetune       descend L(retain) for a few epochs;
   neggrad        ascend L(D_f);
@@ -25,7 +25,6 @@ import torch
 
 from .. import importance, selection
 from ..edit import masked_sgd
-from ..selection import Scope
 from ..tasks import model_device
 from ..training import seeded_loader
 from ..types import Mask, Scores, UnlearningResult
@@ -157,7 +156,7 @@ def salun(model, request, ctx, k, scope, **hp):
     with ctx.timer.phase("importance_forget"):
         g = importance.summed_gradient(model, request.forget, request.task, ctx.counters, ctx.progress)
     with ctx.timer.phase("select"):
-        eligible = None if scope is None else (scope if isinstance(scope, Scope) else Scope.parse(scope)).names(model)
+        eligible = ctx.eligible(model, scope)
         mask = selection.topk(Scores({n: v.abs() for n, v in g.items()}), k, eligible)
     steps = _random_label_fit(model, request, ctx, hp, mask, "salun")
     ctx.counters.params_touched += mask.count()

@@ -1,19 +1,20 @@
 """Registry of unlearning methods. A method is ``fn(model, request, ctx, **hparams) -> UnlearningResult``.
 
+The registry imports no method: each method file registers itself, and ``excise.methods`` imports the built-in
+ones (so importing ``excise.methods.registry``, which imports its package first, finds them registered).
+``excise.unlearn`` (``excise/api.py``) runs a registered method.
+
 Each entry carries excise's defaults (chosen so that the shipped protocols actually forget) and named
 presets, e.g. ``preset="paper"`` for the published hyperparameters, kept for parity.
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import time
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-from torch import nn
-
-from ..types import Counters, UnlearningRequest, UnlearningResult
+from ..types import Counters
 
 
 @dataclasses.dataclass(frozen=True)
@@ -258,19 +259,18 @@ def register(name: str, defaults: Dict[str, Any], presets: Optional[Dict[str, Di
 
 
 def get_method(name: str) -> MethodSpec:
-    _load_builtin()
     if name not in _METHODS:
         raise ValueError(f"unknown method {name!r}; registered: {sorted(_METHODS)}")
     return _METHODS[name]
 
 
 def available() -> Dict[str, str]:
-    _load_builtin()
     return {n: s.summary for n, s in sorted(_METHODS.items())}
 
 
-def _load_builtin() -> None:
-    from . import baselines, saps, scissorhands, ssd  # noqa: F401  (registers the built-in methods)
+def calibratable() -> List[str]:
+    """The registered methods that declare a strength knob (``excise.calibration`` can search it)."""
+    return sorted(n for n, s in _METHODS.items() if s.strength is not None)
 
 
 class Timer:
@@ -308,6 +308,27 @@ class Context:
     progress: bool = False
     memo: Optional[Dict[Any, Any]] = None  # within one calibration: what the trials may share (forget importance)
 
+    def cached(self, model, loader, estimator: str, compute: Callable, options: Optional[Dict[str, Any]] = None,
+               data_key: Optional[str] = None, task: Any = None) -> Tuple[Any, str]:
+        """``(scores, status)`` from the importance cache (computed on a miss), the hit or miss counted."""
+        scores, status = self.importance_cache.get_or_compute(model, loader, estimator, compute, options,
+                                                              data_key=data_key, task=task)
+        if status == "hit":
+            self.counters.importance_cache_hits += 1
+        elif status == "miss":
+            self.counters.importance_cache_misses += 1
+        return scores, status
+
+    @staticmethod
+    def eligible(model, scope: Any) -> Optional[set]:
+        """The names of the parameters a method may edit: those of ``scope`` (a Scope or its expression), or
+        None (every trainable parameter) when ``scope`` is None."""
+        from ..selection import Scope
+
+        if scope is None:
+            return None
+        return (scope if isinstance(scope, Scope) else Scope.parse(scope)).names(model)
+
 
 def resolve_hparams(spec: MethodSpec, preset: Optional[str], hparams: Dict[str, Any]) -> Dict[str, Any]:
     out = dict(spec.defaults)
@@ -330,118 +351,12 @@ def parse_hparam(method: str, name: str, text: str) -> Any:
     return spec.param(name).parse(method, name, text)
 
 
-def as_request(request_or_loaders: Any) -> UnlearningRequest:
-    if isinstance(request_or_loaders, UnlearningRequest):
-        return request_or_loaders
-    if isinstance(request_or_loaders, dict):
-        return UnlearningRequest(**request_or_loaders)
-    raise TypeError("pass an UnlearningRequest or a dict with keys forget / retain / train / task")
-
-
-def unlearn(model: nn.Module, request_or_loaders: Any, method: str = "ssd", preset: Optional[str] = None,
-            progress: bool = False, importance_cache: Any = None, checks: bool = True, calibrate: Any = False,
-            **hparams) -> UnlearningResult:
-    """Run an unlearning method on a copy of ``model`` and return the result (the caller's model is untouched).
-
-    ``request_or_loaders``: an :class:`UnlearningRequest` or a dict ``{"forget": loader, "retain": loader,
-    "train": loader, "task": task}``. ``preset``: a named set of hyperparameters (e.g. ``"paper"``).
-    ``importance_cache``: an ImportanceCache, None for the process-wide one, False for none.
-    Remaining keyword arguments override the method's hyperparameters.
-
-    ``calibrate=True``: search the method's strength knob without a retrain oracle (:mod:`excise.calibration`),
-    from the request's forget, retain and ``holdout`` data; a dict sets its options, e.g.
-    ``calibrate={"trials": 6, "delta": 3.0}`` (at most 6 runs; utility may fall by 3 points; defaults 10 and 2).
-    ``method="auto"``: calibrate the methods of ``excise.calibration.AUTO_METHODS``, cheapest first, and return
-    the first that meets the forget target within the utility bound (else the best by the same ranking).
-
-    Before any work the request and every hyperparameter are checked (a ``ValueError`` naming the method).
-    With ``checks`` (default), the result is scored on fixed-size samples of the forget and retain loaders
-    (``result.info["checks"]``); a result that changed nothing, forgot nothing, lost utility or collapsed
-    issues an :class:`excise.checks.ExciseWarning` and lists it in ``result.warnings``.
-    """
-    from .. import calibration as cal
-    from .. import checks as post
-    from ..importance.cache import ImportanceCache, default_cache
-
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    request = as_request(request_or_loaders)
-    if method == "auto":
-        if hparams or preset:
-            raise ValueError("method='auto' chooses each method's hyperparameters; pass none (or pick a method)")
-        calibrate = calibrate or True
-    names = cal.AUTO_METHODS if method == "auto" else (method,)
-    specs = [get_method(n) for n in names]
-    if method == "auto" and request.retain is None:
-        raise ValueError("auto: calibration needs a retain loader (UnlearningRequest(retain=...))")
-    plans = [(spec, resolve_hparams(spec, preset, hparams)) for spec in specs]
-    for spec, hp in plans:
-        post.validate_request(model, request, spec.name)
-        if calibrate and spec.strength is None:
-            raise ValueError(f"{spec.name}: declares no strength to calibrate; methods that do: "
-                             f"{', '.join(cal.calibratable())}")
-        if calibrate and isinstance(hp[spec.strength[0]], (str, bool)):
-            raise ValueError(f"{spec.name}: calibration searches {spec.strength[0]} itself; it cannot start from "
-                             f"{spec.strength[0]}={hp[spec.strength[0]]!r}")
-    if importance_cache is False:
-        importance_cache = ImportanceCache(memory=False)
-    ctx = Context(Counters(), Timer(), importance_cache if importance_cache is not None else default_cache(), progress,
-                  memo={} if calibrate else None)
-    t0 = time.perf_counter()
-    if not calibrate:
-        spec, hp = plans[0]
-        result = _execute(spec, model, request, ctx, hp)
-    else:
-        try:
-            opts = cal.options(calibrate)
-            evaluator = cal.prepare(model, request, opts["samples"])
-        except cal.CalibrationError as e:
-            raise cal.CalibrationError(f"{method}: {e}") from None
-        tried = []
-        for spec, hp in plans:
-            ctx.memo = {}  # the forget importance of one method's trials, shared between them
-            result = cal.calibrate(model, request, spec, hp, lambda h, spec=spec: _execute(spec, model, request, ctx, h),
-                                   trials=opts["trials"], delta=opts["delta"], evaluator=evaluator)
-            tried.append(result)
-            if cal.good_enough(result):
-                break
-        if len(tried) > 1:
-            result = min(tried, key=lambda r: cal._rank(cal.winner(r)))
-            result.info["auto"] = {"tried": [r.method for r in tried], "chosen": result.method,
-                                   "trials_run": {r.method: r.info["calibration"]["trials_run"] for r in tried}}
-        elif method == "auto":
-            result.info["auto"] = {"tried": [result.method], "chosen": result.method,
-                                   "trials_run": {result.method: result.info["calibration"]["trials_run"]}}
-    result.seconds = time.perf_counter() - t0
-    result.timings = dict(ctx.timer.phases)
-    result.counters = ctx.counters
-    if checks:
-        t1 = time.perf_counter()
-        n = post.check_samples(ctx.counters.samples_seen)
-        findings = post.post_check(result.method, model, result, post.probe(model, request, n))
-        result.info["checks"]["seconds"] = time.perf_counter() - t1
-        result.warnings = post.issue(findings)
-    return result
-
-
-def _execute(spec: MethodSpec, model: nn.Module, request: UnlearningRequest, ctx: Context,
-             hp: Dict[str, Any]) -> UnlearningResult:
-    """One run of ``spec`` on a copy of ``model``."""
-    work = copy.deepcopy(model)
-    t0 = time.perf_counter()
-    method = spec.name
-    try:
-        result = spec.fn(work, request, ctx, **hp)
-    except (ValueError, FloatingPointError) as e:  # name the method in every message of these plain kinds
-        if type(e) in (ValueError, FloatingPointError) and not str(e).startswith(method):
-            raise type(e)(f"{method}: {e}") from e
-        raise
-    result.seconds = time.perf_counter() - t0
-    from .. import checks as post
-
-    bad = post._non_finite(result.model)
-    if bad:  # a method whose own checks missed a divergence: no caller should evaluate (or ship) this model
-        raise FloatingPointError(f"{method}: the edited model has non-finite values in {', '.join(bad[:5])}"
-                                 f"{' …' if len(bad) > 5 else ''}; lower its step size")
-    result.method, result.hparams = method, dict(hp)
-    return result
+def parse_hparams(items: Optional[Sequence[str]], method: str) -> Dict[str, Any]:
+    """``NAME=VALUE`` strings, each value parsed by the method's declared type for NAME (an error names both)."""
+    out: Dict[str, Any] = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ValueError(f"--hp takes NAME=VALUE, got {item!r}")
+        k, v = item.split("=", 1)
+        out[k.strip()] = parse_hparam(method, k.strip(), v)
+    return out

@@ -20,8 +20,7 @@ from torch.utils.data import DataLoader
 from .. import importance, selection
 from ..edit import reinit, train_mode
 from ..edit.project import flat_grad, project, write_flat_grad
-from ..importance._common import eval_mode, progress
-from ..selection import Scope
+from ..importance.common import eval_mode, progress
 from ..tasks import model_device
 from ..types import UnlearningResult
 from .registry import (COUNT, FRACTION, MAYBE_COUNT, MOMENTUM, NONNEG, POS, SEED, Param, Real, register,
@@ -63,7 +62,7 @@ def scissorhands(model, request, ctx, k, lam, lr, epochs, max_steps, batch_size,
     with ctx.timer.phase("importance_forget"):
         scores = importance.sensitivity(model, forget, task, n_batches, ctx.counters, ctx.progress)
     with ctx.timer.phase("select"):
-        eligible = (scope if isinstance(scope, Scope) else Scope.parse(scope)).names(model)
+        eligible = ctx.eligible(model, scope)
         mask = selection.topk(scores, k, eligible)
     with ctx.timer.phase("edit"):
         reinit(model, mask, seed=seed, inplace=True)

@@ -20,7 +20,6 @@ from torch.utils.data import ConcatDataset, DataLoader
 
 from .. import importance, selection
 from ..edit import dampen
-from ..selection import Scope
 from ..types import Scores, UnlearningResult
 from .registry import POS, Param, Real, register, scope_param
 
@@ -64,12 +63,6 @@ def _reference_loader(request, which: str) -> DataLoader:
     if not (isinstance(r, DataLoader) and isinstance(request.forget, DataLoader)):
         raise ValueError("SSD needs train=<loader over D>, or DataLoaders for retain and forget to build it from")
     return DataLoader(ConcatDataset([r.dataset, request.forget.dataset]), batch_size=r.batch_size, shuffle=False)
-
-
-def _eligible(model, scope):
-    if scope is None:
-        return None
-    return (scope if isinstance(scope, Scope) else Scope.parse(scope)).names(model)
 
 
 def _scores(model, loader, ctx, task, label_free: bool, fisher_mode: str, cache: bool, data_key: Optional[str] = None,
@@ -120,12 +113,7 @@ def _cached_scores(model, loader, ctx, task, label_free, fisher_mode, cache, dat
     if not cache:
         scores, status = compute(), "not cached"
     else:
-        scores, status = ctx.importance_cache.get_or_compute(model, loader, est, compute, opts, data_key=data_key,
-                                                             task=task)
-        if status == "hit":
-            ctx.counters.importance_cache_hits += 1
-        elif status == "miss":
-            ctx.counters.importance_cache_misses += 1
+        scores, status = ctx.cached(model, loader, est, compute, opts, data_key=data_key, task=task)
     return (_unpack(scores) if fisher_mode == "subset" else scores), status
 
 
@@ -170,7 +158,7 @@ def _run(model, request, ctx, *, alpha, lam, fisher_mode, scope, label_free: boo
         n_f = n_d = None
     with ctx.timer.phase("select"):
         info["ref_importance_cache"] = status
-        eligible = _eligible(model, scope)
+        eligible = ctx.eligible(model, scope)
         if alpha == "auto":
             if n_f is None:
                 n_f, n_ref = _n_samples(request.forget), _n_samples(ref_loader)
