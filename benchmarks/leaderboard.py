@@ -212,7 +212,7 @@ def cmd_write(args) -> int:
             print(f"{p}: no report over all seeds; combined the per-seed ones", file=sys.stderr)
         elif p in old:
             d = old[p]
-            rep = Report(d["protocol"], d["rows"], d.get("notes", []), "")
+            rep = Report(d["protocol"], d["rows"], d.get("notes", []), "", d.get("facts", {}))
             if rep.protocol_hash != d["protocol_hash"]:
                 raise SystemExit(f"{args.reuse}: {p}'s protocol hash does not match its protocol (edited file?)")
             for f in patch_reports(args.patch, p) if args.patch else []:

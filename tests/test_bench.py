@@ -83,7 +83,7 @@ def test_cli_bench_end_to_end_and_from_cache(tiny, tmp_path, capsys, monkeypatch
     assert all("one_off" in r for r in paper)
     assert all("one_off" not in r and r["counters"]["importance_cache_hits"] == 1
                for r in rep["rows"] if r["method"] == "assd")
-    assert any("computed on first use for ssd (seed 0:" in n for n in rep["notes"])
+    assert any("computed on first use for ssd (seed 0:" in n for n in rep["rendered_notes"])
     anchors = [r for r in rep["rows"] if r["method"] in ("original", "retrain")]
     assert len({r["model_hash"] for r in anchors}) == 4 and all(r["threads"] >= 1 for r in anchors)
     for f in ("report.md", "report.csv", "per_class_accuracy.png", "selected_per_layer.png"):
@@ -113,7 +113,8 @@ def test_cli_bench_end_to_end_and_from_cache(tiny, tmp_path, capsys, monkeypatch
     # one seed and one method
     one = run_bench(str(tiny), methods=["assd"], seeds=1, progress=False)
     assert [r["method"] for r in one.rows] == ["original", "retrain", "assd"]
-    assert one.protocol_hash != rep["protocol_hash"] and "1 of the protocol's 2 seeds" in one.notes[0]
+    assert one.protocol_hash != rep["protocol_hash"] and "1 of the protocol's 2 seeds" in one.rendered_notes()[-2]
+    assert one.facts["seeds_total"] == 2 and not any("seeds" in n for n in one.notes)  # a fact, not prose
 
 
 def test_retrain_oracle_is_its_own_ideal_and_original_is_not(tiny):

@@ -197,7 +197,7 @@ def test_tuned_table_is_used_by_bench(tiny, tmp_path):
     row = [r for r in rep.rows if r["method"] == "ssd"][0]
     assert row["hparams"]["alpha"] == values["ssd"]["alpha"] and row["tuned"]
     assert not [r for r in rep.rows if r["method"] == "lfssd"][0].get("tuned")  # not in the table: defaults
-    assert any("tuned hyperparameters" in n and "ssd" in n for n in rep.notes)
+    assert any("tuned hyperparameters" in n and "ssd" in n for n in rep.rendered_notes())
     md = rep.to_markdown()
     assert "| ssd (tuned) |" in md and "| lfssd |" in md
     plain = run_bench(str(tiny), methods=["ssd"], seeds=1, progress=False)
@@ -527,7 +527,8 @@ def test_carry_copies_another_protocols_entry_marked_and_bench_runs_it(tiny, tmp
     rep = run_bench(str(big), methods=["ssd"], seeds=[0], progress=False, tuned=tables)
     (row,) = [r for r in rep.rows if r["method"] == "ssd"]
     assert row["hparams"]["alpha"] == 4.0 and row["hparams"]["lam"] == 1.5
-    assert any("ssd carried from digits-mlp-class (not searched on this protocol)" in n for n in rep.notes)
+    assert any("ssd carried from digits-mlp-class (not searched on this protocol)" in n for n in rep.rendered_notes())
+    assert rep.facts["tuned"]["carried"] == {"ssd": "digits-mlp-class"}
     # the CLI: no search; the source read from the shipped tables (here: the folder above)
     monkeypatch.setattr(tuned_mod, "TUNED_DIR", tables)
     out = tmp_path / "cli.toml"

@@ -241,28 +241,24 @@ def _fmt(v, spec=".2f"):
 
 def combine_seeds(reports):
     """One Report from single-seed reports of one protocol: the identity a run over all those seeds has (the
-    same body, the union of seeds and split hashes), the rows of each."""
-    from excise.bench.runner import ONE_OFF_NOTE, one_off_note, parse_seeds_note, seeds_note
+    same body, the union of seeds and split hashes), the rows of each, every report's free-text notes once each
+    and their facts (which must agree; the notes rendered from them then describe the combined rows)."""
     from excise.evaluation.report import Report
 
     body = {k: v for k, v in reports[0].protocol.items() if k not in ("seeds", "split_hashes")}
     for r in reports[1:]:
         if {k: v for k, v in r.protocol.items() if k not in ("seeds", "split_hashes")} != body:
             raise ValueError("per-seed reports of different protocols cannot be combined")
+    totals = {r.facts.get("seeds_total") for r in reports} - {None}
+    if len(totals) > 1:
+        raise ValueError(f"per-seed reports name different seed counts for their protocol: {sorted(totals)}")
     seeds = sorted(s for r in reports for s in r.protocol["seeds"])
     hashes = {k: v for r in reports for k, v in r.protocol["split_hashes"].items()}
     out = Report({**body, "seeds": seeds, "split_hashes": {str(s): hashes[str(s)] for s in seeds}})
     out.rows = [row for r in reports for row in r.rows]
-    # every report's notes, once each, but for the per-run ones, written again over all the rows: which of the
-    # protocol's seeds were run and the one-off importance note
-    totals = {parse_seeds_note(n) for r in reports for n in r.notes} - {None}
-    if len(totals) > 1:
-        raise ValueError(f"per-seed reports name different seed counts for their protocol: {sorted(totals)}")
-    out.notes = list(dict.fromkeys(n for r in reports for n in r.notes
-                                   if parse_seeds_note(n) is None and not n.startswith(ONE_OFF_NOTE)))
-    for note in (one_off_note(out.rows), seeds_note(seeds, totals.pop()) if totals else None):
-        if note:
-            out.notes.append(note)
+    out.notes = list(dict.fromkeys(n for r in reports for n in r.notes))
+    for r in reports:
+        out.facts.update({k: v for k, v in r.facts.items() if k not in out.facts})
     return out.finalize()
 
 
@@ -325,7 +321,7 @@ def patch(report, fresh):
         what.append(f"every row of seed {seed} (its models were trained again)")
     if not what:
         raise SystemExit("a patch report holds no rows")
-    out = Report(report.protocol, [dict(r) for r in rows], list(report.notes), "")
+    out = Report(report.protocol, [dict(r) for r in rows], list(report.notes), "", dict(report.facts))
     return out.finalize(), what
 
 

@@ -10,7 +10,6 @@ protocol finishes from cache.
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence
 
@@ -32,33 +31,6 @@ def _protocol_identity(proto: Dict[str, Any], seeds: Sequence[int], split_hashes
 def _loaders(prep) -> Dict[str, Any]:
     return {k: prep.loaders[k] for k in ("forget", "retain", "val", "test", "test_forget", "test_retain", "corrected")
             if k in prep.loaders}
-
-
-ONE_OFF_NOTE = "the importance on D was computed on first use for "
-_SEEDS_NOTE = re.compile(r"run on \d+ of the protocol's (\d+) seeds \(\[[\d, ]*\]\)")
-
-
-def seeds_note(seeds: Sequence[int], total: int) -> Optional[str]:
-    """The report note saying a run covered only some of the protocol's ``total`` seeds (None: all of them)."""
-    seeds = sorted(seeds)
-    return None if len(seeds) == total else f"run on {len(seeds)} of the protocol's {total} seeds ({seeds})"
-
-
-def parse_seeds_note(note: str) -> Optional[int]:
-    """The protocol's seed count if ``note`` is a :func:`seeds_note`, else None."""
-    m = _SEEDS_NOTE.fullmatch(note)
-    return int(m.group(1)) if m else None
-
-
-def one_off_note(rows) -> Optional[str]:
-    """The report note naming the rows whose importance on D was computed on first use (their ``one_off``
-    seconds), or None when no row did."""
-    first = [r for r in rows if r.get("one_off")]
-    if not first:
-        return None
-    return (ONE_OFF_NOTE + ", ".join(
-        f"{r['method']} (seed {r['seed']}: {r['one_off']['importance_ref_seconds']:.0f} s)" for r in first)
-        + "; a one-off per model, cached since: those rows' seconds are a second run that loads it")
 
 
 def _row_cache(key: str) -> Path:
@@ -105,7 +77,7 @@ def run_bench(protocol: str | Dict[str, Any], methods: Optional[Sequence[str]] =
             raise ValueError(f"seeds {unknown or seed_list} are not among the protocol's seeds {proto['seeds']}")
     table = {k: dict(v) for k, v in (proto["methods"] or {}).items()}
     labels = list(methods) if methods else list(table)
-    tuned_note, hit = None, []
+    tuned_facts, hit = None, []
     if tuned is not None and tuned is not False:
         from ..tuned import carried_entries, load_tuned, tuned_table_path
 
@@ -117,10 +89,8 @@ def run_bench(protocol: str | Dict[str, Any], methods: Optional[Sequence[str]] =
         src = where if where is not None else tuned_table_path(proto["name"]).name + " (shipped)"
         carried = carried_entries(proto["name"], where)
         searched = [lb for lb in hit if lb not in carried]
-        tuned_note = (f"tuned hyperparameters from {src} for {', '.join(searched) or 'no method'}; "
-                      + "".join(f"{lb} carried from {carried[lb]} (not searched on this protocol); "
-                                for lb in hit if lb in carried)
-                      + f"{', '.join(lb for lb in labels if lb not in hit) or 'no method'} on the protocol's values")
+        tuned_facts = {"source": str(src), "searched": searched, "carried": {lb: carried[lb] for lb in hit if lb in carried},
+                       "default": [lb for lb in labels if lb not in hit]}
     rows_by_seed, split_hashes, fp = {}, {}, ""
     metrics = metric_names()  # a row cached before a metric was registered lacks it: the set is in every key
     for seed in seed_list:
@@ -195,14 +165,9 @@ def run_bench(protocol: str | Dict[str, Any], methods: Optional[Sequence[str]] =
     for seed in seed_list:
         for r in rows_by_seed[seed]:
             report.rows.append(r)
-    if tuned_note:
-        report.notes.append(tuned_note)
-    note = one_off_note(report.rows)
-    if note:
-        report.notes.append(note)
-    note = seeds_note(seed_list, len(proto["seeds"]))
-    if note:
-        report.notes.append(note)
+    report.facts["seeds_total"] = len(proto["seeds"])
+    if tuned_facts:
+        report.facts["tuned"] = tuned_facts
     report.notes.append("mia_svc_confidence fits its SVC on a seeded random subset of the retain set as large as "
                         "its non-members (the attack's definition): the test set, or on full-class forgetting the "
                         "other classes' test samples (SalUn's roles, which TA follows; TA_all in the JSON keeps the "

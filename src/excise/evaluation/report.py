@@ -35,8 +35,13 @@ class Report:
 
     protocol: Dict[str, Any]
     rows: List[Dict[str, Any]] = dataclasses.field(default_factory=list)
-    notes: List[str] = dataclasses.field(default_factory=list)
+    notes: List[str] = dataclasses.field(default_factory=list)  # free text, written as given
     protocol_hash: str = ""
+    # structured facts the notes are rendered from (never parsed back from prose): ``seeds_total`` (how many
+    # seeds the protocol has; a run on fewer says so), ``tuned`` ({"source", "searched", "carried": {label:
+    # protocol}, "default": [labels]} for a run with tuned values). The one-off importance note is rendered from
+    # the rows' own ``one_off`` fields.
+    facts: Dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
         if not self.protocol_hash:
@@ -65,7 +70,7 @@ class Report:
         """Rows of two reports on the same protocol; refuses different protocols."""
         self.check_comparable(other)
         return Report(self.protocol, self.rows + other.rows, self.notes + [n for n in other.notes if n not in self.notes],
-                      self.protocol_hash)
+                      self.protocol_hash, {**other.facts, **self.facts})
 
     def check_comparable(self, other: "Report") -> None:
         if other.protocol_hash != self.protocol_hash:
@@ -123,7 +128,7 @@ class Report:
                   "MIA-Efficacy: % of the forget set an SVC on the true-class confidence calls non-member (ideal: "
                   "the oracle's). Avg Gap = mean |Δ to the retrain oracle| over UA, RA, TA and MIA (svc), same seed. "
                   "seconds = the unlearning step alone (retrain: its training time); speed-up = retrain seconds / seconds."]
-        lines += [f"- {n}" for n in self.notes]
+        lines += [f"- {n}" for n in self.rendered_notes()]
         lines += [f"- {r['method']}, seed {r['seed']}: {r['diverged']}" for r in self.rows if r.get("diverged")]
         return "\n".join(lines) + "\n"
 
@@ -140,8 +145,29 @@ class Report:
             w.writerow(r)
         return buf.getvalue()
 
+    def rendered_notes(self) -> List[str]:
+        """The notes a reader sees: those rendered from ``facts`` and the rows (tuned values, one-off importance
+        passes, a partial seed list), then the free-text ``notes``."""
+        out = []
+        tuned = self.facts.get("tuned")
+        if tuned:
+            out.append(f"tuned hyperparameters from {tuned['source']} for {', '.join(tuned['searched']) or 'no method'}; "
+                       + "".join(f"{lb} carried from {src} (not searched on this protocol); "
+                                 for lb, src in tuned.get("carried", {}).items())
+                       + f"{', '.join(tuned['default']) or 'no method'} on the protocol's values")
+        first = [r for r in self.rows if r.get("one_off")]
+        if first:
+            out.append("the importance on D was computed on first use for " + ", ".join(
+                f"{r['method']} (seed {r['seed']}: {r['one_off']['importance_ref_seconds']:.0f} s)" for r in first)
+                + "; a one-off per model, cached since: those rows' seconds are a second run that loads it")
+        seeds, total = sorted(self.protocol.get("seeds", [])), self.facts.get("seeds_total")
+        if total is not None and len(seeds) != total:
+            out.append(f"run on {len(seeds)} of the protocol's {total} seeds ({seeds})")
+        return out + [n for n in self.notes if n not in out]
+
     def to_dict(self) -> Dict[str, Any]:
-        return {"protocol": self.protocol, "protocol_hash": self.protocol_hash, "notes": self.notes, "rows": self.rows,
+        return {"protocol": self.protocol, "protocol_hash": self.protocol_hash, "facts": self.facts,
+                "notes": self.notes, "rendered_notes": self.rendered_notes(), "rows": self.rows,
                 "metrics": {k: {"direction": d, "ideal": i} for k, (d, i) in METRICS.items()}}
 
     def save(self, out: str | os.PathLike, plots: bool = True) -> Dict[str, Path]:
@@ -160,7 +186,7 @@ class Report:
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Report":
         d = json.loads(Path(path).read_text())
-        rep = cls(d["protocol"], d["rows"], d.get("notes", []), "")
+        rep = cls(d["protocol"], d["rows"], d.get("notes", []), "", d.get("facts", {}))
         if rep.protocol_hash != d["protocol_hash"]:
             raise ValueError(f"{path}: protocol hash does not match its protocol (edited file?)")
         return rep

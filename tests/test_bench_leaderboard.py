@@ -1,10 +1,14 @@
-"""benchmarks/leaderboard.py's scheduling helpers (the part a GPU session relies on to fit its time slot)."""
+"""The leaderboard: its logic (excise.bench.leaderboard: combining seeds, staleness, patches, winners, the tuned
+tables' coverage and stability) and benchmarks/leaderboard.py's scheduling helpers (the part a GPU session relies
+on to fit its time slot)."""
 
 import importlib.util
 import json
 from pathlib import Path
 
 import pytest
+
+from excise.bench import leaderboard as board
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "leaderboard.py"
 
@@ -40,7 +44,7 @@ def test_run_all_skips_jobs_whose_deadline_passed(lb, tmp_path):
     assert not (tmp_path / "b.log").exists()
 
 
-def test_winners_ranks_by_mean_gap_and_puts_diverged_methods_last(lb):
+def test_winners_ranks_by_mean_gap_and_puts_diverged_methods_last():
     from excise.evaluation.report import Report
 
     rows = []
@@ -52,7 +56,7 @@ def test_winners_ranks_by_mean_gap_and_puts_diverged_methods_last(lb):
                  {"method": "scissorhands", "seed": seed, "avg_gap": 9.0, "seconds": 0.5},  # far: not tied
                  {"method": "scrub", "seed": seed, "avg_gap": 0.1, "seconds": 5.0,  # best gap, but diverged once
                   **({"diverged": "nan at step 3"} if seed else {})}]
-    table = "\n".join(lb.winners({"p": Report({"name": "p"}, rows)}))
+    table = "\n".join(board.winners({"p": Report({"name": "p"}, rows)}))
     row = next(line for line in table.splitlines() if line.startswith("| p |"))
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[1] == "finetune 2.00 ± 1.41"
@@ -63,7 +67,7 @@ def test_winners_ranks_by_mean_gap_and_puts_diverged_methods_last(lb):
     assert cells[6] == "30.00"  # the original, far from the winner
     # a protocol where doing nothing is as close to retraining as the winner: said so
     near = [dict(r, avg_gap=2.5) if r["method"] == "original" else r for r in rows]
-    table = "\n".join(lb.winners({"q": Report({"name": "q"}, near)}))
+    table = "\n".join(board.winners({"q": Report({"name": "q"}, near)}))
     row = next(line for line in table.splitlines() if line.startswith("| q |"))
     assert row.rstrip(" |").endswith("2.50 (tied)")
     # ssd (3.0, the fastest within a point) is no closer than doing nothing (2.5): finetune is named instead
@@ -71,19 +75,19 @@ def test_winners_ranks_by_mean_gap_and_puts_diverged_methods_last(lb):
     assert cells[4] == "finetune (20.0 s, 2.00)"
     # one seed: no std, so the winner says so and nothing is tied with it (ssd's 2.5 would lie within any std)
     one = [r for r in rows if r["seed"] == 0]
-    table = "\n".join(lb.winners({"r": Report({"name": "r"}, one)}))
+    table = "\n".join(board.winners({"r": Report({"name": "r"}, one)}))
     row = next(line for line in table.splitlines() if line.startswith("| r |"))
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[1] == "scrub 0.10 (1 seed)" and cells[2] == "— (1 seed: no std)"
     assert cells[3] == "ssd 2.50 (3 of 4)" and cells[6] == "30.00"
 
 
-def test_coverage_reads_which_methods_a_tuned_table_holds(lb, tmp_path, monkeypatch):
+def test_coverage_reads_which_methods_a_tuned_table_holds(tmp_path, monkeypatch):
     (tmp_path / "fmnist-smallcnn-class.toml").write_text(
         '[methods.ssd]\nalpha = 3.0\n[tuning.ssd]\nseed = [0, 1, 2]\ntrials = 20\n'
         '[methods.finetune]\nlr = 0.01\n[tuning.finetune]\nseed = 0\ntrials = 12\n'
         '[methods.neggrad]\nlr = 0.01\n[tuning.neggrad]\nseed = 0\ntrials = 12\n')
-    (line,) = lb.coverage(["fmnist-smallcnn-class"], tmp_path)
+    (line,) = board.coverage(["fmnist-smallcnn-class"], tmp_path)
     cells = line.split(" | ")
     assert "ssd 0,1,2/20" in cells and "finetune 0/12" in cells and "scissorhands -" in cells
     # tuned before neggrad's revision 1 (max_steps loops over the forget set): no longer counted
@@ -94,16 +98,16 @@ def test_coverage_reads_which_methods_a_tuned_table_holds(lb, tmp_path, monkeypa
     (tmp_path / "fmnist-smallcnn-class.toml").write_text(
         (tmp_path / "fmnist-smallcnn-class.toml").read_text() + '[methods.salun]\nlr = 0.01\n[tuning.salun]\n'
         'carried_from = "fmnist-resnet18w16-class"\ntrials = 0\nsource_value = 0.19\nsource_trials = 12\n')
-    (line,) = lb.coverage(["fmnist-smallcnn-class"], tmp_path)
+    (line,) = board.coverage(["fmnist-smallcnn-class"], tmp_path)
     assert "salun - (carried from fmnist-resnet18w16-class)" in line.split(" | ")
     assert line.startswith("fmnist-smallcnn-class: 2/13 tuned")
     monkeypatch.setattr("excise.tuned.TUNED_DIR", tmp_path)
-    text = "\n".join(lb.tuned_section(["fmnist-smallcnn-class"]))
+    text = "\n".join(board.tuned_section(["fmnist-smallcnn-class"]))
     assert ("| salun | lr=0.01 | — | — | 0: carried from fmnist-resnet18w16-class (objective 0.19 there, 12 trials) "
             "| — | - |") in text
 
 
-def test_stale_refuses_a_reused_report_whose_protocol_or_tuned_values_changed(lb):
+def test_stale_refuses_a_reused_report_whose_protocol_or_tuned_values_changed():
     from excise.bench import load_protocol
     from excise.evaluation.report import Report
     from excise.tuned import load_tuned
@@ -113,24 +117,24 @@ def test_stale_refuses_a_reused_report_whose_protocol_or_tuned_values_changed(lb
     body = {k: v for k, v in proto.items() if k not in ("methods", "description", "seeds", "data_root")}
     ident = {**body, "seeds": list(proto["seeds"]), "split_hashes": {}, "data_fingerprint": "x"}
     row = {"method": "ssd", "seed": 0, "tuned": True, "hparams": {**ssd, "scope": None}}
-    assert lb.stale(Report(ident, [row]), proto, tuned=True) == []
-    assert lb.stale(Report(ident, [dict(row, tuned=False)]), proto, tuned=False) == []  # a defaults board
+    assert board.stale(Report(ident, [row]), proto, tuned=True) == []
+    assert board.stale(Report(ident, [dict(row, tuned=False)]), proto, tuned=False) == []  # a defaults board
     changed = {**ident, "recipe": {**ident["recipe"], "epochs": 9}}
-    assert lb.stale(Report(changed, [row]), proto, tuned=True) == ["protocol changed: ['recipe']"]
-    assert "seeds" in lb.stale(Report({**ident, "seeds": [0]}, [row]), proto, tuned=True)[0]
+    assert board.stale(Report(changed, [row]), proto, tuned=True) == ["protocol changed: ['recipe']"]
+    assert "seeds" in board.stale(Report({**ident, "seeds": [0]}, [row]), proto, tuned=True)[0]
     off = dict(row, hparams={**row["hparams"], "alpha": ssd["alpha"] * 2})
-    assert lb.stale(Report(ident, [off]), proto, tuned=True) == [
+    assert board.stale(Report(ident, [off]), proto, tuned=True) == [
         "ssd seed 0: not run with the shipped tuned values ['alpha']"]
-    (why,) = lb.stale(Report(ident, [{k: v for k, v in row.items() if k != "tuned"}]), proto, tuned=True)
+    (why,) = board.stale(Report(ident, [{k: v for k, v in row.items() if k != "tuned"}]), proto, tuned=True)
     assert why.startswith("ssd seed 0: not run with")  # the defaults row of a method that is tuned now
     # a row measured before its method's behaviour changed (neggrad is at revision 1)
     ng = {"method": "neggrad", "seed": 1, "hparams": {}}
-    assert lb.stale(Report(ident, [ng]), proto, tuned=False) == [
+    assert board.stale(Report(ident, [ng]), proto, tuned=False) == [
         "neggrad seed 1: run at revision 0 of neggrad, which is at 1 now"]
-    assert lb.stale(Report(ident, [dict(ng, revision=1)]), proto, tuned=False) == []
+    assert board.stale(Report(ident, [dict(ng, revision=1)]), proto, tuned=False) == []
 
 
-def test_stability_summary_and_the_tuned_sections_shift_cell(lb, tmp_path):
+def test_stability_summary_and_the_tuned_sections_shift_cell(tmp_path):
     base = {"protocol": "p", "seed": 0, "recorded": 0.5, "value": 0.52, "rel": 0.01, "tolerance": 1.0}
     (tmp_path / "p.ssd.check.json").write_text(json.dumps({
         **base, "method": "ssd", "shift": 0.03, "fragile": False,
@@ -138,21 +142,21 @@ def test_stability_summary_and_the_tuned_sections_shift_cell(lb, tmp_path):
     (tmp_path / "p.random_labels.check.json").write_text(json.dumps({
         **base, "method": "random_labels", "seed": [0, 1], "shift": 40.1, "fragile": True,
         "runs": [{"scale": 0.99, "value": 40.62}, {"scale": 1.01, "value": 0.6}]}))
-    text = "\n".join(lb.stability_md(tmp_path, "check --rel 0.01"))
+    text = "\n".join(board.stability_md(tmp_path, "check --rel 0.01"))
     assert "(the latest call: `check --rel 0.01`)" in text
     assert "**Reading.**" not in text
     # a regenerated page keeps the reading written by hand under the tables of the page it replaces
-    kept = "\n".join(lb.stability_md(tmp_path, "check", text + "\n**Reading.** SSD holds.\nSecond line.\n"))
+    kept = "\n".join(board.stability_md(tmp_path, "check", text + "\n**Reading.** SSD holds.\nSecond line.\n"))
     assert kept.endswith("\n**Reading.** SSD holds.\nSecond line.")
     assert kept.count("| ssd | 0 |") == 1
     assert "| random_labels | 0,1 | 0.50 | 0.52 | 40.62 | 0.60 | 40.10 | **fragile** (±1 %, tolerance 1) |" in text
     assert "| ssd | 0 | 0.50 | 0.52 | 0.55 | 0.50 | 0.03 | stable (±1 %, tolerance 1) |" in text
-    assert lb._shift_cell({}) == "-"
-    assert lb._shift_cell({"check_shift": 0.03, "check_rel": 0.01}) == "0.03 (±1 %)"
-    assert lb._shift_cell({"check_shift": 40.1, "check_rel": 0.01}) == "**40.10 (±1 %) fragile**"
+    assert board._shift_cell({}) == "-"
+    assert board._shift_cell({"check_shift": 0.03, "check_rel": 0.01}) == "0.03 (±1 %)"
+    assert board._shift_cell({"check_shift": 40.1, "check_rel": 0.01}) == "**40.10 (±1 %) fragile**"
 
 
-def test_patch_replaces_rows_seed_by_seed_only_beside_the_same_models(lb):
+def test_patch_replaces_rows_seed_by_seed_only_beside_the_same_models():
     from excise.evaluation.report import Report
 
     ident = {"name": "q", "seeds": [0, 1], "split_hashes": {"0": "a", "1": "b"}}
@@ -164,7 +168,7 @@ def test_patch_replaces_rows_seed_by_seed_only_beside_the_same_models(lb):
     anchors = [row("original", s, 98.0) for s in (0, 1)] + [row("retrain", s, 0.0, seconds=100.0) for s in (0, 1)]
     old = Report(ident, anchors + [row("ssd", s, 5.0) for s in (0, 1)] + [row("neggrad", s, 40.0) for s in (0, 1)])
     fresh = Report(ident, anchors + [row("neggrad", s, 1.0, revision=1) for s in (0, 1)])
-    out, what = lb.patch(old, fresh)
+    out, what = board.patch(old, fresh)
     assert what == ["neggrad on seed 0", "neggrad on seed 1"]
     got = {(r["method"], r["seed"]): r for r in out.rows}
     assert [r["method"] for r in out.rows] == [r["method"] for r in old.rows]  # same rows, same order
@@ -175,9 +179,9 @@ def test_patch_replaces_rows_seed_by_seed_only_beside_the_same_models(lb):
     one = {"name": "q", "seeds": [0], "split_hashes": {"0": "a"}}
     other = [row("original", 0, 97.0), row("retrain", 0, 0.0, seconds=90.0)]
     with pytest.raises(SystemExit, match=r"whole seed; it lacks \['ssd'\]"):
-        lb.patch(old, Report(one, other + [row("neggrad", 0, 1.0)]))
+        board.patch(old, Report(one, other + [row("neggrad", 0, 1.0)]))
     # ... the whole seed re-run with those models replaces seed 0, and seed 1 stays
-    out, what = lb.patch(old, Report(one, other + [row("ssd", 0, 2.0), row("neggrad", 0, 1.0)]))
+    out, what = board.patch(old, Report(one, other + [row("ssd", 0, 2.0), row("neggrad", 0, 1.0)]))
     assert what == ["every row of seed 0 (its models were trained again)"]
     got = {(r["method"], r["seed"]): r for r in out.rows}
     assert got[("original", 0)]["forget_acc"] == 97.0 and got[("ssd", 0)]["forget_acc"] == 2.0
@@ -185,27 +189,27 @@ def test_patch_replaces_rows_seed_by_seed_only_beside_the_same_models(lb):
     # where both reports record the models' hashes, those decide (equal metrics are not enough)
     hashed = Report(ident, [{**r, "model_hash": f"h{r['method']}{r['seed']}"} for r in old.rows])
     with pytest.raises(SystemExit, match="whole seed"):
-        lb.patch(hashed, Report(one, [{**r, "model_hash": "other"} for r in anchors if r["seed"] == 0]
+        board.patch(hashed, Report(one, [{**r, "model_hash": "other"} for r in anchors if r["seed"] == 0]
                                 + [row("neggrad", 0, 1.0)]))
     same = [{**r, "model_hash": f"h{r['method']}0"} for r in other]  # other metrics, the same models
-    assert lb.patch(hashed, Report(one, same + [row("neggrad", 0, 1.0)]))[1] == ["neggrad on seed 0"]
+    assert board.patch(hashed, Report(one, same + [row("neggrad", 0, 1.0)]))[1] == ["neggrad on seed 0"]
     with pytest.raises(SystemExit, match="original or oracle row"):
-        lb.patch(old, Report(one, [row("neggrad", 0, 1.0)]))
+        board.patch(old, Report(one, [row("neggrad", 0, 1.0)]))
     with pytest.raises(SystemExit, match="protocol"):
-        lb.patch(old, Report({**one, "split_hashes": {"0": "x"}}, fresh.rows))
+        board.patch(old, Report({**one, "split_hashes": {"0": "x"}}, fresh.rows))
 
 
-def test_patch_reports_reads_one_report_or_every_subfolder_in_order(lb, tmp_path):
-    assert lb.patch_reports(tmp_path, "p") == []  # no folder for the protocol: nothing to patch
+def test_patch_reports_reads_one_report_or_every_subfolder_in_order(tmp_path):
+    assert board.patch_reports(tmp_path, "p") == []  # no folder for the protocol: nothing to patch
     for sub in ("b-neggrad", "a-seed0"):
         (tmp_path / "p" / sub).mkdir(parents=True)
         (tmp_path / "p" / sub / "report.json").write_text("{}")
-    assert [f.parent.name for f in lb.patch_reports(tmp_path, "p")] == ["a-seed0", "b-neggrad"]
+    assert [f.parent.name for f in board.patch_reports(tmp_path, "p")] == ["a-seed0", "b-neggrad"]
     (tmp_path / "p" / "report.json").write_text("{}")  # a report over the whole protocol wins
-    assert lb.patch_reports(tmp_path, "p") == [tmp_path / "p" / "report.json"]
+    assert board.patch_reports(tmp_path, "p") == [tmp_path / "p" / "report.json"]
 
 
-def test_coverage_describes_the_latest_study_under_way_in_a_journal(lb, tmp_path):
+def test_coverage_describes_the_latest_study_under_way_in_a_journal(tmp_path):
     optuna = pytest.importorskip("optuna")
     from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend
@@ -225,42 +229,47 @@ def test_coverage_describes_the_latest_study_under_way_in_a_journal(lb, tmp_path
     optuna.create_study(study_name="ssd", storage=ssd).add_trial(
         optuna.trial.create_trial(params={}, distributions={}, value=0.5))
 
-    state = lb.journal_state(journals / "fmnist-smallcnn-class.finetune.journal")
+    state = board.journal_state(journals / "fmnist-smallcnn-class.finetune.journal")
     assert state["complete"] == 2 and state["best"] == 1.5 and state["running_since"] is not None
-    assert lb.journal_state(journals / "missing.journal") is None
-    (line,) = lb.coverage(["fmnist-smallcnn-class"], tmp_path, journals)
+    assert board.journal_state(journals / "missing.journal") is None
+    (line,) = board.coverage(["fmnist-smallcnn-class"], tmp_path, journals)
     cells = line.split(" | ")
     finetune = next(c for c in cells if c.startswith("finetune"))
     assert finetune.startswith("finetune - (journal: 2 trials, best 1.5,") and "marked running since" in finetune
     assert "ssd 0/2" in cells  # the table holds as many trials as the journal: nothing under way to describe
     assert line.startswith("fmnist-smallcnn-class: 1/13 tuned")
-    assert lb.coverage(["fmnist-smallcnn-class"], tmp_path)[0].split(" | ")[2] == "lfssd -"
+    assert board.coverage(["fmnist-smallcnn-class"], tmp_path)[0].split(" | ")[2] == "lfssd -"
 
 
-def test_combine_seeds_keeps_every_seeds_notes_and_one_off_importance(lb):
-    from excise.bench.runner import one_off_note, seeds_note
+def test_combine_seeds_keeps_every_seeds_notes_and_facts_and_renders_them_over_all_rows():
     from excise.evaluation.report import Report
 
     def row(method, seed, **kw):
         return {"method": method, "seed": seed, "forget_acc": 1.0, "UA": 99.0, "RA": 99.0, "TA": 90.0, "VA": 90.0,
                 "mia_svc_confidence": 50.0, "mia_loss_cv": 50.0, "seconds": 2.0, **kw}
 
-    def seed_report(s):
+    def seed_report(s, total=3):
         rows = [row("original", s), row("retrain", s, seconds=100.0),
                 row("ssd", s, one_off={"importance_ref_seconds": 40.0 + s, "first_run_seconds": 45.0})]
-        notes = [seeds_note([s], 3), "shared note", one_off_note(rows), f"only seed {s}",
-                 "a note about one of the protocol's splits"]
-        return Report({"name": "q", "seeds": [s], "split_hashes": {str(s): f"h{s}"}}, rows, notes)
+        notes = ["shared note", f"only seed {s}", "a note about one of the protocol's splits"]
+        return Report({"name": "q", "seeds": [s], "split_hashes": {str(s): f"h{s}"}}, rows, notes,
+                      facts={"seeds_total": total})
 
-    out = lb.combine_seeds([seed_report(0), seed_report(1)])
-    assert out.protocol["seeds"] == [0, 1] and len(out.rows) == 6
-    assert out.notes[:4] == ["shared note", "only seed 0", "a note about one of the protocol's splits", "only seed 1"]
-    assert len(out.notes) == 6 and "ssd (seed 0: 40 s), ssd (seed 1: 41 s)" in out.notes[4]
-    assert out.notes[5] == "run on 2 of the protocol's 3 seeds ([0, 1])"  # the seeds the combined report holds
-    full = lb.combine_seeds([seed_report(2), seed_report(0), seed_report(1)])
-    assert full.protocol["seeds"] == [0, 1, 2] and not any("seeds (" in n for n in full.notes)
+    one = seed_report(0)
+    assert one.rendered_notes()[-4] == "run on 1 of the protocol's 3 seeds ([0])"
+    out = board.combine_seeds([seed_report(0), seed_report(1)])
+    assert out.protocol["seeds"] == [0, 1] and len(out.rows) == 6 and out.facts == {"seeds_total": 3}
+    assert out.notes == ["shared note", "only seed 0", "a note about one of the protocol's splits", "only seed 1"]
+    shown = out.rendered_notes()
+    assert "ssd (seed 0: 40 s), ssd (seed 1: 41 s)" in shown[0]
+    assert shown[1] == "run on 2 of the protocol's 3 seeds ([0, 1])"  # the seeds the combined report holds
+    assert shown[2:] == out.notes
+    full = board.combine_seeds([seed_report(2), seed_report(0), seed_report(1)])
+    assert full.protocol["seeds"] == [0, 1, 2] and not any("seeds (" in n for n in full.rendered_notes())
     with pytest.raises(ValueError, match="different protocols"):
-        lb.combine_seeds([seed_report(0), Report({"name": "other", "seeds": [1], "split_hashes": {"1": "x"}})])
+        board.combine_seeds([seed_report(0), Report({"name": "other", "seeds": [1], "split_hashes": {"1": "x"}})])
+    with pytest.raises(ValueError, match="different seed counts"):
+        board.combine_seeds([seed_report(0), seed_report(1, total=4)])
 
 
 def test_write_defaults_to_the_tuned_leaderboard_only_with_tuned(lb, tmp_path, monkeypatch):
