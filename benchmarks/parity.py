@@ -25,6 +25,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests" / "fixtures"))
 RESULTS = ROOT / "benchmarks" / "results"
 FILE = RESULTS / "parity.json"
+# paths the defaults do not take: (label, method, hyperparameters)
+VARIANTS = [("steps", "saps", {"update": "steps", "max_steps": 20}),
+            ("diagonal", "saps", {"update": "diagonal"}),
+            ("no projection, 2 epochs", "scissorhands", {"projection": False, "epochs": 2}),
+            ("max_steps", "neggrad", {"max_steps": 7}),
+            ("batch Fisher", "ssd", {"fisher_mode": "batch", "alpha": 10.0}),
+            ("scope", "salun", {"scope": "weights"})]
 
 
 def _weights_hash(model) -> str:
@@ -52,16 +59,17 @@ def record(label: str) -> dict:
         prep = load_prepared(setup)
         loaders = {k: prep.loaders[k] for k in ("forget", "retain", "test", "val", "test_forget", "test_retain")
                    if prep.loaders.get(k) is not None}
-        for method in available():
+        runs = [(m, m, {}) for m in available()] + [(f"{m} ({v})", m, hp) for v, m, hp in VARIANTS]
+        for name, method, hp in runs:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                res = excise.unlearn(prep.original, prep.request(), method, importance_cache=False)
+                res = excise.unlearn(prep.original, prep.request(), method, importance_cache=False, **hp)
                 metrics = evaluate_metrics(res.model, loaders, prep.oracle)
             rows.append({"setup": f"{setup.dataset}/{setup.arch}/{setup.forget.kind}:"
-                                  f"{','.join(map(str, setup.forget.classes))}", "method": method, "weights": _weights_hash(res.model),
+                                  f"{','.join(map(str, setup.forget.classes))}", "method": name, "weights": _weights_hash(res.model),
                          "metrics": {k: _round(v) for k, v in sorted(metrics.items())
                                      if isinstance(v, (int, float))}})
-            print(method, rows[-1]["weights"], flush=True)
+            print(name, rows[-1]["weights"], flush=True)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                             text=True).stdout.strip()
     data = json.loads(FILE.read_text()) if FILE.exists() else {}
@@ -77,8 +85,8 @@ def compare(a: str, b: str) -> str:
     lines = [f"# Refactoring parity: `{a}` ({data[a]['commit']}) against `{b}` ({data[b]['commit']})", "",
              f"Written by `python benchmarks/parity.py compare {a} {b}` from `benchmarks/results/parity.json` "
              f"(each label recorded by `python benchmarks/parity.py record LABEL`; {data[b]['machine']}, "
-             f"torch {data[b]['torch']}). Every method at its defaults on the committed digits/MLP fixture, "
-             "class 3 forgotten.", "",
+             f"torch {data[b]['torch']}). Every method at its defaults, and the variants in `VARIANTS`, on the committed "
+             "digits/MLP fixture, class 3 forgotten.", "",
              "| setup | method | weights (sha256) | same weights | metrics | same metrics |",
              "|---|---|---|---|---:|---|"]
     same_all = True

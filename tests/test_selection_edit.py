@@ -167,7 +167,7 @@ def test_ssd_auto_alpha_uses_the_percentile_rule_on_d():
 
 
 def test_masked_sgd_moves_only_the_mask_and_guards_against_nan():
-    from excise.edit import masked_sgd
+    from excise.edit import Schedule, masked_sgd
     from excise.tasks import get_task
     from excise.types import Counters
 
@@ -177,8 +177,8 @@ def test_masked_sgd_moves_only_the_mask_and_guards_against_nan():
     bn_before = model[1].running_mean.clone()
     mask = Mask({"4.weight": torch.rand(model[4].weight.shape, generator=torch.Generator().manual_seed(0)) < 0.3})
     counters = Counters()
-    steps = masked_sgd(model, loader, lambda b, s, t: task.loss(model, b), task=task, lr=0.1, epochs=3,
-                       max_steps=7, momentum=0.9, weight_decay=5e-4, mask=mask, norm_stats="freeze",
+    schedule = Schedule(lr=0.1, epochs=3, max_steps=7, momentum=0.9, weight_decay=5e-4, norm_stats="freeze")
+    steps = masked_sgd(model, loader, lambda b, s, t: task.loss(model, b), schedule, task=task, mask=mask,
                        counters=counters, desc="t")
     assert steps == 7 and counters.forward_passes == 7 and counters.samples_seen == 7 * 8
     moved = model[4].weight.detach() != before["4.weight"]
@@ -188,5 +188,5 @@ def test_masked_sgd_moves_only_the_mask_and_guards_against_nan():
             assert torch.equal(p, before[n]), n
     assert torch.equal(model[1].running_mean, bn_before) and not model.training  # stats frozen, eval after
     with pytest.raises(FloatingPointError, match="step 0; try less"):
-        masked_sgd(model, loader, lambda b, s, t: task.loss(model, b) * float("nan"), task=task, lr=0.1,
-                   epochs=1, desc="t", hint="try less")
+        masked_sgd(model, loader, lambda b, s, t: task.loss(model, b) * float("nan"), Schedule(lr=0.1), task=task,
+                   desc="t", hint="try less")

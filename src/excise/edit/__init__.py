@@ -1,9 +1,9 @@
 """Edits: operations that change a model given a Mask (each returns a copy unless told otherwise)."""
 
 from .dampen import dampen
-from .masked import MaskedOptimizer, masked_optimizer, masked_sgd, train_mode
+from .masked import MaskedOptimizer, Schedule, masked_optimizer, masked_sgd, train_mode
 from .project import project, project_one, solve_dual_qp
 from .reinit import reinit
 
-__all__ = ["dampen", "reinit", "MaskedOptimizer", "masked_optimizer", "masked_sgd", "train_mode", "project", "project_one",
+__all__ = ["dampen", "reinit", "MaskedOptimizer", "Schedule", "masked_optimizer", "masked_sgd", "train_mode", "project", "project_one",
            "solve_dual_qp"]

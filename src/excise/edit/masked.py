@@ -9,6 +9,8 @@ torch optimiser.
 
 from __future__ import annotations
 
+import dataclasses
+
 from typing import Callable, Dict, Optional
 
 import torch
@@ -101,15 +103,36 @@ def train_mode(model: nn.Module, norm_stats: str = "update"):
     return model
 
 
-def masked_sgd(model: nn.Module, loader, step_loss: Callable, *, task, lr: float, epochs: int,
-               max_steps: Optional[int] = None, momentum: float = 0.9, weight_decay: float = 0.0,
-               mask: Optional[Mask] = None, clip: Optional[float] = None, norm_stats: str = "update",
-               counters=None, show: bool = False, desc: str = "steps", hint: str = "lower lr or max_steps") -> int:
-    """SGD over ``loader``'s batches for ``epochs`` (at most ``max_steps`` steps) in which only ``mask``'s entries
-    move (:func:`masked_optimizer`; None: every parameter). ``step_loss(batch, step, total)`` gives one step's
-    loss (the batch already on the model's device); ``clip`` bounds the gradient's global norm; ``norm_stats``
-    as in :func:`train_mode`. Counts passes and samples into ``counters``; raises FloatingPointError (with
-    ``hint``) on a non-finite loss. Leaves the model in eval mode and returns the number of steps taken."""
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+    """How a training phase steps: SGD with ``lr``, ``momentum`` and ``weight_decay`` for ``epochs`` over its
+    loader, at most ``max_steps`` steps (None: no limit), normalisation statistics ``norm_stats`` ("update" or
+    "freeze", :func:`train_mode`). The hyperparameters of the same names, grouped."""
+
+    lr: float
+    epochs: int = 1
+    max_steps: Optional[int] = None
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    norm_stats: str = "update"
+
+    @classmethod
+    def of(cls, hp: dict, **overrides) -> "Schedule":
+        """The schedule in a method's hyperparameters ``hp`` (the fields it has), then ``overrides``."""
+        fields = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{**{k: v for k, v in hp.items() if k in fields}, **overrides})
+
+
+def masked_sgd(model: nn.Module, loader, step_loss: Callable, schedule: Schedule, *, task,
+               mask: Optional[Mask] = None, clip: Optional[float] = None, counters=None, show: bool = False,
+               desc: str = "steps", hint: str = "lower lr or max_steps") -> int:
+    """SGD by ``schedule`` over ``loader``'s batches in which only ``mask``'s entries move
+    (:func:`masked_optimizer`; None: every parameter). ``step_loss(batch, step, total)`` gives one step's loss
+    (the batch already on the model's device); ``clip`` bounds the gradient's global norm. Counts passes and
+    samples into ``counters``; raises FloatingPointError (with ``hint``) on a non-finite loss. Leaves the model
+    in eval mode and returns the number of steps taken."""
+    lr, epochs, max_steps = schedule.lr, schedule.epochs, schedule.max_steps
+    momentum, weight_decay, norm_stats = schedule.momentum, schedule.weight_decay, schedule.norm_stats
     from ..importance.common import progress
     from ..tasks import model_device
 

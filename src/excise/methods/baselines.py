@@ -17,6 +17,7 @@ literature, to be measured on the shipped protocols.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from itertools import cycle
 from typing import Callable, Optional
@@ -24,11 +25,11 @@ from typing import Callable, Optional
 import torch
 
 from .. import importance, selection
-from ..edit import masked_sgd
+from ..edit import Schedule, masked_sgd
 from ..tasks import model_device
-from ..training import seeded_loader
 from ..types import Mask, Scores, UnlearningResult
-from .registry import COUNT, FRACTION, MAYBE_COUNT, MOMENTUM, NONNEG, POS, SEED, UNIT, Int, Param, Real, register, scope_param
+from .registry import (COUNT, FRACTION, MAYBE_COUNT, MOMENTUM, NONNEG, POS, SEED, UNIT, Context, Int, Param, Real,
+                       register, scope_param)
 
 _COMMON = dict(lr=0.01, epochs=1, max_steps=None, batch_size=128, momentum=0.9, weight_decay=5e-4, seed=0)
 # the shared loop's hyperparameters: their types and valid values, checked before any work
@@ -39,15 +40,14 @@ _PARAMS = dict(lr=POS, epochs=COUNT, max_steps=MAYBE_COUNT, batch_size=COUNT, mo
 def _reshuffled(loader, batch_size: int, seed: int, what: str):
     if loader is None:
         raise ValueError(f"this method needs a {what} loader")
-    return seeded_loader(loader.dataset, None, batch_size, shuffle=True, seed=seed)
+    return Context.reshuffled(loader, batch_size, seed)
 
 
-def _loop(model, ctx, task, main, step_loss: Callable, *, lr, epochs, max_steps, momentum, weight_decay,
-          mask: Optional[Mask] = None, clip: Optional[float] = None, desc: str):
+def _loop(model, ctx, task, main, step_loss: Callable, schedule: Schedule, *, mask: Optional[Mask] = None,
+          clip: Optional[float] = None, desc: str):
     """The shared masked SGD loop (:func:`excise.edit.masked_sgd`) over ``main``, timed as the edit phase."""
     with ctx.timer.phase("edit"):
-        return masked_sgd(model, main, step_loss, task=task, lr=lr, epochs=epochs, max_steps=max_steps,
-                          momentum=momentum, weight_decay=weight_decay, mask=mask, clip=clip,
+        return masked_sgd(model, main, step_loss, schedule, task=task, mask=mask, clip=clip,
                           counters=ctx.counters, show=ctx.progress, desc=desc)
 
 
@@ -66,8 +66,8 @@ def _result(model, steps, mask=None):
     return UnlearningResult(model=model, method="", hparams={}, mask=mask, info=info)
 
 
-def _hp(d):
-    return {k: d[k] for k in ("lr", "epochs", "max_steps", "momentum", "weight_decay")}
+def _hp(d) -> Schedule:
+    return Schedule.of({k: d[k] for k in ("lr", "epochs", "max_steps", "momentum", "weight_decay")})
 
 
 LR = Real(1e-3, 0.1, log=True)  # the learning-rate range every SGD baseline is tuned over
@@ -80,7 +80,7 @@ LR = Real(1e-3, 0.1, log=True)  # the learning-rate range every SGD baseline is 
 def finetune(model, request, ctx, **hp):
     task = request.task
     retain = _reshuffled(request.retain, hp["batch_size"], hp["seed"], "retain")
-    steps = _loop(model, ctx, task, retain, lambda b, s, t: task.loss(model, b), desc="finetune", **_hp(hp))
+    steps = _loop(model, ctx, task, retain, lambda b, s, t: task.loss(model, b), _hp(hp), desc="finetune")
     return _result(model, steps)
 
 
@@ -100,12 +100,12 @@ def finetune(model, request, ctx, **hp):
 def neggrad(model, request, ctx, **hp):
     task = request.task
     forget = _reshuffled(request.forget, hp["batch_size"], hp["seed"], "forget")
-    hp = _hp(hp)
-    if hp["max_steps"] is not None:
-        if hp["max_steps"] < 1:
-            raise ValueError(f"neggrad: max_steps must be a positive number of steps or None, got {hp['max_steps']}")
-        hp["epochs"] = math.ceil(hp["max_steps"] / max(1, len(forget)))
-    steps = _loop(model, ctx, task, forget, lambda b, s, t: -task.loss(model, b), desc="neggrad", **hp)
+    schedule = _hp(hp)
+    if schedule.max_steps is not None:
+        if schedule.max_steps < 1:
+            raise ValueError(f"neggrad: max_steps must be a positive number of steps or None, got {schedule.max_steps}")
+        schedule = dataclasses.replace(schedule, epochs=math.ceil(schedule.max_steps / max(1, len(forget))))
+    steps = _loop(model, ctx, task, forget, lambda b, s, t: -task.loss(model, b), schedule, desc="neggrad")
     return _result(model, steps)
 
 
@@ -124,7 +124,7 @@ def neggrad_plus(model, request, ctx, beta, **hp):
     def loss(b, s, t):
         return beta * task.loss(model, b) - (1 - beta) * task.loss(model, task.to(next(forget), device))
 
-    return _result(model, _loop(model, ctx, task, retain, loss, desc="neggrad_plus", **_hp(hp)))
+    return _result(model, _loop(model, ctx, task, retain, loss, _hp(hp), desc="neggrad_plus"))
 
 
 def _random_label_fit(model, request, ctx, hp, mask, desc):
@@ -137,7 +137,7 @@ def _random_label_fit(model, request, ctx, hp, mask, desc):
     def loss(b, s, t):
         return task.loss(model, b) + _random_wrong(task, model, task.to(next(forget), device), gen)
 
-    return _loop(model, ctx, task, retain, loss, mask=mask, desc=desc, **_hp(hp))
+    return _loop(model, ctx, task, retain, loss, _hp(hp), mask=mask, desc=desc)
 
 
 @register("random_labels", defaults=dict(_COMMON), space=dict(lr=LR),
@@ -179,7 +179,7 @@ def l1_sparse(model, request, ctx, alpha, **hp):
         a = alpha * (1 - s / max(t, 1))
         return task.loss(model, b) + a * sum(p.abs().sum() for p in params)
 
-    return _result(model, _loop(model, ctx, task, retain, loss, desc="l1-sparse", **_hp(hp)))
+    return _result(model, _loop(model, ctx, task, retain, loss, _hp(hp), desc="l1-sparse"))
 
 
 def _kl(student_logits, teacher_logits, temperature: float):
@@ -241,14 +241,14 @@ def scrub(model, request, ctx, max_epochs, alpha, gamma, temperature, max_lr, ma
         s_out, t_out = out_pair(b)
         return alpha * _kl(s_out, t_out, temperature) + gamma * task.loss_from_output(s_out, task.targets(b))
 
-    steps, one = 0, dict(_hp(hp), epochs=1)
+    steps, one = 0, dataclasses.replace(_hp(hp), epochs=1)
     for epoch in range(hp["epochs"]):
         # min-steps first: at student = teacher the KL is at its minimum and its gradient vanishes, so max-steps
         # on a deterministic network (no dropout, eval-mode-like BatchNorm) would not move it at all
-        steps += _loop(model, ctx, task, retain, min_step, desc="scrub min", **one)
+        steps += _loop(model, ctx, task, retain, min_step, one, desc="scrub min")
         if epoch < max_epochs:
-            steps += _loop(model, ctx, task, forget, max_step, desc="scrub max", clip=max_clip,
-                           **dict(one, lr=hp["lr"] if max_lr is None else max_lr))
+            steps += _loop(model, ctx, task, forget, max_step, dataclasses.replace(
+                one, lr=hp["lr"] if max_lr is None else max_lr), clip=max_clip, desc="scrub max")
     return _result(model, steps)
 
 
@@ -281,7 +281,7 @@ def bad_teacher(model, request, ctx, temperature, **hp):
             good_out, bad_out = task.output(good, b), task.output(bad, f)
         return _kl(task.output(model, b), good_out, temperature) + _kl(task.output(model, f), bad_out, temperature)
 
-    return _result(model, _loop(model, ctx, task, retain, loss, desc="bad teacher", **_hp(hp)))
+    return _result(model, _loop(model, ctx, task, retain, loss, _hp(hp), desc="bad teacher"))
 
 
 def _reset_keeping_frozen(module) -> None:
@@ -323,7 +323,7 @@ def retrain(model, request, ctx, epochs, lr, momentum, weight_decay, batch_size,
         for m in model.modules():
             if hasattr(m, "reset_parameters"):
                 _reset_keeping_frozen(m)
-        loader = seeded_loader(request.retain.dataset, None, batch_size, shuffle=True, seed=seed)
+        loader = Context.reshuffled(request.retain, batch_size, seed)
         train(model, loader, recipe, task=request.task, seed=seed, progress=ctx.progress, desc="retrain")
     ctx.counters.forward_passes += epochs * len(loader)
     ctx.counters.backward_passes += epochs * len(loader)

@@ -320,6 +320,17 @@ class Context:
         return scores, status
 
     @staticmethod
+    def reshuffled(loader, batch_size: int, seed: int):
+        """A DataLoader over ``loader``'s dataset, reshuffled every epoch in an order fixed by ``seed``."""
+        import torch
+        from torch.utils.data import DataLoader
+
+        if not isinstance(loader, DataLoader):
+            raise ValueError(f"this method reshuffles its data and needs a DataLoader, got {type(loader).__name__}")
+        return DataLoader(loader.dataset, batch_size=batch_size, shuffle=True,
+                          generator=torch.Generator().manual_seed(seed))
+
+    @staticmethod
     def eligible(model, scope: Any) -> Optional[set]:
         """The names of the parameters a method may edit: those of ``scope`` (a Scope or its expression), or
         None (every trainable parameter) when ``scope`` is None."""

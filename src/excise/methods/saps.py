@@ -20,6 +20,8 @@ label correction (benchmarks/results/saps.md).
 
 from __future__ import annotations
 
+import dataclasses
+
 from itertools import cycle
 from typing import Optional
 
@@ -27,7 +29,7 @@ import torch
 from torch.utils.data import ConcatDataset, DataLoader, Subset
 
 from .. import importance, selection
-from ..edit import masked_sgd
+from ..edit import Schedule, masked_sgd
 from ..edit.linalg import conjugate_gradient
 from ..importance import summed_gradient
 from ..importance.common import trainable
@@ -46,6 +48,47 @@ UPDATES = ("first_order", "diagonal", "second_order", "steps")
 # their textbook scales overshoot when Z is thousands of samples (G sums over Z); 100 masked SGD steps were
 # faster and less complete. The diagonal is estimated on a seeded 5,000-sample subset of D̃ (a pass over all
 # of D̃ cost more than retraining on 2 CPU cores).
+@dataclasses.dataclass(frozen=True)
+class Curvature:
+    """Where the curvature diagonal of the selection comes from: ``estimator`` (exact, hutchinson with
+    ``probes``, ggn_exact, ggn_mc with ``mc_samples``) via ``backend`` (torch or backpack), on the ``curvature``
+    data D̃ (corrected: retain + corrected samples; retain; train), a seeded ``curvature_samples`` of it."""
+
+    estimator: str
+    backend: str
+    curvature: str
+    curvature_samples: Optional[int]
+    probes: int
+    mc_samples: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Update:
+    """The update of the selected entries: ``first_order`` θ ← θ − τ·G; ``diagonal`` θ ← θ − G / (|D̃|·(h + δ));
+    ``second_order`` θ ← θ − (H + δI)⁻¹ G/|D̃| on the selection by ``cg_iters`` conjugate-gradient steps with
+    ``curvature_product`` (ggn or hessian) products on a seeded ``cg_samples`` of D̃; ``steps``: masked SGD."""
+
+    update: str
+    tau: float
+    delta: float
+    cg_iters: int
+    cg_samples: Optional[int]
+    curvature_product: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Steps:
+    """``update="steps"``: masked SGD (``lr``, ``epochs``, at most ``max_steps``, batches of ``batch_size``) on
+    β·L(D̃) − (1−β)·L(Z) for a removal (``beta``), plus ``correction_weight``·(L(Z̃) − L(Z)) for a correction."""
+
+    lr: float
+    epochs: int
+    max_steps: Optional[int]
+    beta: float
+    batch_size: int
+    correction_weight: float
+
+
 DEFAULTS = dict(k=0.01, selector="hessian", largest=True, estimator="ggn_mc", backend="torch",
                 curvature="corrected", curvature_samples=5000, probes=10, mc_samples=1, update="second_order",
                 tau=1e-5, delta=0.01, cg_iters=10, cg_samples=2048, curvature_product="ggn", lr=0.01, epochs=1,
@@ -121,28 +164,28 @@ PARAMS = dict(k=FRACTION, selector=Param(str, options=SELECTORS), largest=Param(
 
 @register("saps", defaults=DEFAULTS, space=SPACE, params=PARAMS, strength=("k", 1),
           summary="SAPS: select the largest Hessian-diagonal entries, apply the correction update to them only")
-def saps(model, request, ctx, k, selector, largest, estimator, backend, curvature, curvature_samples, probes,
-         mc_samples, update, tau, delta, cg_iters, cg_samples, curvature_product, lr, epochs, max_steps, beta,
-         batch_size, correction_weight, scope, seed):
-    if update not in UPDATES:
-        raise ValueError(f"unknown update {update!r}; expected one of {UPDATES}")
+def saps(model, request, ctx, k, selector, largest, scope, seed, **hp):
+    cur, upd, st = (group(**{f.name: hp[f.name] for f in dataclasses.fields(group)})
+                    for group in (Curvature, Update, Steps))
+    if upd.update not in UPDATES:
+        raise ValueError(f"unknown update {upd.update!r}; expected one of {UPDATES}")
     task = request.task
-    d_tilde = _curvature_loader(request, curvature)
+    d_tilde = _curvature_loader(request, cur.curvature)
     n_tilde = _n(d_tilde)
-    h_loader = _subsample(d_tilde, curvature_samples, seed)  # the diagonal may be estimated on a sample of D̃
+    h_loader = _subsample(d_tilde, cur.curvature_samples, seed)  # the diagonal may be estimated on a sample of D̃
     eligible = ctx.eligible(model, scope)
     cache, info = {}, {}
 
     def curvature_diag():  # computed once, and cached per (model, D̃, estimator) like SSD's reference importance
         if "h" not in cache:
-            opts = {"exact": {}, "ggn_exact": {}, "hutchinson": {"probes": probes, "seed": seed},
-                    "ggn_mc": {"mc_samples": mc_samples, "seed": seed}}.get(estimator, {})
+            opts = {"exact": {}, "ggn_exact": {}, "hutchinson": {"probes": cur.probes, "seed": seed},
+                    "ggn_mc": {"mc_samples": cur.mc_samples, "seed": seed}}.get(cur.estimator, {})
             with ctx.timer.phase("importance_ref"):
                 cache["h"], info["curvature_cache"] = ctx.cached(
-                    model, h_loader, f"hessian_diag:{estimator}:{backend}",
-                    lambda: importance.hessian_diag(model, h_loader, task, estimator, probes=probes,
-                                                    mc_samples=mc_samples, seed=seed, counters=ctx.counters,
-                                                    progress_bar=ctx.progress, backend=backend), opts,
+                    model, h_loader, f"hessian_diag:{cur.estimator}:{cur.backend}",
+                    lambda: importance.hessian_diag(model, h_loader, task, cur.estimator, probes=cur.probes,
+                                                    mc_samples=cur.mc_samples, seed=seed, counters=ctx.counters,
+                                                    progress_bar=ctx.progress, backend=cur.backend), opts,
                     task=task)
         return cache["h"]
 
@@ -152,26 +195,26 @@ def saps(model, request, ctx, k, selector, largest, estimator, backend, curvatur
         mask = select(model, selector, k, g, curvature_diag, eligible, largest, seed)
     named = dict(trainable(model))
     with ctx.timer.phase("edit"):
-        if update == "first_order":
+        if upd.update == "first_order":
             with torch.no_grad():
                 for n, m in mask.items():
-                    named[n][m] -= tau * g[n][m].to(named[n].dtype)
-        elif update == "diagonal":
+                    named[n][m] -= upd.tau * g[n][m].to(named[n].dtype)
+        elif upd.update == "diagonal":
             h = curvature_diag()
             with torch.no_grad():
                 for n, m in mask.items():
-                    named[n][m] -= (g[n][m] / n_tilde / (h[n][m] + delta)).to(named[n].dtype)
-        elif update == "second_order":
-            cg_loader = _subsample(d_tilde, cg_samples, seed)
-            info_cg = _newton_step(model, mask, g, cg_loader, task, n_tilde, delta, cg_iters, curvature_product, ctx)
+                    named[n][m] -= (g[n][m] / n_tilde / (h[n][m] + upd.delta)).to(named[n].dtype)
+        elif upd.update == "second_order":
+            cg_loader = _subsample(d_tilde, upd.cg_samples, seed)
+            info_cg = _newton_step(model, mask, g, cg_loader, task, n_tilde, upd.delta, upd.cg_iters,
+                                   upd.curvature_product, ctx)
         else:
-            if correction_weight < 0:
-                raise ValueError(f"correction_weight must be ≥ 0, got {correction_weight}")
-            _masked_steps(model, mask, request, d_tilde, lr, epochs, max_steps, beta, batch_size, correction_weight,
-                          seed, ctx)
+            if st.correction_weight < 0:
+                raise ValueError(f"correction_weight must be ≥ 0, got {st.correction_weight}")
+            _masked_steps(model, mask, request, d_tilde, st, seed, ctx)
     ctx.counters.params_touched += mask.count()
     info.update(selected_fraction=mask.fraction(model), curvature_samples=n_tilde, diagonal_samples=_n(h_loader))
-    if update == "second_order":
+    if upd.update == "second_order":
         info.update(info_cg, cg_samples=_n(cg_loader))
     return UnlearningResult(model=model, method="", hparams={}, mask=mask, info=info)
 
@@ -219,8 +262,7 @@ def _newton_step(model, mask, g, d_tilde, task, n_tilde, delta, cg_iters, curvat
     return {"cg_iterations": iters, "cg_relative_residual": resid}
 
 
-def _masked_steps(model, mask, request, d_tilde, lr, epochs, max_steps, beta, batch_size, correction_weight, seed,
-                  ctx):
+def _masked_steps(model, mask, request, d_tilde, st: Steps, seed, ctx):
     """Masked SGD (:func:`excise.edit.masked_sgd`, BatchNorm statistics frozen) on the mean loss over D̃; for a
     removal request, NegGrad+ (β·L(retain) − (1−β)·L(Z)); with ``correction_weight`` w > 0 on a correction
     request, each step adds w·(L̄(Z̃ batch) − L̄(Z batch)), whose gradient is the correction gradient G of the
@@ -228,21 +270,22 @@ def _masked_steps(model, mask, request, d_tilde, lr, epochs, max_steps, beta, ba
     task, device = request.task, model_device(model)
     gen = torch.Generator().manual_seed(seed)
     removal = request.corrected is None
-    data = DataLoader(d_tilde.dataset, batch_size=batch_size, shuffle=True, generator=gen)
-    forget = cycle(DataLoader(request.forget.dataset, batch_size=batch_size, shuffle=True, generator=gen)) \
-        if (removal or correction_weight) else None
-    fixed = cycle(DataLoader(request.corrected.dataset, batch_size=batch_size, shuffle=True, generator=gen)) \
-        if (not removal and correction_weight) else None
+    data = DataLoader(d_tilde.dataset, batch_size=st.batch_size, shuffle=True, generator=gen)
+    forget = cycle(DataLoader(request.forget.dataset, batch_size=st.batch_size, shuffle=True, generator=gen)) \
+        if (removal or st.correction_weight) else None
+    fixed = cycle(DataLoader(request.corrected.dataset, batch_size=st.batch_size, shuffle=True, generator=gen)) \
+        if (not removal and st.correction_weight) else None
 
     def step_loss(batch, step, total):
         loss = task.loss(model, batch)
         if removal:
-            return beta * loss - (1 - beta) * task.loss(model, task.to(next(forget), device))
-        if correction_weight:
-            return loss + correction_weight * (task.loss(model, task.to(next(fixed), device))
-                                               - task.loss(model, task.to(next(forget), device)))
+            return st.beta * loss - (1 - st.beta) * task.loss(model, task.to(next(forget), device))
+        if st.correction_weight:
+            return loss + st.correction_weight * (task.loss(model, task.to(next(fixed), device))
+                                                  - task.loss(model, task.to(next(forget), device)))
         return loss
 
-    masked_sgd(model, data, step_loss, task=task, lr=lr, epochs=epochs, max_steps=max_steps, momentum=0.9,
-               mask=mask, norm_stats="freeze", counters=ctx.counters, show=ctx.progress, desc="saps steps",
+    schedule = Schedule(lr=st.lr, epochs=st.epochs, max_steps=st.max_steps, momentum=0.9, norm_stats="freeze")
+    masked_sgd(model, data, step_loss, schedule,
+               task=task, mask=mask, counters=ctx.counters, show=ctx.progress, desc="saps steps",
                hint="lower lr, raise beta or lower correction_weight")

@@ -12,6 +12,9 @@ Algorithm box:
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Optional
+
 from itertools import cycle
 
 import torch
@@ -23,8 +26,29 @@ from ..edit.project import flat_grad, project, write_flat_grad
 from ..importance.common import eval_mode, progress
 from ..tasks import model_device
 from ..types import UnlearningResult
-from .registry import (COUNT, FRACTION, MAYBE_COUNT, MOMENTUM, NONNEG, POS, SEED, Param, Real, register,
+from .registry import (COUNT, Context, FRACTION, MAYBE_COUNT, MOMENTUM, NONNEG, POS, SEED, Param, Real, register,
                        scope_param)
+
+@dataclasses.dataclass(frozen=True)
+class Repair:
+    """The repair phase's hyperparameters, grouped: SGD (``lr``, ``momentum``, ``weight_decay``) on
+    L(retain batch) − ``lam``·L(forget batch) for ``epochs`` over the retain set (at most ``max_steps``), batches of
+    ``batch_size``; with ``projection``, a step's gradient g with ⟨g, g_mem⟩ < 0 for one of ``memories`` ascent
+    directions on the forget set (recomputed every epoch) is projected to g + v·g_mem with v ≥ ``margin`` (GEM), so
+    that the repair does not undo the forgetting; ``norm_stats``: "update" or "freeze" the BatchNorm statistics."""
+
+    lam: float
+    lr: float
+    epochs: int
+    max_steps: Optional[int]
+    batch_size: int
+    margin: float
+    memories: int
+    momentum: float
+    weight_decay: float
+    projection: bool
+    norm_stats: str
+
 
 PAPER = dict(k=0.03, lam=0.05, lr=5e-3, epochs=10, max_steps=None, batch_size=256)
 DEFAULTS = dict(k=0.03, lam=0.05, lr=5e-3, epochs=1, max_steps=None, batch_size=256, n_batches=1, margin=0.5, memories=1,
@@ -34,8 +58,7 @@ DEFAULTS = dict(k=0.03, lam=0.05, lr=5e-3, epochs=1, max_steps=None, batch_size=
 def _shuffled(loader, batch_size: int, seed: int) -> DataLoader:
     if not isinstance(loader, DataLoader):
         raise ValueError("scissorhands needs DataLoaders (it reshuffles the forget and retain data)")
-    g = torch.Generator().manual_seed(seed)
-    return DataLoader(loader.dataset, batch_size=batch_size, shuffle=True, generator=g, drop_last=False)
+    return Context.reshuffled(loader, batch_size, seed)
 
 
 def _grad_of(model, params, loss) -> torch.Tensor:
@@ -53,12 +76,12 @@ PARAMS = dict(k=FRACTION, lam=NONNEG, lr=POS, epochs=COUNT, max_steps=MAYBE_COUN
           space=dict(k=Real(0.005, 0.2, log=True), lam=Real(0.005, 0.5, log=True), lr=Real(1e-3, 3e-2, log=True)),
           summary="Scissorhands: re-initialise the top-k % by |θ·∇L_f|, repair on retain under a projection",
           strength=("k", 1))
-def scissorhands(model, request, ctx, k, lam, lr, epochs, max_steps, batch_size, n_batches, margin, memories, momentum,
-                 weight_decay, scope, projection, norm_stats, seed):
+def scissorhands(model, request, ctx, k, n_batches, scope, seed, **repair):
+    cfg = Repair(**repair)
     if request.retain is None:
         raise ValueError("scissorhands needs a retain loader for the repair phase")
     task, device = request.task, model_device(model)
-    forget = _shuffled(request.forget, batch_size, seed)
+    forget = _shuffled(request.forget, cfg.batch_size, seed)
     with ctx.timer.phase("importance_forget"):
         scores = importance.sensitivity(model, forget, task, n_batches, ctx.counters, ctx.progress)
     with ctx.timer.phase("select"):
@@ -68,27 +91,27 @@ def scissorhands(model, request, ctx, k, lam, lr, epochs, max_steps, batch_size,
         reinit(model, mask, seed=seed, inplace=True)
     ctx.counters.params_touched += sum(p.numel() for p in model.parameters() if p.requires_grad)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
-    retain = _shuffled(request.retain, batch_size, seed + 1)
-    reference = cycle(_shuffled(request.forget, batch_size, seed + 2))
+    opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    retain = _shuffled(request.retain, cfg.batch_size, seed + 1)
+    reference = cycle(_shuffled(request.forget, cfg.batch_size, seed + 2))
     projections = steps = 0
     with ctx.timer.phase("repair"):
-        for epoch in range(epochs):
+        for epoch in range(cfg.epochs):
             g_mem = None
-            if projection:
+            if cfg.projection:
                 with eval_mode(model):
                     refs = []
-                    for _ in range(memories):
+                    for _ in range(cfg.memories):
                         b = task.to(next(reference), device)
                         refs.append(_grad_of(model, params, -task.loss(model, b)))
                         ctx.counters.forward_passes += 1
                         ctx.counters.backward_passes += 1
                         ctx.counters.samples_seen += task.batch_size(b)
                     g_mem = torch.stack(refs)
-            train_mode(model, norm_stats)
+            train_mode(model, cfg.norm_stats)
             forget_iter = iter(forget)
-            for rb in progress(retain, ctx.progress, f"repair {epoch + 1}/{epochs}"):
-                if max_steps is not None and steps >= max_steps:
+            for rb in progress(retain, ctx.progress, f"repair {epoch + 1}/{cfg.epochs}"):
+                if cfg.max_steps is not None and steps >= cfg.max_steps:
                     break
                 rb = task.to(rb, device)
                 fb = next(forget_iter, None)
@@ -96,7 +119,7 @@ def scissorhands(model, request, ctx, k, lam, lr, epochs, max_steps, batch_size,
                 loss = task.loss(model, rb)
                 if fb is not None:
                     fb = task.to(fb, device)
-                    loss = loss - lam * task.loss(model, fb)
+                    loss = loss - cfg.lam * task.loss(model, fb)
                     ctx.counters.forward_passes += 1
                     ctx.counters.samples_seen += task.batch_size(fb)
                 if not torch.isfinite(loss):
@@ -108,7 +131,7 @@ def scissorhands(model, request, ctx, k, lam, lr, epochs, max_steps, batch_size,
                 ctx.counters.samples_seen += task.batch_size(rb)
                 if fb is not None and g_mem is not None:
                     g = flat_grad(params)
-                    g_new = project(g, g_mem, margin)
+                    g_new = project(g, g_mem, cfg.margin)
                     if g_new is not g:
                         projections += 1
                         write_flat_grad(params, g_new)
