@@ -38,6 +38,7 @@ def test_a_class_request_is_recognised_and_forgotten_within_the_utility_bound(co
     assert cal["trials"][0]["alpha"] == registry.get_method("ssd").defaults["alpha"]  # the default first
 
 
+@pytest.mark.slow
 def test_the_fmnist_cnn_is_calibrated_to_the_oracle(fmnist_small, committed):
     """On this model SSD leaves ≥ 6 % of the class recognised wherever it keeps retain accuracy within 4 points
     (test_ssd_real), so auto goes on to LFSSD, whose calibrated α forgets within 2 points: the oracle's result."""

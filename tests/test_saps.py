@@ -6,25 +6,12 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from excise import UnlearningRequest, unlearn
 from excise.data import flip_labels, load_digits
-from excise.edit.linalg import conjugate_gradient
 from excise.evaluation import accuracy
 from excise.methods.saps import correction_gradient
 from excise.models import build_model
 from excise.training import TrainRecipe, seeded_loader, train
 
 from helpers import toy_loader
-
-
-def test_cg_matches_a_dense_solve():
-    gen = torch.Generator().manual_seed(0)
-    a = torch.randn(12, 12, generator=gen, dtype=torch.float64)
-    A = a @ a.T + 0.5 * torch.eye(12, dtype=torch.float64)
-    b = torch.randn(12, generator=gen, dtype=torch.float64)
-    x, iters, resid = conjugate_gradient(lambda v: A @ v, b, iters=100, tol=1e-12)
-    torch.testing.assert_close(x, torch.linalg.solve(A, b))
-    assert iters <= 13 and resid < 1e-10
-    with pytest.raises(ValueError, match="non-positive curvature"):
-        conjugate_gradient(lambda v: -v, b)
 
 
 def _request(seed=0):
