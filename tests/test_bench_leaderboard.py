@@ -2,23 +2,17 @@
 tables' coverage and stability) and benchmarks/leaderboard.py's scheduling helpers (the part a GPU session relies
 on to fit its time slot)."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
 from excise.bench import leaderboard as board
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "leaderboard.py"
-
-
 @pytest.fixture(scope="module")
 def lb():
-    spec = importlib.util.spec_from_file_location("leaderboard_script", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    from excise.bench import leaderboard_cli
+
+    return leaderboard_cli
 
 
 def test_deadline_gives_each_study_the_time_left_and_skips_late_ones(lb):
@@ -289,3 +283,13 @@ def test_write_defaults_to_the_tuned_leaderboard_only_with_tuned(lb, tmp_path, m
     text = (tmp_path / "results" / "leaderboard.md").read_text()
     assert "| fmnist-smallcnn-class | ssd 0.50 (1 seed) | — (1 seed: no std) |" in text
     assert (tmp_path / "results" / "leaderboard" / "fmnist-smallcnn-class.png").exists()
+
+
+def test_excise_leaderboard_is_the_script_s_command(capsys):
+    from excise.cli import main
+
+    assert main(["leaderboard", "coverage", "--protocols", "fmnist-smallcnn-class"]) == 0
+    assert capsys.readouterr().out.startswith("fmnist-smallcnn-class: ")
+    with pytest.raises(SystemExit):
+        main(["leaderboard", "--help"])
+    assert "excise leaderboard" in capsys.readouterr().out
