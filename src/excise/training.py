@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
+from .progress import progress as show_progress
 from .storage import cache_key, default_cache_dir, tensor_digest
 from .tasks import ClassificationTask, Task, model_device
 from .types import load_tensors, save_tensors
@@ -56,14 +57,6 @@ def seeded_loader(dataset, indices: Optional[Sequence[int]], batch_size: int, sh
     return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, generator=g, drop_last=drop_last)
 
 
-def _progress(iterable, enabled: bool, **kw):
-    if not enabled:
-        return iterable
-    from tqdm.auto import tqdm
-
-    return tqdm(iterable, **kw)
-
-
 def train(model: nn.Module, loader: DataLoader, recipe: TrainRecipe, task: Optional[Task] = None,
           seed: int = 0, progress: bool = True, desc: str = "train") -> nn.Module:
     """Train ``model`` in place with ``recipe`` and return it. Deterministic for a given seed on CPU."""
@@ -78,7 +71,7 @@ def train(model: nn.Module, loader: DataLoader, recipe: TrainRecipe, task: Optio
     steps = recipe.epochs * len(loader)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(steps, 1)) if recipe.schedule == "cosine" else None
     model.train()
-    bar = _progress(range(recipe.epochs), progress, desc=desc, unit="epoch", leave=False)
+    bar = show_progress(range(recipe.epochs), progress, desc, unit="epoch")
     for _ in bar:
         total, n = 0.0, 0
         for batch in loader:

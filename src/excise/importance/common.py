@@ -10,6 +10,7 @@ from torch import nn
 
 from ..tasks import Task, model_device
 from ..types import Counters, Scores
+from ..progress import progress  # noqa: F401  (the importance passes' bars; re-exported)
 
 
 def trainable(model: nn.Module) -> List[Tuple[str, nn.Parameter]]:
@@ -30,14 +31,6 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
     finally:
         for m, was in modes.items():
             m.training = was
-
-
-def progress(iterable, enabled: bool, desc: str):
-    if not enabled:
-        return iterable
-    from tqdm.auto import tqdm
-
-    return tqdm(iterable, desc=desc, unit="batch", leave=False)
 
 
 def accumulate_grads(model: nn.Module, loader, task: Task, batch_loss: Callable, reduce: Callable,

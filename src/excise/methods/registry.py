@@ -322,13 +322,13 @@ class Context:
     @staticmethod
     def reshuffled(loader, batch_size: int, seed: int):
         """A DataLoader over ``loader``'s dataset, reshuffled every epoch in an order fixed by ``seed``."""
-        import torch
         from torch.utils.data import DataLoader
+
+        from ..training import seeded_loader
 
         if not isinstance(loader, DataLoader):
             raise ValueError(f"this method reshuffles its data and needs a DataLoader, got {type(loader).__name__}")
-        return DataLoader(loader.dataset, batch_size=batch_size, shuffle=True,
-                          generator=torch.Generator().manual_seed(seed))
+        return seeded_loader(loader.dataset, None, batch_size, shuffle=True, seed=seed)
 
     @staticmethod
     def eligible(model, scope: Any) -> Optional[set]:
