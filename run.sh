@@ -18,10 +18,10 @@ setup() {
     echo "[run.sh] creating the virtual environment $VENV" >&2
     python3 -m venv "$VENV"
   fi
-  if ! "$VENV/bin/python" -c "import torch, excise, pytest, matplotlib, backpack, optuna, tomli_w, filelock, platformdirs" >/dev/null 2>&1; then
-    echo "[run.sh] installing torch==2.13.0, excise (plots, test, tune extras) and BackPACK" >&2
+  if ! "$VENV/bin/python" -c "import torch, excise, pytest, matplotlib, backpack, optuna, tomli_w, filelock, platformdirs, diffusers" >/dev/null 2>&1; then
+    echo "[run.sh] installing torch==2.13.0, excise (plots, test, tune, diffusion extras) and BackPACK" >&2
     "$VENV/bin/pip" install -q --disable-pip-version-check torch==2.13.0
-    "$VENV/bin/pip" install -q --disable-pip-version-check -e ".[plots,test,tune]"
+    "$VENV/bin/pip" install -q --disable-pip-version-check -e ".[plots,test,tune,diffusion]"
     # BackPACK without its declared torchvision dependency, which would replace this torch build
     "$VENV/bin/pip" install -q --disable-pip-version-check --no-deps "backpack-for-pytorch>=1.6,<2" "unfoldNd<1" einops
   fi

@@ -13,7 +13,15 @@ _REGISTRY: Dict[str, Callable[..., nn.Module]] = {
     "smallcnn": lambda input_shape, num_classes, **kw: SmallCNN(input_shape, num_classes, **kw),
     "resnet18": lambda input_shape, num_classes, **kw: ResNet18(input_shape, num_classes, **kw),
     "char_lstm": lambda input_shape, num_classes, **kw: CharLSTM(input_shape, num_classes, **kw),
+    "ddpm-unet": lambda input_shape, num_classes, **kw: _ddpm_unet(input_shape, num_classes, **kw),
 }
+
+
+def _ddpm_unet(input_shape, num_classes, **kw) -> nn.Module:
+    """A class-conditional diffusion UNet (excise.diffusion; needs diffusers)."""
+    from ..diffusion.unet import conditional_unet
+
+    return conditional_unet(input_shape, num_classes, **kw)
 
 
 def model_names():
