@@ -59,7 +59,10 @@ def record(label: str) -> dict:
         prep = load_prepared(setup)
         loaders = {k: prep.loaders[k] for k in ("forget", "retain", "test", "val", "test_forget", "test_retain")
                    if prep.loaders.get(k) is not None}
-        runs = [(m, m, {}) for m in available()] + [(f"{m} ({v})", m, hp) for v, m, hp in VARIANTS]
+        from excise.methods import get_method
+
+        runs = [(m, m, {}) for m in available() if get_method(m).applies_to(prep.request().task)] + \
+            [(f"{m} ({v})", m, hp) for v, m, hp in VARIANTS]
         for name, method, hp in runs:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")

@@ -154,3 +154,69 @@ def test_classifier_outputs_reads_the_heads_input():
     pred, feats = classifier_outputs(clf, x, batch_size=3)
     assert pred.tolist() == clf(x).argmax(-1).tolist() and feats.shape == (7, 5)
     assert torch.allclose(torch.from_numpy(feats), clf[:3](x), atol=1e-6)
+
+
+# ---- methods on a diffusion model ----
+
+def _request(n=48):
+    x, y = _data(n=n)
+    task = DiffusionTask(num_train_timesteps=100, seed=0, null_class=3)
+    forget = DataLoader(TensorDataset(x[y == 2], y[y == 2]), batch_size=8)
+    retain = DataLoader(TensorDataset(x[y != 2], y[y != 2]), batch_size=8)
+    return UnlearningRequest(forget=forget, retain=retain, task=task), x, y
+
+
+def test_esd_moves_the_forgotten_class_towards_negative_guidance_and_leaves_the_scope_alone():
+    from excise.methods.diffusion import esd  # noqa: F401  (registered as "esd")
+
+    model = _unet()
+    req, x, y = _request()
+    task = req.task
+    xf, yf = x[y == 2], y[y == 2]
+    t, eps, _ = task.draws(xf, b"probe")
+    x_t = task.scheduler.add_noise(xf, eps, t)
+    with torch.no_grad():
+        e_null, e_cls = model((x_t, t, torch.full_like(yf, 3))), model((x_t, t, yf))
+        target = e_null - 2.0 * (e_cls - e_null)
+        before = float((model((x_t, t, yf)) - target).pow(2).mean())
+    res = unlearn(model, req, "esd", eta=2.0, lr=0.05, epochs=25, scope="pattern:down_blocks", checks=False)
+    with torch.no_grad():
+        after = float((res.model((x_t, t, yf)) - target).pow(2).mean())
+    assert after < 0.8 * before, (before, after)  # the negative-guidance objective clearly lower
+    for (n, p), q in zip(model.named_parameters(), res.model.parameters()):
+        if "down_blocks" not in n:
+            assert torch.equal(p, q), n
+    assert res.info["steps"] == 25  # one batch of the 16 forget samples (batch_size 64) per epoch
+    with pytest.raises(ValueError, match="applies to diffusion tasks, not to the request.s classification"):
+        unlearn(model, UnlearningRequest(forget=req.forget, retain=req.retain), "esd", checks=False)
+
+
+def test_salun_finetune_and_retrain_run_on_the_diffusion_loss():
+    model = _unet()
+    req, x, y = _request()
+    task = req.task
+    sal = unlearn(model, req, "salun", lr=0.01, batch_size=8, checks=False)
+    assert 0 < sal.mask.fraction(model) <= 0.5 + 1e-3 and sal.info["steps"] > 0
+    # SalUn's diffusion loss: the forgotten class's condition learns to denoise the other classes' images
+    gen = torch.Generator().manual_seed(0)
+    other = (x[y == 0][:4], y[y == 0][:4])
+    loss = task.random_label_loss(model, (x[y == 2], y[y == 2]), gen, other=other)
+    assert torch.isfinite(loss)
+    with pytest.raises(ValueError, match="retain set"):
+        task.random_label_loss(model, (x[y == 2], y[y == 2]), gen)
+    ft = unlearn(model, req, "finetune", lr=0.01, epochs=1, batch_size=8, checks=False)
+    rt = unlearn(model, req, "retrain", epochs=1, lr=1e-3, optimizer="adam", batch_size=8, checks=False)
+    for res in (ft, rt):
+        assert any(not torch.equal(p, q) for p, q in zip(model.parameters(), res.model.parameters()))
+
+
+def test_a_training_step_draws_afresh_and_a_seeded_run_repeats():
+    model = _unet()
+    req, _, _ = _request()
+    a = unlearn(model, req, "finetune", lr=0.01, epochs=1, batch_size=8, checks=False)
+    b = unlearn(model, req, "finetune", lr=0.01, epochs=1, batch_size=8, checks=False)
+    assert all(torch.equal(p, q) for p, q in zip(a.model.parameters(), b.model.parameters()))
+    x, y = _data()
+    t0, e0, _ = req.task.draws(x[:4], b"w0")
+    t1, e1, _ = req.task.draws(x[:4], b"w1")
+    assert not torch.equal(e0, e1)  # other weights, other draws for the same samples

@@ -83,6 +83,9 @@ def unlearn(model: nn.Module, request_or_loaders: Any, method: str = "ssd", pres
         raise ValueError("auto: calibration needs a retain loader (UnlearningRequest(retain=...))")
     plans = [(spec, resolve_hparams(spec, preset, hparams)) for spec in specs]
     for spec, hp in plans:
+        if not spec.applies_to(request.task):
+            raise ValueError(f"{spec.name} applies to {' / '.join(spec.tasks)} tasks, not to the request's "
+                             f"{getattr(request.task, 'name', type(request.task).__name__)} task")
         post.validate_request(model, request, spec.name)
         if calibrate and spec.strength is None:
             raise ValueError(f"{spec.name}: declares no strength to calibrate; methods that do: "

@@ -290,6 +290,8 @@ def cmd_methods(args) -> int:
                   f"({'larger' if sign > 0 else 'smaller'} forgets more)")
         if spec.params:
             print(f"{'':10s} valid: " + "; ".join(f"{k}: {p.describe()}" for k, p in spec.params.items()))
+        if spec.tasks:
+            print(f"{'':10s} tasks: {', '.join(spec.tasks)} only")
     return 0
 
 

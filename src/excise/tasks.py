@@ -55,6 +55,12 @@ class Task:
     def loss(self, model: nn.Module, batch: Any, reduction: str = "mean") -> torch.Tensor:
         return self.loss_from_output(self.output(model, batch), self.targets(batch), reduction=reduction)
 
+    def random_label_loss(self, model: nn.Module, forget: Any, generator: torch.Generator,
+                          other: Any = None) -> torch.Tensor:
+        """The loss that teaches the model wrong labels for the ``forget`` batch (random-label forgetting,
+        SalUn); ``other``: a batch of the data that stays, for tasks that need one."""
+        raise NotImplementedError(f"the {self.name} task defines no random-label forgetting loss")
+
 
 class ClassificationTask(Task):
     """Batches are ``(inputs, labels)``; the model returns logits; the loss is cross-entropy."""
@@ -80,6 +86,14 @@ class ClassificationTask(Task):
 
     def loss_from_output(self, output: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
         return F.cross_entropy(output, targets, reduction=reduction)
+
+    def random_label_loss(self, model: nn.Module, forget: Any, generator: torch.Generator,
+                          other: Any = None) -> torch.Tensor:
+        """Cross-entropy of the ``forget`` batch against labels drawn uniformly among the *wrong* classes."""
+        out = self.output(model, forget)
+        y = self.targets(forget)
+        shift = torch.randint(1, out.shape[-1], y.shape, generator=generator).to(y.device)
+        return self.loss_from_output(out, (y + shift) % out.shape[-1])
 
     def output_hessian_vp(self, output: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         """Per-sample Hessian of the loss w.r.t. the logits times ``u``: (diag(p) − p pᵀ) u, for the GGN."""

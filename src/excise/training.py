@@ -58,8 +58,10 @@ def seeded_loader(dataset, indices: Optional[Sequence[int]], batch_size: int, sh
 
 
 def train(model: nn.Module, loader: DataLoader, recipe: TrainRecipe, task: Optional[Task] = None,
-          seed: int = 0, progress: bool = True, desc: str = "train") -> nn.Module:
-    """Train ``model`` in place with ``recipe`` and return it. Deterministic for a given seed on CPU."""
+          seed: int = 0, progress: bool = True, desc: str = "train",
+          after_epoch: Optional[Callable[[int], bool]] = None) -> nn.Module:
+    """Train ``model`` in place with ``recipe`` and return it. Deterministic for a given seed on CPU.
+    ``after_epoch(epoch)`` (1-based; the model in eval mode meanwhile) may measure it; returning True stops."""
     task = task or ClassificationTask()
     torch.manual_seed(seed)
     device = model_device(model)
@@ -88,6 +90,12 @@ def train(model: nn.Module, loader: DataLoader, recipe: TrainRecipe, task: Optio
             n += task.batch_size(batch)
         if progress and hasattr(bar, "set_postfix"):
             bar.set_postfix(loss=f"{total / max(n, 1):.3f}")
+        if after_epoch is not None:
+            model.eval()
+            stop = after_epoch(_ + 1)
+            model.train()
+            if stop:
+                break
     model.eval()
     return model
 

@@ -9,12 +9,14 @@ from pathlib import Path
 
 
 def all_methods(proto_name: str):
-    """The protocol's own method labels first, then every other registered method by name."""
+    """The protocol's own method labels first, then every other registered method that applies to
+    classification, by name."""
     from excise.bench import load_protocol
-    from excise.methods import available
+    from excise.methods import available, get_method
 
     own = list(load_protocol(proto_name)["methods"])
-    return own + [m for m in available() if m not in own and m != "retrain"]
+    return own + [m for m in available() if m not in own and m != "retrain"
+                  and (get_method(m).tasks is None or "classification" in get_method(m).tasks)]
 
 
 def tunable_methods(proto_name: str):

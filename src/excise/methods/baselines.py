@@ -51,14 +51,6 @@ def _loop(model, ctx, task, main, step_loss: Callable, schedule: Schedule, *, ma
                           counters=ctx.counters, show=ctx.progress, desc=desc)
 
 
-def _random_wrong(task, model, batch, gen):
-    """The batch's loss against labels drawn uniformly among the *wrong* classes."""
-    out = task.output(model, batch)
-    y = task.targets(batch)
-    shift = torch.randint(1, out.shape[-1], y.shape, generator=gen).to(y.device)
-    return task.loss_from_output(out, (y + shift) % out.shape[-1])
-
-
 def _result(model, steps, mask=None):
     info = {"steps": steps}
     if mask is not None:
@@ -135,7 +127,7 @@ def _random_label_fit(model, request, ctx, hp, mask, desc):
     gen = torch.Generator().manual_seed(hp["seed"])
 
     def loss(b, s, t):
-        return task.loss(model, b) + _random_wrong(task, model, task.to(next(forget), device), gen)
+        return task.loss(model, b) + task.random_label_loss(model, task.to(next(forget), device), gen, other=b)
 
     return _loop(model, ctx, task, retain, loss, _hp(hp), mask=mask, desc=desc)
 
@@ -300,11 +292,12 @@ def _reset_keeping_frozen(module) -> None:
 
 
 @register("retrain", defaults=dict(epochs=3, lr=0.05, momentum=0.9, weight_decay=5e-4, batch_size=128,
-                                   schedule="cosine", seed=0),
+                                   schedule="cosine", optimizer="sgd", seed=0),
           params=dict({k: v for k, v in _PARAMS.items() if k != "max_steps"},
-                      schedule=Param(str, options=("cosine", "constant"))),
+                      schedule=Param(str, options=("cosine", "constant")),
+                      optimizer=Param(str, options=("sgd", "adam"))),
           summary="Retrain from scratch on the retain set (the gold standard; the bench uses its cached oracle)")
-def retrain(model, request, ctx, epochs, lr, momentum, weight_decay, batch_size, schedule, seed):
+def retrain(model, request, ctx, epochs, lr, momentum, weight_decay, batch_size, schedule, optimizer, seed):
     """Every module with ``reset_parameters`` is re-initialised under ``seed``, then trained on the retain set
     with the training recipe given by the hyperparameters (excise's TrainRecipe defaults). Benchmarks use the
     oracle from the checkpoint cache instead, trained with the protocol's own recipe.
@@ -317,7 +310,7 @@ def retrain(model, request, ctx, epochs, lr, momentum, weight_decay, batch_size,
     if request.retain is None:
         raise ValueError("retrain needs a retain loader")
     recipe = TrainRecipe(epochs=epochs, lr=lr, momentum=momentum, weight_decay=weight_decay, batch_size=batch_size,
-                         schedule=schedule)
+                         schedule=schedule, optimizer=optimizer)
     with ctx.timer.phase("edit"), torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         for m in model.modules():

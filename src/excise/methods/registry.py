@@ -218,6 +218,11 @@ class MethodSpec:
     # (hyperparameter, +1 or -1): the one knob whose larger values forget more (+1) or less (-1), searched in
     # its ``space`` range by oracle-free calibration (excise.calibration); None: the method cannot be calibrated
     strength: Optional[Tuple[str, int]] = None
+    # the Task names (Task.name) the method applies to; None: any task whose loss it can differentiate
+    tasks: Optional[Tuple[str, ...]] = None
+
+    def applies_to(self, task) -> bool:
+        return self.tasks is None or getattr(task, "name", None) in self.tasks
 
     def param(self, name: str) -> Param:
         return self.params.get(name) or infer_param(self.defaults.get(name))
@@ -232,13 +237,15 @@ SELECTIVE = ("ssd", "lfssd", "assd", "scissorhands", "saps")
 
 def register(name: str, defaults: Dict[str, Any], presets: Optional[Dict[str, Dict[str, Any]]] = None,
              summary: str = "", space: Optional[Dict[str, Any]] = None, revision: int = 0,
-             params: Optional[Dict[str, Param]] = None, strength: Optional[Tuple[str, int]] = None):
+             params: Optional[Dict[str, Param]] = None, strength: Optional[Tuple[str, int]] = None,
+             tasks: Optional[Tuple[str, ...]] = None):
     """Register ``fn`` under ``name``. ``space``: hyperparameter → :class:`Real` / :class:`Int` / :class:`Choice`,
     the ranges the tuner searches (each must be one of ``defaults``). ``revision``: raise it when the same
     hyperparameters start to do something different (:attr:`MethodSpec.revision`). ``params``: hyperparameter
     → :class:`Param`, its type and valid values (undeclared ones take their default's type); every value is
     checked before the method runs, and ``--hp`` strings are parsed by it. ``strength``: ``(hyperparameter,
-    +1 | -1)``, the knob calibration moves (larger forgets more: +1; less: -1), one of ``space``."""
+    +1 | -1)``, the knob calibration moves (larger forgets more: +1; less: -1), one of ``space``. ``tasks``:
+    the Task names it applies to (None: any)."""
     space, params = dict(space or {}), dict(params or {})
     if strength is not None and (strength[0] not in space or strength[1] not in (1, -1)):
         raise ValueError(f"{name}: strength must be (a hyperparameter of the search space, +1 or -1), got {strength}")
@@ -252,7 +259,7 @@ def register(name: str, defaults: Dict[str, Any], presets: Optional[Dict[str, Di
     def deco(fn):
         _METHODS[name] = MethodSpec(name, fn, dict(defaults), dict(presets or {}),
                                     summary or (fn.__doc__ or "").strip().split("\n")[0], space, revision, params,
-                                    strength)
+                                    strength, None if tasks is None else tuple(tasks))
         return fn
 
     return deco
