@@ -151,8 +151,8 @@ def test_classifier_outputs_reads_the_heads_input():
     torch.manual_seed(0)
     clf = nn.Sequential(nn.Flatten(), nn.Linear(64, 5), nn.ReLU(), nn.Linear(5, 3))
     x = torch.randn(7, 1, 8, 8)
-    pred, feats = classifier_outputs(clf, x, batch_size=3)
-    assert pred.tolist() == clf(x).argmax(-1).tolist() and feats.shape == (7, 5)
+    probs, feats = classifier_outputs(clf, x, batch_size=3)
+    assert torch.allclose(probs, torch.softmax(clf(x), -1), atol=1e-6) and feats.shape == (7, 5)
     assert torch.allclose(torch.from_numpy(feats), clf[:3](x), atol=1e-6)
 
 
@@ -167,7 +167,6 @@ def _request(n=48):
 
 
 def test_esd_moves_the_forgotten_class_towards_negative_guidance_and_leaves_the_scope_alone():
-    from excise.methods.diffusion import esd  # noqa: F401  (registered as "esd")
 
     model = _unet()
     req, x, y = _request()
@@ -220,3 +219,21 @@ def test_a_training_step_draws_afresh_and_a_seeded_run_repeats():
     t0, e0, _ = req.task.draws(x[:4], b"w0")
     t1, e1, _ = req.task.draws(x[:4], b"w1")
     assert not torch.equal(e0, e1)  # other weights, other draws for the same samples
+
+
+def test_generation_metrics_come_from_the_registry(tmp_path):
+    from torch import nn
+
+    from excise.diffusion.evaluate import generation_metrics, generation_predictions, sample_grid
+
+    torch.manual_seed(0)
+    clf = nn.Sequential(nn.Flatten(), nn.Linear(64, 6), nn.ReLU(), nn.Linear(6, 3))
+    model = _unet()
+    x, y = _data(n=30)
+    p, images, labels = generation_predictions(model, clf, [2], [0, 1, 2], x[y != 2], n_per_class=4, steps=3)
+    assert set(p.preds) == {"generated_forget", "generated_retain"} and len(p.preds["generated_forget"][1]) == 4
+    m = generation_metrics(model, clf, [2], [0, 1, 2], x[y != 2], n_per_class=4, steps=3)
+    assert set(m) == {"forget_recognised", "retain_recognised", "fid_retain", "kid_retain"}
+    pred = p.preds["generated_forget"][0].argmax(-1)
+    assert m["forget_recognised"] == pytest.approx(100.0 * float((pred == 2).float().mean()))
+    assert sample_grid(images, 3, tmp_path / "g.png").exists()

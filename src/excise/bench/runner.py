@@ -15,7 +15,7 @@ from typing import Any, Dict, Optional, Sequence
 
 from .. import __version__
 from ..evaluation.evaluate import metrics_from_predictions, model_predictions
-from ..evaluation.metrics import metric_names
+from ..evaluation.metrics import applicable
 from ..evaluation.report import ORACLE, Report
 from ..storage import cache_key, default_cache_dir, state_hash
 from ..protocol import load_protocol, setup_for
@@ -92,11 +92,12 @@ def run_bench(protocol: str | Dict[str, Any], methods: Optional[Sequence[str]] =
         tuned_facts = {"source": str(src), "searched": searched, "carried": {lb: carried[lb] for lb in hit if lb in carried},
                        "default": [lb for lb in labels if lb not in hit]}
     rows_by_seed, split_hashes, fp = {}, {}, ""
-    metrics = metric_names()  # a row cached before a metric was registered lacks it: the set is in every key
     for seed in seed_list:
         prep = prepare(setup_for(proto, seed), progress=progress, device=device)
         split_hashes[seed], fp = prep.splits.hash, prep.train_ds.fingerprint()
         loaders = _loaders(prep)
+        # a row cached before a metric that applies here was registered lacks it: that set is in every key
+        metrics = applicable(loaders)
         o_hash = state_hash(prep.original)
         r_hash = state_hash(prep.oracle)
         oracle_preds: Dict[str, Any] = {}  # the oracle's pass over every split, made once a row needs it: a

@@ -61,8 +61,8 @@ def kernel_distance(a: np.ndarray, b: np.ndarray, degree: int = 3) -> float:
 
 @torch.no_grad()
 def classifier_outputs(classifier: nn.Module, images: torch.Tensor, batch_size: int = 512):
-    """``(predicted labels, penultimate features)`` of ``classifier`` on ``images``: the features are the input
-    of its last ``nn.Linear`` (what a classifier's head reads)."""
+    """``(class probabilities, penultimate features)`` of ``classifier`` on ``images``: the features are the
+    input of its last ``nn.Linear`` (what a classifier's head reads)."""
     from ..tasks import model_device
 
     heads = [m for m in classifier.modules() if isinstance(m, nn.Linear)]
@@ -76,7 +76,7 @@ def classifier_outputs(classifier: nn.Module, images: torch.Tensor, batch_size: 
     try:
         device = model_device(classifier)
         for i in range(0, len(images), batch_size):
-            preds.append(classifier(images[i:i + batch_size].to(device)).argmax(-1).cpu())
+            preds.append(torch.softmax(classifier(images[i:i + batch_size].to(device)).float(), -1).cpu())
     finally:
         hook.remove()
         classifier.train(was)

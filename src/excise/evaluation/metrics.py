@@ -38,7 +38,13 @@ class Predictions:
     oracle: Optional[Dict[str, Tuple[torch.Tensor, torch.Tensor]]] = None
     seed: int = 0
     mia_feature: str = "confidence"
+    # feature matrices (n × d) by name, for distribution metrics (a generator's samples against real data);
+    # a metric needing one lists it as "feat:<name>"
+    features: Dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
     _memo: Dict[Any, Any] = dataclasses.field(default_factory=dict, repr=False)
+
+    def has(self, need: str) -> bool:
+        return need[5:] in self.features if need.startswith("feat:") else need in self.preds
 
     def acc(self, split: str) -> float:
         """Accuracy (%) on ``split``."""
@@ -97,6 +103,12 @@ def metric_names() -> List[str]:
     return list(_METRICS)
 
 
+def applicable(splits: Sequence[str]) -> List[str]:
+    """The registered metrics whose needs are all among ``splits`` (split and ``feat:`` names)."""
+    have = set(splits)
+    return [n for n, m in _METRICS.items() if set(m.needs) <= have]
+
+
 def avg_gap_metrics() -> Tuple[str, ...]:
     return tuple(n for n, m in _METRICS.items() if m.avg_gap)
 
@@ -117,8 +129,8 @@ def compute(p: Predictions, names: Optional[Sequence[str]] = None, skip_missing:
     chosen = [get_metric(n) for n in names] if names is not None else list(_METRICS.values())
     out: Dict[str, Any] = {}
     for m in chosen:
-        have = all(s in p.preds for s in m.needs) and (not m.oracle or (
-            p.oracle is not None and all(s in p.oracle for s in m.needs)))
+        have = all(p.has(s) for s in m.needs) and (not m.oracle or (
+            p.oracle is not None and all(s in p.oracle for s in m.needs if not s.startswith("feat:"))))
         if not have:
             if names is not None and not skip_missing:
                 raise ValueError(f"metric {m.name} needs the splits {', '.join(m.needs)}"
@@ -216,6 +228,43 @@ def per_class_test_acc(p: Predictions) -> List[Optional[float]]:
 def mia_val(p: Predictions) -> float:
     return mia_svc_scores(p.feature("members", "confidence"), p.feature("val", "confidence"),
                           p.feature("forget", "confidence"), seed=p.seed, resolution=MIA_RESOLUTION)["value"]
+
+
+# ---- a class-conditional generator's samples (excise.diffusion.evaluate builds these splits): "generated_forget"
+# and "generated_retain" hold a classifier's probabilities on samples conditioned on the forgotten and the
+# other classes, with the conditioned labels; "feat:generated_retain" / "feat:real_retain" the classifier's
+# features of those samples and of real images of the other classes
+
+@register_metric("forget_recognised", needs=("generated_forget",), title="forgotten class recognised %",
+                 direction="% of samples conditioned on the forgotten class that the classifier calls it; "
+                 "lower = more forgotten")
+def forget_recognised(p: Predictions) -> float:
+    return p.acc("generated_forget")
+
+
+@register_metric("retain_recognised", needs=("generated_retain",), title="other classes recognised %",
+                 direction="% of samples conditioned on the other classes that the classifier recognises; higher "
+                 "is better")
+def retain_recognised(p: Predictions) -> float:
+    return p.acc("generated_retain")
+
+
+@register_metric("fid_retain", needs=("feat:generated_retain", "feat:real_retain"), title="FID (classifier features)",
+                 direction="Fréchet distance between the other classes' samples and real images, in the "
+                 "classifier's feature space (not Inception-FID); lower is better")
+def fid_retain(p: Predictions) -> float:
+    from .generative import frechet_distance
+
+    return frechet_distance(p.features["generated_retain"], p.features["real_retain"])
+
+
+@register_metric("kid_retain", needs=("feat:generated_retain", "feat:real_retain"), title="KID (classifier features)",
+                 direction="kernel (MMD², cubic polynomial) distance between the other classes' samples and real "
+                 "images in the classifier's feature space; lower is better")
+def kid_retain(p: Predictions) -> float:
+    from .generative import kernel_distance
+
+    return kernel_distance(p.features["generated_retain"], p.features["real_retain"])
 
 
 def _agreement(kind: str, split: str):
