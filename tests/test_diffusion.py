@@ -167,7 +167,6 @@ def _request(n=48):
 
 
 def test_esd_moves_the_forgotten_class_towards_negative_guidance_and_leaves_the_scope_alone():
-
     model = _unet()
     req, x, y = _request()
     task = req.task
