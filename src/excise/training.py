@@ -132,7 +132,6 @@ class CheckpointCache:
 
         from safetensors import SafetensorError, safe_open
 
-
         p = self.path(key)
         if not p.exists():
             return None
@@ -167,7 +166,6 @@ class CheckpointCache:
 
     def store(self, model: nn.Module, key: str, meta: Dict[str, Any]) -> None:
         """Weights, metadata and checksum in one file, written atomically."""
-
         state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
         save_tensors(state, self.path(key), metadata={"excise_meta": json.dumps(meta, default=str),
                                                       "sha256": tensor_digest(state)})
