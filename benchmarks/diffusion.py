@@ -156,7 +156,7 @@ def run(args) -> int:
     test = load_fashion_mnist("test")
     real_retain = test.x[test.targets != args.forget][:args.samples * 9]
     clf = classifier()
-    recipe = TrainRecipe(epochs=args.epochs, lr=args.lr, optimizer="adam", weight_decay=0.0, schedule="constant",
+    recipe = TrainRecipe(epochs=args.epochs, lr=args.lr, optimizer="adam", weight_decay=0.0, schedule="cosine",
                          batch_size=args.batch, clip_grad_norm=1.0)
     cache = CheckpointCache()
 
@@ -213,7 +213,7 @@ def run(args) -> int:
     o = rows[0]
     lines = ["# Erasing a class from a class-conditional diffusion model (Fashion-MNIST)", "",
              f"Written by `{data['command']}` ({data['machine']}; one seed). A UNet ({tuple(args.channels)}) "
-             f"trained {args.epochs} epochs on all 60,000 training images (the original) and on all but class "
+             f"trained {args.epochs} epochs (Adam, cosine-decayed lr, batch {args.batch}) on all 60,000 training images (the original) and on all but class "
              f"{args.forget} (the oracle), each method run on the original; {args.samples} guided samples per "
              "class (DDIM 50 steps, guidance 2, seed 0) judged by the fmnist-smallcnn-class original (seed 0). "
              "FID and KID are computed in that classifier's penultimate features against real test images of "
