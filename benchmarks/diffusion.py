@@ -188,7 +188,8 @@ def run(args) -> int:
     def score(label, model, seconds, extra=None):
         p, images, labels = generation_predictions(model, clf, [args.forget], list(range(10)),
                                                    to_classifier(to_unit(real_retain)), n_per_class=args.samples,
-                                                   steps=50, guidance=2.0, seed=0, to_classifier=to_classifier)
+                                                   steps=args.steps, guidance=2.0, seed=0,
+                                                   to_classifier=to_classifier)
         m = compute(p, applicable(list(p.preds) + [f"feat:{k}" for k in p.features]))
         per = images.view(10, args.samples, *images.shape[1:])[:, :8].reshape(-1, *images.shape[1:])
         sample_grid(per, 10, folder / f"{_slug(label)}.png", title=label)
@@ -213,9 +214,10 @@ def run(args) -> int:
     o = rows[0]
     lines = ["# Erasing a class from a class-conditional diffusion model (Fashion-MNIST)", "",
              f"Written by `{data['command']}` ({data['machine']}; one seed). A UNet ({tuple(args.channels)}) "
-             f"trained {args.epochs} epochs (Adam, cosine-decayed lr, batch {args.batch}) on all 60,000 training images (the original) and on all but class "
+             f"trained {args.epochs} epochs (Adam, cosine-decayed lr, batch {args.batch}) on all 60,000 training "
+             f"images (the original) and on all but class "
              f"{args.forget} (the oracle), each method run on the original; {args.samples} guided samples per "
-             "class (DDIM 50 steps, guidance 2, seed 0) judged by the fmnist-smallcnn-class original (seed 0). "
+             f"class (DDIM {args.steps} steps, guidance 2, seed 0) judged by the fmnist-smallcnn-class original (seed 0). "
              "FID and KID are computed in that classifier's penultimate features against real test images of "
              "the other classes: they are not Inception-FID, and compare only within this table.", "",
              "| method | forgotten class recognised % | other classes recognised % | FID (classifier features) | "
@@ -252,6 +254,7 @@ def main(argv=None) -> int:
     u.add_argument("--epochs", type=int, default=6)
     u.add_argument("--forget", type=int, default=9)
     u.add_argument("--samples", type=int, default=50)
+    u.add_argument("--steps", type=int, default=25, help="DDIM steps of the scoring samples")
     u.add_argument("--channels", type=int, nargs="+", default=[16, 32, 32])
     u.add_argument("--batch", type=int, default=128)
     u.add_argument("--lr", type=float, default=1e-3)
