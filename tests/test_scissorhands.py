@@ -34,3 +34,15 @@ def test_scissorhands_runs_and_counts():
     assert res.info["projections"] >= 0 and res.counters.backward_passes > 0
     with pytest.raises(ValueError, match="retain"):
         unlearn(model, UnlearningRequest(forget=toy_loader(n=8)), "scissorhands")
+
+
+def test_the_repair_can_use_adam_and_only_sgd_or_adam():
+    model = tiny_cnn()
+    req = UnlearningRequest(forget=toy_loader(n=16, seed=1), retain=toy_loader(n=48, seed=2))
+    sgd = unlearn(model, req, "scissorhands", k=0.1, batch_size=8, checks=False)
+    adam = unlearn(model, req, "scissorhands", k=0.1, batch_size=8, optimizer="adam", lr=1e-3, checks=False)
+    assert torch.equal(sgd.mask["0.weight"], adam.mask["0.weight"])  # the same trim
+    assert any(not torch.equal(p, q) for p, q in zip(sgd.model.parameters(), adam.model.parameters()))
+    assert adam.hparams["optimizer"] == "adam" and sgd.hparams["optimizer"] == "sgd"
+    with pytest.raises(ValueError, match="optimizer"):
+        unlearn(model, req, "scissorhands", optimizer="rmsprop")

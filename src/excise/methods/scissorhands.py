@@ -35,7 +35,8 @@ class Repair:
     L(retain batch) − ``lam``·L(forget batch) for ``epochs`` over the retain set (at most ``max_steps``), batches of
     ``batch_size``; with ``projection``, a step's gradient g with ⟨g, g_mem⟩ < 0 for one of ``memories`` ascent
     directions on the forget set (recomputed every epoch) is projected to g + v·g_mem with v ≥ ``margin`` (GEM), so
-    that the repair does not undo the forgetting; ``norm_stats``: "update" or "freeze" the BatchNorm statistics."""
+    that the repair does not undo the forgetting; ``norm_stats``: "update" or "freeze" the BatchNorm statistics;
+    ``optimizer``: "sgd" (with ``momentum``), or "adam" (the Stable Diffusion code's repair)."""
 
     lam: float
     lr: float
@@ -48,11 +49,13 @@ class Repair:
     weight_decay: float
     projection: bool
     norm_stats: str
+    optimizer: str = "sgd"
 
 
 PAPER = dict(k=0.03, lam=0.05, lr=5e-3, epochs=10, max_steps=None, batch_size=256)
 DEFAULTS = dict(k=0.03, lam=0.05, lr=5e-3, epochs=1, max_steps=None, batch_size=256, n_batches=1, margin=0.5, memories=1,
-                momentum=0.9, weight_decay=5e-4, scope="no-norm", projection=True, norm_stats="update", seed=0)
+                momentum=0.9, weight_decay=5e-4, scope="no-norm", projection=True, norm_stats="update", optimizer="sgd",
+                seed=0)
 
 
 def _shuffled(loader, batch_size: int, seed: int) -> DataLoader:
@@ -69,7 +72,7 @@ def _grad_of(model, params, loss) -> torch.Tensor:
 PARAMS = dict(k=FRACTION, lam=NONNEG, lr=POS, epochs=COUNT, max_steps=MAYBE_COUNT, batch_size=COUNT,
               n_batches=MAYBE_COUNT, margin=NONNEG, memories=COUNT, momentum=MOMENTUM, weight_decay=NONNEG,
               scope=scope_param(), projection=Param(bool), norm_stats=Param(str, options=("update", "freeze")),
-              seed=SEED)
+              optimizer=Param(str, options=("sgd", "adam")), seed=SEED)
 
 
 @register("scissorhands", defaults=DEFAULTS, presets={"paper": PAPER}, params=PARAMS,
@@ -91,7 +94,8 @@ def scissorhands(model, request, ctx, k, n_batches, scope, seed, **repair):
         reinit(model, mask, seed=seed, inplace=True)
     ctx.counters.params_touched += sum(p.numel() for p in model.parameters() if p.requires_grad)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    opt = (torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay) if cfg.optimizer == "adam" else
+           torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay))
     retain = _shuffled(request.retain, cfg.batch_size, seed + 1)
     reference = cycle(_shuffled(request.forget, cfg.batch_size, seed + 2))
     projections = steps = 0
