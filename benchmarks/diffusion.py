@@ -48,27 +48,12 @@ def classifier():
     return prepare(setup_for(proto, 0), with_oracle=False, progress=False).original
 
 
-def grid(images, rows: int, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    cols = len(images) // rows
-    fig, axes = plt.subplots(rows, cols, figsize=(cols * 0.6, rows * 0.6))
-    for ax, im in zip(axes.flat, images):
-        ax.imshow(((im[0] + 1) / 2).clamp(0, 1).numpy(), cmap="gray", vmin=0, vmax=1)
-        ax.axis("off")
-    fig.subplots_adjust(wspace=0.05, hspace=0.05)
-    fig.savefig(path, dpi=80, bbox_inches="tight")
-    plt.close(fig)
-
-
 def recipe(args) -> int:
     from torch.utils.data import DataLoader, TensorDataset
 
     from excise.data import load_fashion_mnist
     from excise.diffusion import DiffusionTask, conditional_unet, sample
+    from excise.diffusion.evaluate import sample_grid
     from excise.evaluation.generative import classifier_outputs, recognised_share
     from excise.training import TrainRecipe, train
 
@@ -96,7 +81,7 @@ def recipe(args) -> int:
         log.append(row)
         print(json.dumps(row), flush=True)
         torch.save(model.state_dict(), WORK / "recipe.pt")
-        grid(images[::2], 10, RESULTS / "diffusion_recipe.png")
+        sample_grid(images[::2], 10, RESULTS / "diffusion_recipe.png")
         done = row["min_share"] >= 80.0 or time.perf_counter() - t0 > args.minutes * 60
         return done
 
@@ -197,7 +182,7 @@ def run(args) -> int:
                                                    to_classifier(to_unit(real_retain)), n_per_class=args.samples,
                                                    steps=args.steps, guidance=2.0, seed=0,
                                                    to_classifier=to_classifier)
-        m = compute(p, applicable(list(p.preds) + [f"feat:{k}" for k in p.features]))
+        m = compute(p, applicable(p.splits()))
         per = images.view(10, args.samples, *images.shape[1:])[:, :8].reshape(-1, *images.shape[1:])
         sample_grid(per, 10, folder / f"{_slug(label)}.png", title=label)
         row = {"method": label, **m, "seconds": seconds, **(extra or {})}

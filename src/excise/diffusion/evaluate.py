@@ -41,7 +41,7 @@ def generation_metrics(*args, **kwargs) -> Dict[str, Any]:
     """The registered metrics that apply to :func:`generation_predictions`' splits (same arguments):
     forget_recognised, retain_recognised, fid_retain, kid_retain."""
     p, _, _ = generation_predictions(*args, **kwargs)
-    return compute(p, applicable(list(p.preds) + [f"feat:{k}" for k in p.features]))
+    return compute(p, applicable(p.splits()))
 
 
 def sample_grid(images: torch.Tensor, rows: int, path: str | Path, title: str = "") -> Path:

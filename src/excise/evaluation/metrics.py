@@ -46,6 +46,10 @@ class Predictions:
     def has(self, need: str) -> bool:
         return need[5:] in self.features if need.startswith("feat:") else need in self.preds
 
+    def splits(self) -> List[str]:
+        """The split and ``feat:`` names these predictions hold (what :func:`applicable` takes)."""
+        return list(self.preds) + [f"feat:{k}" for k in self.features]
+
     def acc(self, split: str) -> float:
         """Accuracy (%) on ``split``."""
         if ("acc", split) not in self._memo:
