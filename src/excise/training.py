@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import struct
 import time
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Sequence
@@ -221,7 +222,8 @@ def read_state(path: str | os.PathLike) -> Dict[str, torch.Tensor]:
         except pickle.UnpicklingError as e:
             raise ValueError(f"checkpoint {path} was refused: it is not a state dict of tensors that loads with "
                              f"weights_only=True ({str(e).splitlines()[0]})") from None
-        except (RuntimeError, EOFError, OSError) as e:
+        except (RuntimeError, EOFError, OSError, IndexError, KeyError, ValueError, struct.error) as e:
+            # a corrupt pickle stream fails inside the unpickler in any of these ways (random bytes: 1 in 12)
             raise ValueError(f"checkpoint {path} is not a readable PyTorch file (truncated or corrupt?): "
                              f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
         if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
