@@ -10,6 +10,7 @@ from typing import Any, Dict, Optional
 from torch import nn
 
 from . import calibration as cal
+from . import distributed
 from . import checks as post
 from .importance.cache import ImportanceCache, default_cache
 from .methods.registry import Context, MethodSpec, Timer, calibratable, get_method, resolve_hparams
@@ -140,12 +141,20 @@ def _execute(spec: MethodSpec, model: nn.Module, request: UnlearningRequest, ctx
     work = copy.deepcopy(model)
     t0 = time.perf_counter()
     method = spec.name
+    start_spread = distributed.broadcast_module(work)  # under torch.distributed every rank starts from rank 0's
     try:
         result = spec.fn(work, request, ctx, **hp)
     except (ValueError, FloatingPointError) as e:  # name the method in every message of these plain kinds
         if type(e) in (ValueError, FloatingPointError) and not str(e).startswith(method):
             raise type(e)(f"{method}: {e}") from e
         raise
+    if distributed.active():
+        # every rank took the same steps on the same reduced gradients; rank 0's result is the one returned
+        # everywhere, and how far the others had drifted (float summation, BatchNorm statistics of their parts)
+        # is reported
+        end_spread = distributed.broadcast_module(result.model)
+        result.info["distributed"] = {"world_size": distributed.world(), "start_spread": start_spread,
+                                      "end_spread": end_spread}
     result.seconds = time.perf_counter() - t0
     bad = post._non_finite(result.model)
     if bad:  # a method whose own checks missed a divergence: no caller should evaluate (or ship) this model

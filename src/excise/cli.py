@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -426,8 +428,13 @@ def main(argv: Optional[List[str]] = None) -> int:
 
         return leaderboard(argv[1:])
     args = build_parser().parse_args(argv)
+    from . import distributed
+
+    # under torchrun: join the group; rank 0 prints and writes, the other ranks compute their share silently
+    joined = distributed.init_from_env()
+    quiet = open(os.devnull, "w") if not distributed.is_main() else None
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), contextlib.redirect_stdout(quiet or sys.stdout):
             from .checks import ExciseWarning
 
             warnings.simplefilter("ignore", ExciseWarning)  # printed as one line each from result.warnings
@@ -435,8 +442,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     except USER_ERRORS as e:
         if args.debug:
             raise
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {e}" if not joined else f"error (rank {distributed.rank()}): {e}", file=sys.stderr)
         return 2
+    finally:
+        if quiet is not None:
+            quiet.close()
+        if joined:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -49,6 +49,11 @@ class OutputFolder:
 
     @property
     def staging(self) -> Path:
+        from . import distributed
+
+        if not distributed.is_main():  # under torch.distributed rank 0 writes the folder; the others' writes
+            # return without touching the disk (types.atomic_write_bytes)
+            return self.out.resolve().parent / f".{self.out.name}.rank{distributed.rank()}.unused"
         if self._staging is None:
             out = self.out.resolve()
             out.parent.mkdir(parents=True, exist_ok=True)
@@ -57,7 +62,16 @@ class OutputFolder:
         return self._staging
 
     def commit(self) -> Path:
-        """Move the staging folder into place (the old contents, if any, are removed after the rename)."""
+        """Move the staging folder into place (the old contents, if any, are removed after the rename). Under
+        torch.distributed rank 0 does, and every rank returns once it has."""
+        from . import distributed
+
+        with distributed.main_writes() as write:
+            if write:
+                return self._commit()
+        return self.out.resolve()
+
+    def _commit(self) -> Path:
         out = self.out.resolve()
         stage = self.staging
         (stage / MARKER).write_text("written by excise as one unit\n")

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
+from . import distributed
 from .progress import progress as show_progress
 from .storage import cache_key, default_cache_dir, tensor_digest
 from .tasks import ClassificationTask, Task, model_device
@@ -77,18 +78,20 @@ def train(model: nn.Module, loader: DataLoader, recipe: TrainRecipe, task: Optio
     bar = show_progress(range(recipe.epochs), progress, desc, unit="epoch")
     for _ in bar:
         total, n = 0.0, 0
-        for batch in loader:
-            batch = task.to(batch, device)
-            loss = task.loss(model, batch)
+        for _batch, batch, weight in distributed.split(loader, desc):  # this rank's part of each batch
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            if weight:
+                batch = task.to(batch, device)
+                loss = distributed.weighted(task.loss(model, batch), weight)
+                loss.backward()
+                total += float(loss.detach()) / weight * task.batch_size(batch)
+                n += task.batch_size(batch)
+            distributed.average_grads(model.parameters())
             if recipe.clip_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.clip_grad_norm)
             opt.step()
             if sched is not None:
                 sched.step()
-            total += float(loss.detach()) * task.batch_size(batch)
-            n += task.batch_size(batch)
         if progress and hasattr(bar, "set_postfix"):
             bar.set_postfix(loss=f"{total / max(n, 1):.3f}")
         if after_epoch is not None:
@@ -176,7 +179,11 @@ class CheckpointCache:
         """Return ``(model, meta, hit)``: a cached model for these key parts, or a freshly trained one."""
         key = cache_key(**key_parts)
         model = build()
-        meta = self.load_into(model, key)
+        meta = self.load_into(model, key) if distributed.is_main() else None
+        if distributed.active():  # rank 0 decides and reads; the others receive its weights (or all train)
+            meta = distributed.broadcast_object(meta)
+            if meta is not None:
+                distributed.broadcast_module(model)
         if meta is not None:
             self.hits += 1
             model.eval()
@@ -185,7 +192,11 @@ class CheckpointCache:
         t0 = time.perf_counter()
         fit(model)
         meta = {"key_parts": key_parts, "train_seconds": time.perf_counter() - t0, **training_environment(model)}
-        self.store(model, key, meta)
+        if distributed.active():
+            meta["world_size"] = distributed.world()
+        with distributed.main_writes() as write:
+            if write:
+                self.store(model, key, meta)
         return model, meta, False
 
 

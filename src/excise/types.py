@@ -24,7 +24,13 @@ def _umask() -> int:
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically (temporary file in the same folder, then rename). The file gets the
-    permissions a plain ``open(path, "w")`` would give it (0666 less the umask), not the temporary file's 0600."""
+    permissions a plain ``open(path, "w")`` would give it (0666 less the umask), not the temporary file's 0600.
+    Under torch.distributed only rank 0 writes (every file excise writes goes through here): the other ranks
+    computed the same bytes and return without touching the disk."""
+    from . import distributed
+
+    if not distributed.is_main():
+        return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")

@@ -19,6 +19,7 @@ from ..evaluation.metrics import applicable
 from ..evaluation.report import ORACLE, Report
 from ..storage import cache_key, default_cache_dir, state_hash
 from ..protocol import load_protocol, setup_for
+from .. import distributed
 from ..types import atomic_write_bytes, resolve_device
 
 def _protocol_identity(proto: Dict[str, Any], seeds: Sequence[int], split_hashes: Dict[int, str], data_fp: str):
@@ -39,8 +40,10 @@ def _row_cache(key: str) -> Path:
 
 def _cached_row(key: str, compute) -> Dict[str, Any]:
     path = _row_cache(key)
-    if path.exists():
-        row = json.loads(path.read_text())
+    # rank 0 decides and reads under torch.distributed: every rank takes the same branch
+    row = json.loads(path.read_text()) if distributed.is_main() and path.exists() else None
+    row = distributed.broadcast_object(row)
+    if row is not None:
         row["from_cache"] = True
         return row
     row = compute()

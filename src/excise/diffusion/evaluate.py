@@ -59,8 +59,8 @@ def sample_grid(images: torch.Tensor, rows: int, path: str | Path, title: str = 
     if title:
         fig.suptitle(title, fontsize=8)
     fig.subplots_adjust(wspace=0.05, hspace=0.05)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=80, bbox_inches="tight")
+    from ..evaluation.plots import save_figure
+
+    path = save_figure(fig, path, dpi=80, bbox_inches="tight")
     plt.close(fig)
     return path

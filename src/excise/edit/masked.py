@@ -16,6 +16,7 @@ from typing import Callable, Dict, Optional
 import torch
 from torch import nn
 
+from .. import distributed
 from ..selection import NORM_TYPES
 from ..types import Mask
 
@@ -142,21 +143,31 @@ def masked_sgd(model: nn.Module, loader, step_loss: Callable, schedule: Schedule
     step = 0
     for epoch in range(epochs):
         train_mode(model, norm_stats)
-        for batch in progress(loader, show, f"{desc} {epoch + 1}/{epochs}"):
+        steps = distributed.split(loader, desc)  # under torch.distributed: this rank's part of each batch
+        for _batch, batch, weight in progress(steps, show, f"{desc} {epoch + 1}/{epochs}"):
             if step >= total:
                 break
-            loss = step_loss(task.to(batch, device), step, total)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"{desc}: the loss became {float(loss.detach())} at step {step}; {hint}")
             opt.zero_grad()
-            loss.backward()
+            if weight:
+                loss = step_loss(task.to(batch, device), step, total)
+                finite = bool(torch.isfinite(loss))
+                if finite:
+                    distributed.weighted(loss, weight).backward()
+            else:  # an empty part (a batch smaller than the number of ranks): no loss here
+                loss, finite = None, True
+            if not distributed.all_true(finite):
+                raise FloatingPointError(f"{desc}: the loss became "
+                                         f"{float(loss.detach()) if loss is not None else 'not finite'} at step "
+                                         f"{step}; {hint}")
+            distributed.average_grads(model.parameters())
             if clip is not None:
                 torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], clip)
             opt.step()
             step += 1
-            if counters is not None:
+            if counters is not None and weight:
                 counters.forward_passes += 1
                 counters.backward_passes += 1
                 counters.samples_seen += task.batch_size(batch)
+        steps.finish()
     model.eval()
     return step

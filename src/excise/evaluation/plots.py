@@ -8,6 +8,18 @@ from pathlib import Path
 from typing import Dict
 
 
+def save_figure(fig, path, **savefig_kw) -> Path:
+    """``fig`` as a PNG at ``path``, written atomically (and by rank 0 only under torch.distributed)."""
+    import io
+
+    from ..types import atomic_write_bytes
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", **savefig_kw)
+    atomic_write_bytes(path, buf.getvalue())
+    return Path(path)
+
+
 def _place_labels(ax, points, fontsize=7):
     """Annotate each (label, x, y) next to its point: try offsets close around it first, then a wider ring (a
     label not next to its point is joined to it by a thin leader line), and keep the first place whose box
@@ -109,9 +121,7 @@ def gap_vs_seconds(report, path: Path, title: str = "", selective=None) -> Path:
         ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
     _place_labels(ax, points)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
     return path
 
@@ -141,7 +151,7 @@ def save_plots(report, out: Path) -> Dict[str, Path]:
         ax.legend(fontsize=7, ncol=2)
         fig.tight_layout()
         files["per_class"] = out / "per_class_accuracy.png"
-        fig.savefig(files["per_class"], dpi=110)
+        save_figure(fig, files["per_class"], dpi=110)
         plt.close(fig)
     sel = [r for r in report.rows if r["seed"] == seed and r.get("selected_per_layer")]
     if sel:
@@ -156,7 +166,7 @@ def save_plots(report, out: Path) -> Dict[str, Path]:
         ax.legend(fontsize=7)
         fig.tight_layout()
         files["selected"] = out / "selected_per_layer.png"
-        fig.savefig(files["selected"], dpi=110)
+        save_figure(fig, files["selected"], dpi=110)
         plt.close(fig)
     if any(r.get("avg_gap") is not None and r.get("seconds") for r in report.rows):
         files["gap_vs_seconds"] = gap_vs_seconds(report, out / "gap_vs_seconds.png")

@@ -26,6 +26,7 @@ from torch import nn
 from torch.utils.data import ConcatDataset, DataLoader, Subset, TensorDataset
 from torch.utils.data.sampler import RandomSampler, SequentialSampler
 
+from .. import distributed
 from ..storage import default_cache_dir, state_hash, tensor_digest
 from ..types import Scores
 
@@ -170,11 +171,12 @@ class ImportanceCache:
             self._mem[key] = s
         return s
 
-    def put(self, key: str, scores: Scores) -> None:
+    def put(self, key: str, scores: Scores, disk: bool = True) -> None:
+        """Store ``scores`` in memory and, with ``disk`` and a root, on disk (atomically)."""
         if self._mem is not None:
             self._mem[key] = scores
         p = self._path(key)
-        if p is not None:
+        if p is not None and disk:
             from ..types import save_tensors
 
             meta = {"type": "Scores", "sha256": tensor_digest(scores, _samples_tag(scores))}
@@ -195,14 +197,19 @@ class ImportanceCache:
         opts = dict(options or {}, model_code=model_code_fingerprint(model), device=model_device(model).type,
                     task=task_fingerprint(task) if task is not None else None)
         key = self.key(state_hash(model), data_key, estimator, opts)
-        found = self.get(key)
+        # under torch.distributed rank 0 decides and reads, the others receive its scores: every rank takes the
+        # same branch (a miss is a sharded pass that needs them all), and no rank needs the cache folder
+        found = self.get(key) if distributed.is_main() else None
+        if distributed.active():
+            found = distributed.broadcast_object(None if found is None else found.to("cpu"))
         if found is not None:
             self.hits += 1
             device = next(model.parameters()).device
             return found.to(device), "hit"
         self.misses += 1
         scores = compute()
-        self.put(key, scores)
+        self.put(key, scores, disk=distributed.is_main())
+        distributed.barrier()
         return scores, "miss"
 
 

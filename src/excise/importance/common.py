@@ -10,7 +10,21 @@ from torch import nn
 
 from ..tasks import Task, model_device
 from ..types import Counters, Scores
+from .. import distributed
 from ..progress import progress  # noqa: F401  (the importance passes' bars; re-exported)
+
+
+def batches(loader, show: bool, desc: str):
+    """The batches of an importance pass that this rank computes — all of them in one process, batch i on rank
+    i mod R under torch.distributed (:func:`excise.distributed.shard`) — with a progress bar on rank 0."""
+    return progress(distributed.shard(loader, desc), show, desc)
+
+
+def summed(tensors, *counts: float):
+    """Sum ``tensors`` (in place) and ``counts`` over the ranks of a sharded pass; returns the counts' totals
+    (a tuple). The identity in a single process."""
+    distributed.all_reduce_(list(tensors))
+    return tuple(distributed.total(c) if isinstance(c, float) else int(distributed.total(c)) for c in counts)
 
 
 def trainable(model: nn.Module) -> List[Tuple[str, nn.Parameter]]:
@@ -47,7 +61,7 @@ def accumulate_grads(model: nn.Module, loader, task: Task, batch_loss: Callable,
     n_batches = 0
     finite = torch.ones((), dtype=torch.bool, device=device)  # every batch's loss finite (one sync at the end)
     with eval_mode(model):
-        for batch in progress(loader, show, desc):
+        for batch in batches(loader, show, desc):
             batch = task.to(batch, device)
             loss = batch_loss(model, batch)
             finite &= torch.isfinite(loss.detach()).all()
@@ -60,9 +74,10 @@ def accumulate_grads(model: nn.Module, loader, task: Task, batch_loss: Callable,
                 counters.forward_passes += 1
                 counters.backward_passes += 1
                 counters.samples_seen += task.batch_size(batch)
+    n_batches, = summed(acc, n_batches)
     if n_batches == 0:
         raise ValueError(f"{desc}: the loader yielded no batch")
-    if not bool(finite):
+    if not distributed.all_true(bool(finite)):
         raise FloatingPointError(_non_finite_loss(desc, task))
     return check_finite(Scores({n: a.div_(n_batches) if average else a for (n, _), a in zip(named, acc)}), desc, task)
 
@@ -112,7 +127,7 @@ def squared_sample_grads(model: nn.Module, loader, task: Task, target_sets: Call
     acc = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
     total = 0
     with eval_mode(model):
-        for batch in progress(loader, show, desc):
+        for batch in batches(loader, show, desc):
             batch = task.to(batch, device)
             x = task.inputs(batch)
             y = task.targets(batch) if _has_targets(batch) else None
@@ -136,6 +151,7 @@ def squared_sample_grads(model: nn.Module, loader, task: Task, target_sets: Call
             if counters is not None:
                 counters.forward_passes += 1
                 counters.samples_seen += len(x)
+    total, = summed(acc.values(), total)
     if total == 0:
         raise ValueError(f"{desc}: the loader yielded no sample")
     return check_finite(Scores({n: a.div_(total) for n, a in acc.items()}), desc, task)

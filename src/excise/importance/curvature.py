@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from ..tasks import model_device
-from .common import eval_mode, trainable
+from .common import batches, eval_mode, summed, trainable
 
 
 def hvp(model, loader, task, vec, counters=None):
@@ -17,7 +17,7 @@ def hvp(model, loader, task, vec, counters=None):
     out = [torch.zeros_like(p) for p in params]
     device, total = model_device(model), 0
     with eval_mode(model):
-        for batch in loader:
+        for batch in batches(loader, False, "curvature-vector product"):
             batch = task.to(batch, device)
             n = task.batch_size(batch)
             grads = torch.autograd.grad(task.loss(model, batch) * n, params, create_graph=True)
@@ -29,6 +29,7 @@ def hvp(model, loader, task, vec, counters=None):
                 counters.forward_passes += 1
                 counters.backward_passes += 2
                 counters.samples_seen += n
+    total, = summed(out, total)
     return [o / total for o in out]
 
 
@@ -45,7 +46,7 @@ def ggn_vp(model, loader, task, vec, counters=None):
     out = {n: torch.zeros_like(p) for n, p in params.items()}
     device, total = model_device(model), 0
     with eval_mode(model):
-        for batch in loader:
+        for batch in batches(loader, False, "curvature-vector product"):
             batch = task.to(batch, device)
             x = task.inputs(batch)
 
@@ -65,6 +66,7 @@ def ggn_vp(model, loader, task, vec, counters=None):
                 counters.forward_passes += 1
                 counters.backward_passes += 1
                 counters.samples_seen += task.batch_size(batch)
+    total, = summed(out.values(), total)
     return [out[n] / total for n, _ in named]
 
 

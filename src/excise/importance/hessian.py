@@ -31,7 +31,7 @@ from torch import nn
 
 from ..tasks import Task, get_task, model_device
 from ..types import Counters, Scores
-from .common import eval_mode, progress, squared_sample_grads, trainable
+from .common import batches, eval_mode, squared_sample_grads, summed, trainable
 
 ESTIMATORS = ("exact", "hutchinson", "ggn_exact", "ggn_mc")
 BACKENDS = ("torch", "backpack")
@@ -80,7 +80,7 @@ def _second_order_pass(model, loader, task, counters, show, desc, accumulate) ->
     acc = [torch.zeros_like(p, dtype=torch.float32) for p in params]
     device, total = model_device(model), 0
     with eval_mode(model):
-        for batch in progress(loader, show, desc):
+        for batch in batches(loader, show, desc):
             batch = task.to(batch, device)
             n = task.batch_size(batch)
             grads = torch.autograd.grad(task.loss(model, batch) * n, params, create_graph=True)
@@ -90,6 +90,7 @@ def _second_order_pass(model, loader, task, counters, show, desc, accumulate) ->
                 counters.forward_passes += 1
                 counters.backward_passes += backward
                 counters.samples_seen += n
+    total, = summed(acc, total)
     if total == 0:
         raise ValueError(f"{desc}: the loader yielded no sample")
     return Scores({name: a.div_(total) for (name, _), a in zip(named, acc)})
@@ -151,7 +152,7 @@ def _backpack(model, loader, task, method, mc_samples, seed, counters, show) -> 
         raise ValueError("BackPACK's converter changed the model's parameters; use backend='torch'")
     acc = [torch.zeros_like(p, dtype=torch.float32) for p in params]
     total = 0
-    for batch in progress(loader, show, f"{method} (backpack)"):
+    for batch in batches(loader, show, f"{method} (backpack)"):
         batch = task.to(batch, device)
         x, y = task.inputs(batch), task.targets(batch)
         copy_.zero_grad()
@@ -169,6 +170,7 @@ def _backpack(model, loader, task, method, mc_samples, seed, counters, show) -> 
             counters.forward_passes += 1
             counters.backward_passes += 1
             counters.samples_seen += len(x)
+    total, = summed(acc, total)
     if total == 0:
         raise ValueError(f"{method}: the loader yielded no sample")
     return Scores({n: a.div_(total) for n, a in zip(names, acc)})

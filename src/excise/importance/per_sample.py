@@ -27,7 +27,7 @@ from torch import nn
 
 from ..tasks import Task, model_device
 from ..types import Counters, Scores
-from .common import check_finite, eval_mode, progress, trainable
+from .common import batches, check_finite, eval_mode, summed, trainable
 
 REDUCERS = {"square": lambda t: t.pow(2), "abs": torch.abs}
 _INPLACE = {"square": torch.Tensor.square_, "abs": torch.Tensor.abs_}
@@ -238,7 +238,7 @@ def _hooked(model, loader, task, sample_losses, reduce, owners, named, counters,
         for m in owners:
             handles.append(m.register_forward_hook(fwd))
         with eval_mode(model):
-            for batch in progress(loader, show, desc):
+            for batch in batches(loader, show, desc):
                 batch = task.to(batch, device)
                 for m in owners:
                     inputs[m].clear()
@@ -279,6 +279,7 @@ def _hooked(model, loader, task, sample_losses, reduce, owners, named, counters,
             h.remove()
         for prm in detached:
             prm.requires_grad_(True)
+    total, = summed(list(acc.values()) + list(gsum.values()), total)
     return _finish(acc, total, desc, task), _finish(gsum, total, desc, task, check_zero=False)
 
 
@@ -301,7 +302,7 @@ def _vmapped(model, loader, task, sample_losses, reduce, named, counters, show, 
     gsum = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
     total = 0
     with eval_mode(model):
-        for batch in progress(loader, show, desc):
+        for batch in batches(loader, show, desc):
             batch = task.to(batch, device)
             parts = list(batch) if isinstance(batch, (list, tuple)) else [batch]
             n = int(task.batch_size(batch))
@@ -319,6 +320,7 @@ def _vmapped(model, loader, task, sample_losses, reduce, named, counters, show, 
                 counters.forward_passes += 1
                 counters.backward_passes += 1
                 counters.samples_seen += n
+    total, = summed(list(acc.values()) + list(gsum.values()), total)
     return _finish(acc, total, desc, task), _finish(gsum, total, desc, task, check_zero=False)
 
 

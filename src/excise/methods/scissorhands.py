@@ -20,7 +20,7 @@ from itertools import cycle
 import torch
 from torch.utils.data import DataLoader
 
-from .. import importance, selection
+from .. import distributed, importance, selection
 from ..edit import reinit, train_mode
 from ..edit.project import flat_grad, project, write_flat_grad
 from ..importance.common import eval_mode, progress
@@ -106,34 +106,48 @@ def scissorhands(model, request, ctx, k, n_batches, scope, seed, **repair):
                 with eval_mode(model):
                     refs = []
                     for _ in range(cfg.memories):
-                        b = task.to(next(reference), device)
-                        refs.append(_grad_of(model, params, -task.loss(model, b)))
-                        ctx.counters.forward_passes += 1
-                        ctx.counters.backward_passes += 1
-                        ctx.counters.samples_seen += task.batch_size(b)
+                        b, w = distributed.part(next(reference))
+                        g = torch.zeros(sum(p.numel() for p in params), device=device)
+                        if w:
+                            b = task.to(b, device)
+                            g = _grad_of(model, params, -distributed.weighted(task.loss(model, b), w))
+                            ctx.counters.forward_passes += 1
+                            ctx.counters.backward_passes += 1
+                            ctx.counters.samples_seen += task.batch_size(b)
+                        distributed.average_([g])
+                        refs.append(g)
                     g_mem = torch.stack(refs)
             train_mode(model, cfg.norm_stats)
             forget_iter = iter(forget)
-            for rb in progress(retain, ctx.progress, f"repair {epoch + 1}/{cfg.epochs}"):
+            retain_steps = distributed.split(retain, "repair")  # under torch.distributed: this rank's parts
+            for _rb, rb, w_r in progress(retain_steps, ctx.progress, f"repair {epoch + 1}/{cfg.epochs}"):
                 if cfg.max_steps is not None and steps >= cfg.max_steps:
                     break
-                rb = task.to(rb, device)
-                fb = next(forget_iter, None)
+                fb_all = next(forget_iter, None)
                 opt.zero_grad(set_to_none=True)
-                loss = task.loss(model, rb)
-                if fb is not None:
-                    fb = task.to(fb, device)
-                    loss = loss - cfg.lam * task.loss(model, fb)
+                loss = None
+                if w_r:
+                    rb = task.to(rb, device)
+                    loss = distributed.weighted(task.loss(model, rb), w_r)
                     ctx.counters.forward_passes += 1
-                    ctx.counters.samples_seen += task.batch_size(fb)
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"scissorhands repair diverged at step {steps} (loss {float(loss.detach())}); "
+                    ctx.counters.backward_passes += 1
+                    ctx.counters.samples_seen += task.batch_size(rb)
+                if fb_all is not None:
+                    fb, w_f = distributed.part(fb_all)
+                    if w_f:
+                        fb = task.to(fb, device)
+                        ascent = cfg.lam * distributed.weighted(task.loss(model, fb), w_f)
+                        loss = -ascent if loss is None else loss - ascent
+                        ctx.counters.forward_passes += 1
+                        ctx.counters.samples_seen += task.batch_size(fb)
+                if not distributed.all_true(loss is None or bool(torch.isfinite(loss))):
+                    raise FloatingPointError(f"scissorhands repair diverged at step {steps} (loss "
+                                             f"{float(loss.detach()) if loss is not None else 'not finite'}); "
                                              "lower lr or lam")
-                loss.backward()
-                ctx.counters.forward_passes += 1
-                ctx.counters.backward_passes += 1
-                ctx.counters.samples_seen += task.batch_size(rb)
-                if fb is not None and g_mem is not None:
+                if loss is not None:
+                    loss.backward()
+                distributed.average_grads(params)
+                if fb_all is not None and g_mem is not None:
                     g = flat_grad(params)
                     g_new = project(g, g_mem, cfg.margin)
                     if g_new is not g:
@@ -141,6 +155,7 @@ def scissorhands(model, request, ctx, k, n_batches, scope, seed, **repair):
                         write_flat_grad(params, g_new)
                 opt.step()
                 steps += 1
+            retain_steps.finish()
             model.eval()
     return UnlearningResult(model=model, method="", hparams={}, mask=mask,
                             info={"selected_fraction": mask.fraction(model), "projections": projections,
