@@ -136,3 +136,22 @@ def test_unlearn_command_under_torchrun_writes_one_folder(tmp_path):
     _close(a, b, rtol=1e-5, atol=1e-7)
     meta = json.loads((tmp_path / "two" / "results.json").read_text())["meta"]["result"]
     assert meta["info"]["distributed"]["world_size"] == 2
+
+
+def test_bench_under_torchrun_matches_one_process(tmp_path):
+    from excise.cli import main
+
+    proto = tmp_path / "tiny.toml"
+    proto.write_text('name = "digits-mlp-class"\ndataset = "digits"\narch = "mlp"\nforget = "class:3"\n'
+                     'val_fraction = 0.1\nseeds = [0]\nimportance_batch = 64\n[recipe]\nepochs = 4\n'
+                     'batch_size = 64\n[methods.ssd]\nalpha = 5.0\n[methods.finetune]\n')
+    _torchrun(["-m", "excise", "bench", str(proto), "--quiet", "--out", str(tmp_path / "two")], tmp_path,
+              tmp_path / "cache")
+    assert main(["bench", str(proto), "--quiet", "--out", str(tmp_path / "one")]) == 0
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(p.name for p in (tmp_path / "one").iterdir())
+    two = {r["method"]: r for r in json.loads((tmp_path / "two" / "report.json").read_text())["rows"]}
+    one = {r["method"]: r for r in json.loads((tmp_path / "one" / "report.json").read_text())["rows"]}
+    assert two.keys() == one.keys() and {"original", "ssd", "finetune"} <= set(one)
+    for method, row in one.items():  # the original and oracle trained data-parallel, the methods run on them
+        for metric in ("UA", "RA", "TA"):
+            assert abs(two[method][metric] - row[metric]) <= 1.0, (method, metric)

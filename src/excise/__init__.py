@@ -35,7 +35,7 @@ _LAZY = {
     "tune": ("excise.tuning", "tune"),
 }
 _SUBMODULES = {"data", "models", "importance", "selection", "edit", "methods", "evaluation", "training", "tasks",
-               "types", "protocol", "bench", "tuning"}
+               "types", "protocol", "bench", "tuning", "distributed"}
 
 __all__ = sorted(_LAZY) + sorted(_SUBMODULES)
 
