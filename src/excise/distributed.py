@@ -199,27 +199,30 @@ def weighted(loss: torch.Tensor, weight: float) -> torch.Tensor:
 
 
 class Batches:
-    """The checksums of the batches a rank walked through, compared across ranks by :meth:`check`."""
+    """The checksums of the batches a rank walked through, compared across ranks by :meth:`check`. Kept as
+    tensors where the batches live (no device synchronisation per batch)."""
 
     def __init__(self, desc: str):
         self.desc = desc
-        self.sums: List[Tuple[float, float]] = []
+        self.sums: List[torch.Tensor] = []
 
     def record(self, batch) -> None:
         first = _first_tensor(batch)
-        n = float(first.shape[0]) if first is not None and first.dim() else 1.0
-        s = float(first.detach().double().sum()) if first is not None and first.is_floating_point() else (
-            float(first.detach().sum()) if first is not None else 0.0)
-        self.sums.append((n, s))
+        if first is None:
+            self.sums.append(torch.zeros(2, dtype=torch.float64))
+            return
+        n = float(first.shape[0]) if first.dim() else 1.0
+        s = first.detach().reshape(-1).to(torch.float64).sum()
+        self.sums.append(torch.stack([s.new_tensor(n), s]))
 
     def check(self) -> None:
         """Raise on every rank when the ranks walked through different batches."""
         if not active():
             return
-        mine = self.sums
+        mine = torch.stack([t.cpu() for t in self.sums]) if self.sums else torch.zeros(0, 2, dtype=torch.float64)
         rank0 = broadcast_object(mine)
-        same = len(rank0) == len(mine) and all(a[0] == b[0] and abs(a[1] - b[1]) <= 1e-6 * (1 + abs(a[1]))
-                                               for a, b in zip(rank0, mine))
+        same = rank0.shape == mine.shape and bool(
+            ((rank0[:, 0] == mine[:, 0]) & ((rank0[:, 1] - mine[:, 1]).abs() <= 1e-6 * (1 + rank0[:, 1].abs()))).all())
         if not all_true(same):
             raise RuntimeError(
                 f"{self.desc}: the loader yielded different batches on different ranks (a shuffled DataLoader "
