@@ -111,6 +111,8 @@ def recipe(args) -> int:
     return 0
 
 
+_CLASS_EMB = dict(k=0.09, lam=0.1, lr=1e-4, epochs=1, batch_size=128, memories=1, optimizer="adam", weight_decay=0.0,
+                  scope="pattern:class_embedding")
 METHODS = [  # (label, method, hyperparameters): the suggestions where it makes them, else the defaults
     ("scissorhands", "scissorhands", dict(k=0.01, lam=0.1, lr=0.01, epochs=1, batch_size=128, memories=1)),
     # the sparsity of the Stable Diffusion code (0.995–0.999): fewer entries re-initialised
@@ -118,6 +120,16 @@ METHODS = [  # (label, method, hyperparameters): the issue's suggestions where i
     # the Stable Diffusion code's repair optimiser (Adam), at a tenth of the original's training lr
     ("scissorhands adam", "scissorhands", dict(k=0.01, lam=0.1, lr=1e-4, epochs=1, batch_size=128, memories=1,
                                                optimizer="adam")),
+    # the trim restricted to the conditioning path, as the Stable Diffusion code restricts it to a few attention
+    # blocks: here the class embedding, where SNIP's top 9 % is exactly the forgotten class's row; Adam without
+    # weight decay (coupled L2 in Adam decays the parameters with small gradients fastest)
+    ("scissorhands class-emb", "scissorhands", dict(_CLASS_EMB)),
+    ("scissorhands class-emb seed 1", "scissorhands", dict(_CLASS_EMB, seed=1)),
+    ("scissorhands class-emb k=0.1", "scissorhands", dict(_CLASS_EMB, k=0.1)),  # also 6 entries of rows 6 and 7
+    ("scissorhands class-emb wd 5e-4", "scissorhands", dict(_CLASS_EMB, weight_decay=5e-4)),
+    # the same trim, then plain SGD on the retain set: no ascent, no projection
+    ("scissorhands class-emb sgd lam=0", "scissorhands", dict(_CLASS_EMB, optimizer="sgd", lr=0.01, lam=0.0,
+                                                             weight_decay=5e-4, projection=False)),
     ("salun", "salun", dict(k=0.5, lr=0.01, epochs=1, batch_size=128)),
     ("esd", "esd", dict(eta=1.0, lr=0.01, epochs=3, batch_size=128)),
     ("finetune", "finetune", dict(lr=0.01, epochs=1, batch_size=128)),

@@ -1,10 +1,12 @@
 """One request's expensive parts in one process and in two (torch.distributed, gloo, torchrun).
 
     python benchmarks/distributed.py            # → benchmarks/results/distributed.(md|json)
+    python benchmarks/distributed.py write      # re-render the .md from the .json (and the reading)
 
 On 10,000 Fashion-MNIST training images (batch 256) for SmallCNN and ResNet-18 width 16: SSD's importance pass
 (the per-sample gradient moments, and the paper's batch Fisher) and one epoch of data-parallel fine-tuning
-(excise.edit.masked_sgd, SGD) and of training (excise.training.train, Adam). Each configuration is launched
+(excise.edit.masked_sgd, SGD, BatchNorm statistics frozen) and of training (excise.training.train, Adam,
+BatchNorm in train mode: each rank normalises its half of a batch by that half's statistics). Each configuration is launched
 by ``torchrun --standalone --nproc_per_node=P`` with the machine's cores split between the processes (P=1 with
 all threads, P=2 with half each), best of two timings, and the results compared with the one-process ones.
 """
@@ -65,8 +67,9 @@ def worker(out_dir: str) -> None:
         def finetune():
             m = build_model(arch, (1, 28, 28), 10, **kw)
             m.load_state_dict(model.state_dict())
-            masked_sgd(m, loader, lambda b, s, t: task.loss(m, b), Schedule(lr=0.01, epochs=1, momentum=0.9),
-                       task=task)
+            # BatchNorm frozen (eval-mode statistics): a rank's part is normalised as the whole batch would be
+            masked_sgd(m, loader, lambda b, s, t: task.loss(m, b),
+                       Schedule(lr=0.01, epochs=1, momentum=0.9, norm_stats="freeze"), task=task)
             return m
 
         def training():
@@ -143,8 +146,8 @@ def write(table, machine) -> None:
             "|---|---|---:|---:|---:|---:|"]
     names = {"moments": ("importance: gradient moments (SSD default)", "second"),
              "batch_fisher": ("importance: batch Fisher (paper)", "batch_fisher"),
-             "finetune_epoch": ("fine-tuning epoch (masked SGD)", "finetune"),
-             "train_epoch": ("training epoch (Adam)", "train")}
+             "finetune_epoch": ("fine-tuning epoch (masked SGD, BatchNorm frozen)", "finetune"),
+             "train_epoch": ("training epoch (Adam, BatchNorm in train mode)", "train")}
     for row in table:
         for k, (label, res) in names.items():
             a, b = row[k]["1 process"], row[k]["2 processes"]
@@ -165,5 +168,9 @@ def write(table, machine) -> None:
 if __name__ == "__main__":
     if sys.argv[1:2] == ["worker"]:
         worker(sys.argv[2])
+        sys.exit(0)
+    if sys.argv[1:2] == ["write"]:
+        saved = json.loads((RESULTS / "distributed.json").read_text())
+        write(saved["rows"], saved["machine"])
         sys.exit(0)
     sys.exit(main())
