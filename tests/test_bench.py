@@ -40,8 +40,12 @@ def test_shipped_protocols_load():
     for kind in ("class", "subclass", "random10"):
         assert f"fmnist-smallcnn-{kind}" in names and f"fmnist-resnet18w16-{kind}" in names
     assert "fmnist-resnet18w32-class" in names  # the longer run
+    assert "fmnist-ddpm-class" in names  # a class-conditional diffusion model
     for n in names:
         proto = load_protocol(n)
+        if proto.get("task") == "diffusion":  # a generator's protocol: one seed (its run costs an hour here)
+            assert proto["seeds"] == [0] and "scissorhands" in proto["methods"]
+            continue
         assert proto["seeds"] == [0, 1, 2]
         if proto["forget"].startswith("relabel"):  # a correction request: SAPS's task
             assert "saps" in proto["methods"]

@@ -236,3 +236,93 @@ def test_generation_metrics_come_from_the_registry(tmp_path):
     pred = p.preds["generated_forget"][0].argmax(-1)
     assert m["forget_recognised"] == pytest.approx(100.0 * float((pred == 2).float().mean()))
     assert sample_grid(images, 3, tmp_path / "g.png").exists()
+
+
+DIFFUSION_PROTOCOL = """
+name = "digits-ddpm-tiny"
+task = "diffusion"
+dataset = "digits"
+arch = "ddpm-unet"
+forget = "class:3"
+seeds = [0]
+importance_batch = 64
+
+[arch_kwargs]
+channels = [8, 16]
+groups = 4
+
+[recipe]
+epochs = 1
+lr = 1e-3
+optimizer = "adam"
+weight_decay = 0.0
+batch_size = 64
+
+[diffusion]
+pixels = [0.0, 1.0]
+pad = 4
+judge = "JUDGE"
+samples = 4
+steps = 3
+
+[methods.finetune]
+epochs = 1
+batch_size = 64
+max_steps = 3
+[methods.scissorhands]
+k = 0.05
+epochs = 1
+batch_size = 64
+max_steps = 3
+"""
+
+
+def test_excise_bench_runs_a_diffusion_protocol(tmp_path, capsys):
+    from excise.bench import load_protocol, run_bench
+    from excise.cli import main
+
+    judge = tmp_path / "judge.toml"
+    judge.write_text('dataset = "digits"\narch = "mlp"\nforget = "class:3"\nseeds = [0]\n[recipe]\nepochs = 3\n')
+    proto = tmp_path / "ddpm.toml"
+    proto.write_text(DIFFUSION_PROTOCOL.replace("JUDGE", str(judge)))
+    assert load_protocol(proto)["task"] == "diffusion"
+    report = run_bench(str(proto), progress=False, out=tmp_path / "out")
+    rows = {r["method"]: r for r in report.rows}
+    assert list(rows) == ["original", "retrain", "finetune", "scissorhands"]
+    for r in rows.values():  # scored by the generation metrics, each against the oracle
+        assert {"forget_recognised", "retain_recognised", "fid_retain", "kid_retain"} <= set(r)
+        assert 0 <= r["forget_recognised"] <= 100 and r["fid_retain"] >= 0
+        assert r["gap_forget_recognised"] == abs(r["forget_recognised"] - rows["retrain"]["forget_recognised"])
+    assert rows["scissorhands"]["selected_fraction"] > 0 and rows["retrain"]["seconds"] > 0
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "forgotten class recognised %" in md and "UA" not in md.split("\n\n")[2]
+    grids = sorted(p.name for p in (tmp_path / "out" / "samples").iterdir())
+    assert grids == ["finetune-seed0.png", "original-seed0.png", "retrain-seed0.png", "scissorhands-seed0.png"]
+    again = run_bench(str(proto), progress=False)  # every row from the cache the first run filled
+    assert all(r["from_cache"] for r in again.rows)
+    assert main(["bench", str(proto), "--quiet", "--out", str(tmp_path / "cli")]) == 0
+    assert "forgotten class recognised %" in capsys.readouterr().out
+
+
+def test_a_diffusion_protocol_refuses_bad_settings(tmp_path):
+    from excise.bench import load_protocol, run_bench
+
+    bad = tmp_path / "bad.toml"
+    bad.write_text('dataset = "digits"\narch = "mlp"\nforget = "class:3"\n[diffusion]\npad = 2\n')
+    with pytest.raises(ValueError, match="needs task"):
+        load_protocol(bad)
+    bad.write_text('task = "painting"\ndataset = "digits"\narch = "mlp"\nforget = "class:3"\n')
+    with pytest.raises(ValueError, match="unknown task"):
+        load_protocol(bad)
+    bad.write_text('task = "diffusion"\ndataset = "digits"\narch = "ddpm-unet"\nforget = "class:3"\n'
+                   '[diffusion]\ncolour = 1\n')
+    with pytest.raises(ValueError, match="unknown \\[diffusion\\] keys"):
+        run_bench(str(bad), progress=False)
+    bad.write_text('task = "diffusion"\ndataset = "digits"\narch = "ddpm-unet"\nforget = "random:0.1"\n'
+                   '[diffusion]\npixels = [0.0, 1.0]\njudge = "fmnist-smallcnn-class"\n')
+    with pytest.raises(ValueError, match="erases classes"):
+        run_bench(str(bad), progress=False)
+    from excise.bench import evaluate
+
+    with pytest.raises(ValueError, match="works on classification protocols"):  # nothing to score a generator with
+        evaluate(None, "fmnist-ddpm-class")

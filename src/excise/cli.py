@@ -226,13 +226,14 @@ def cmd_bench(args) -> int:
 
 def cmd_evaluate(args) -> int:
     from .bench import evaluate, load_protocol
-    from .protocol import setup_for
+    from .protocol import require_classification, setup_for
     from .models import build_model
     from .data import load_dataset
     from .training import load_state
     from .types import resolve_device
 
     proto = load_protocol(args.protocol)
+    require_classification(proto, "excise evaluate")
     setup = setup_for(proto, proto["seeds"][0] if args.seed is None else args.seed)
     train = load_dataset(setup.dataset, "train", setup.data_root)
     model = build_model(setup.arch, train.input_shape, train.num_classes, **setup.arch_kwargs)

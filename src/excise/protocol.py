@@ -86,7 +86,8 @@ class Prepared:
 
 PROTOCOL_DIR = Path(__file__).parent / "bench" / "protocols"
 _KEYS = {"name", "dataset", "arch", "arch_kwargs", "recipe", "forget", "val_fraction", "seeds", "importance_batch",
-         "methods", "data_root", "description", "search"}
+         "methods", "data_root", "description", "search", "task", "diffusion"}
+TASKS = ("classification", "diffusion")  # a protocol's ``task``: what the models are, and how rows are scored
 
 
 def list_protocols() -> List[str]:
@@ -111,11 +112,22 @@ def load_protocol(name_or_path: str | Path) -> Dict[str, Any]:
     for need in ("dataset", "arch", "forget"):
         if need not in proto:
             raise ValueError(f"{p}: protocol needs '{need}'")
+    if proto.get("task", "classification") not in TASKS:
+        raise ValueError(f"{p}: unknown task {proto['task']!r}; expected one of {TASKS}")
+    if "diffusion" in proto and proto.get("task") != "diffusion":
+        raise ValueError(f"{p}: a [diffusion] table needs task = \"diffusion\"")
     proto.setdefault("name", p.stem)
     proto.setdefault("seeds", [0])
     proto.setdefault("methods", {})
     ForgetSpec.parse(proto["forget"])  # fail early on a bad spec
     return proto
+
+
+def require_classification(proto: Dict[str, Any], what: str) -> None:
+    """Refuse a diffusion protocol where only classification protocols make sense (tuning, evaluate)."""
+    if proto.get("task", "classification") != "classification":
+        raise ValueError(f"{what} works on classification protocols; {proto.get('name')} is a "
+                         f"{proto['task']} protocol: run it with excise bench")
 
 
 def setup_for(proto: Dict[str, Any], seed: int) -> "Setup":

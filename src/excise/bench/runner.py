@@ -18,7 +18,7 @@ from ..evaluation.evaluate import metrics_from_predictions, model_predictions
 from ..evaluation.metrics import applicable
 from ..evaluation.report import ORACLE, Report
 from ..storage import cache_key, default_cache_dir, state_hash
-from ..protocol import load_protocol, setup_for
+from ..protocol import load_protocol, require_classification, setup_for
 from .. import distributed
 from ..types import atomic_write_bytes, resolve_device
 
@@ -96,6 +96,12 @@ def run_bench(protocol: str | Dict[str, Any], methods: Optional[Sequence[str]] =
                        "default": [lb for lb in labels if lb not in hit]}
     rows_by_seed, split_hashes, fp = {}, {}, ""
     for seed in seed_list:
+        if proto.get("task") == "diffusion":  # a generator, scored on what it generates
+            from ..diffusion.bench import diffusion_rows
+
+            rows_by_seed[seed], split_hashes[seed], fp = diffusion_rows(
+                proto, seed, labels, table, hit, progress, device, None if out is None else Path(out))
+            continue
         prep = prepare(setup_for(proto, seed), progress=progress, device=device)
         split_hashes[seed], fp = prep.splits.hash, prep.train_ds.fingerprint()
         loaders = _loaders(prep)
@@ -172,11 +178,12 @@ def run_bench(protocol: str | Dict[str, Any], methods: Optional[Sequence[str]] =
     report.facts["seeds_total"] = len(proto["seeds"])
     if tuned_facts:
         report.facts["tuned"] = tuned_facts
-    report.notes.append("mia_svc_confidence fits its SVC on a seeded random subset of the retain set as large as "
-                        "its non-members (the attack's definition): the test set, or on full-class forgetting the "
-                        "other classes' test samples (SalUn's roles, which TA follows; TA_all in the JSON keeps the "
-                        "whole test set); mia_loss_cv subsamples the larger of forget / test to the smaller "
-                        "(seeded). Every other number uses every sample.")
+    if proto.get("task") != "diffusion":
+        report.notes.append("mia_svc_confidence fits its SVC on a seeded random subset of the retain set as large as "
+                            "its non-members (the attack's definition): the test set, or on full-class forgetting the "
+                            "other classes' test samples (SalUn's roles, which TA follows; TA_all in the JSON keeps the "
+                            "whole test set); mia_loss_cv subsamples the larger of forget / test to the smaller "
+                            "(seeded). Every other number uses every sample.")
     report.finalize()
     if out is not None:
         report.save(out)
@@ -191,6 +198,7 @@ def evaluate(model, protocol: str | Dict[str, Any], seed: Optional[int] = None, 
     from ..protocol import prepare
 
     proto = load_protocol(protocol) if not isinstance(protocol, dict) else protocol
+    require_classification(proto, "excise evaluate")
     seed = proto["seeds"][0] if seed is None else seed
     prep = prepare(setup_for(proto, seed), progress=progress, with_oracle=oracle is None, device=resolve_device(device))
     if oracle is not None:

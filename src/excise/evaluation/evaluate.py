@@ -49,7 +49,8 @@ def gaps(row: Dict[str, Any], oracle_row: Dict[str, Any]) -> Dict[str, float]:
     for k in gap_metrics():
         if k in row and k in oracle_row and row[k] is not None and oracle_row[k] is not None:
             out[f"gap_{k}"] = abs(float(row[k]) - float(oracle_row[k]))
-    out["avg_gap"] = sum(out[f"gap_{k}"] for k in AVG_GAP_METRICS) / len(AVG_GAP_METRICS)
+    if all(f"gap_{k}" in out for k in AVG_GAP_METRICS):  # rows of a generator have none of them
+        out["avg_gap"] = sum(out[f"gap_{k}"] for k in AVG_GAP_METRICS) / len(AVG_GAP_METRICS)
     return out
 
 

@@ -105,13 +105,14 @@ class Report:
         """SalUn Table 1 layout: one row per method, mean ± std over seeds."""
         summ = self.summary()
         seeds = sorted({r["seed"] for r in self.rows})
+        columns = self.columns()
         lines = [f"## {title or self.protocol.get('name', 'report')}", "",
                  f"protocol hash `{self.protocol_hash}`, seeds {seeds}", "",
-                 "| method | " + " | ".join(t for _, t in TABLE_COLUMNS) + " |",
-                 "|---|" + "---:|" * len(TABLE_COLUMNS)]
+                 "| method | " + " | ".join(t for _, t in columns) + " |",
+                 "|---|" + "---:|" * len(columns)]
         for m in self.methods():
             cells = []
-            for key, _ in TABLE_COLUMNS:
+            for key, _ in columns:
                 v = summ[m].get(key)
                 if v is None:
                     cells.append("—")
@@ -124,13 +125,33 @@ class Report:
             label = m + (" (tuned)" if all(r.get("tuned") for r in self.rows if r["method"] == m) else "")
             label += f" (diverged on {n_div} of {n_all} seeds)" if n_div else ""
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
-        lines += ["", "UA = 100 − forget accuracy; RA / TA = retain / test accuracy (%). MIA (svc) = SalUn's "
-                  "MIA-Efficacy: % of the forget set an SVC on the true-class confidence calls non-member (ideal: "
-                  "the oracle's). Avg Gap = mean |Δ to the retrain oracle| over UA, RA, TA and MIA (svc), same seed. "
-                  "seconds = the unlearning step alone (retrain: its training time); speed-up = retrain seconds / seconds."]
+        if columns is TABLE_COLUMNS:
+            lines += ["", "UA = 100 − forget accuracy; RA / TA = retain / test accuracy (%). MIA (svc) = SalUn's "
+                      "MIA-Efficacy: % of the forget set an SVC on the true-class confidence calls non-member (ideal: "
+                      "the oracle's). Avg Gap = mean |Δ to the retrain oracle| over UA, RA, TA and MIA (svc), same "
+                      "seed. seconds = the unlearning step alone (retrain: its training time); speed-up = retrain "
+                      "seconds / seconds."]
+        else:
+            from .metrics import get_metric
+
+            lines += [""] + [f"{get_metric(k).title}: {get_metric(k).direction}." for k, _ in columns
+                             if k not in ("seconds", "speedup")]
+            lines += ["seconds = the unlearning step alone (retrain: its training time); speed-up = retrain "
+                      "seconds / seconds."]
         lines += [f"- {n}" for n in self.rendered_notes()]
         lines += [f"- {r['method']}, seed {r['seed']}: {r['diverged']}" for r in self.rows if r.get("diverged")]
         return "\n".join(lines) + "\n"
+
+    def columns(self):
+        """The table's columns: SalUn's (UA, RA, TA, MIA, Avg Gap) for a classification protocol; for a
+        diffusion protocol the registered metrics its rows have, then seconds and speed-up."""
+        if self.protocol.get("task") != "diffusion":
+            return TABLE_COLUMNS
+        from .metrics import get_metric, metric_names
+
+        present = [m for m in metric_names() if any(isinstance(r.get(m), (int, float)) and not isinstance(r.get(m), bool)
+                                                    for r in self.rows)]
+        return [(m, get_metric(m).title) for m in present] + [("seconds", "seconds"), ("speedup", "speed-up")]
 
     def to_csv(self) -> str:
         keys: List[str] = []

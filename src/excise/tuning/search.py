@@ -179,7 +179,7 @@ def tune(method: str, protocol: Any, budget: int = 20, objective: str = "avg_gap
     except ImportError:
         raise ImportError("excise.tune needs Optuna: pip install 'excise[tune]' (or pip install optuna)") from None
 
-    from ..protocol import load_protocol
+    from ..protocol import load_protocol, require_classification
     from ..methods import get_method
 
     if objective not in OBJECTIVES:
@@ -194,6 +194,7 @@ def tune(method: str, protocol: Any, budget: int = 20, objective: str = "avg_gap
     if floor is not None and not floor >= 0:
         raise ValueError(f"floor must be a non-negative number of points, got {floor!r}")
     proto = load_protocol(protocol) if not isinstance(protocol, dict) else protocol
+    require_classification(proto, "excise tune")
     spec = get_method(method)
     _check_space(spec)
     preset, fixed = _fixed_values(proto, method, spec, fixed)
