@@ -127,6 +127,10 @@ METHODS = [  # (label, method, hyperparameters): the issue's suggestions where i
     ("scissorhands class-emb seed 1", "scissorhands", dict(_CLASS_EMB, seed=1)),
     ("scissorhands class-emb k=0.1", "scissorhands", dict(_CLASS_EMB, k=0.1)),  # also 6 entries of rows 6 and 7
     ("scissorhands class-emb wd 5e-4", "scissorhands", dict(_CLASS_EMB, weight_decay=5e-4)),
+    # the same trim, then the repair on the retain set alone (no ascent, no projection): the class's row, never
+    # trained again, is what forgets
+    ("scissorhands class-emb lam=0", "scissorhands", dict(_CLASS_EMB, lam=0.0, projection=False)),
+    ("scissorhands class-emb lam=0 seed 1", "scissorhands", dict(_CLASS_EMB, lam=0.0, projection=False, seed=1)),
     # the same trim, then plain SGD on the retain set: no ascent, no projection
     ("scissorhands class-emb sgd lam=0", "scissorhands", dict(_CLASS_EMB, optimizer="sgd", lr=0.01, lam=0.0,
                                                              weight_decay=5e-4, projection=False)),
