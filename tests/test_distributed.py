@@ -102,6 +102,12 @@ def test_ranks_stayed_in_step(two_ranks):
             assert info["end_spread"] < 1e-5, method  # before rank 0's weights were broadcast
 
 
+def test_a_non_finite_loss_on_one_rank_raises_on_every_rank(two_ranks, one_rank):
+    assert one_rank["non_finite"] is not None and "not finite" in one_rank["non_finite"]
+    for r in two_ranks:
+        assert r["non_finite"] == one_rank["non_finite"]
+
+
 def test_a_loader_that_differs_between_ranks_is_refused(two_ranks):
     for r in two_ranks:
         assert r["mismatch"] is not None and "different batches on different ranks" in r["mismatch"]

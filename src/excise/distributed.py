@@ -212,7 +212,8 @@ class Batches:
             self.sums.append(torch.zeros(2, dtype=torch.float64))
             return
         n = float(first.shape[0]) if first.dim() else 1.0
-        s = first.detach().reshape(-1).to(torch.float64).sum()
+        s = torch.nan_to_num(first.detach().reshape(-1).to(torch.float64).sum(), nan=0.0)  # a NaN input is the
+        # pass's own error to report, not a mismatch between ranks
         self.sums.append(torch.stack([s.new_tensor(n), s]))
 
     def check(self) -> None:

@@ -20,6 +20,25 @@ def batches(loader, show: bool, desc: str):
     return progress(distributed.shard(loader, desc), show, desc)
 
 
+class NonFinite:
+    """A pass's guard against a non-finite loss: in one process :meth:`seen` raises at once; under
+    torch.distributed it remembers (the caller skips the batch), and :meth:`check`, after the loop, raises on
+    every rank — a rank raising alone would leave the others waiting in the pass's all-reduce."""
+
+    def __init__(self, message: str):
+        self.message = message
+        self.bad = False
+
+    def seen(self) -> None:
+        if not distributed.active():
+            raise FloatingPointError(self.message)
+        self.bad = True
+
+    def check(self) -> None:
+        if not distributed.all_true(not self.bad):
+            raise FloatingPointError(self.message)
+
+
 def summed(tensors, *counts: float):
     """Sum ``tensors`` (in place) and ``counts`` over the ranks of a sharded pass; returns the counts' totals
     (a tuple). The identity in a single process."""
@@ -126,6 +145,7 @@ def squared_sample_grads(model: nn.Module, loader, task: Task, target_sets: Call
     per_sample_grad = vmap(grad(sample_loss), in_dims=(None, 0, 0))
     acc = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
     total = 0
+    guard = NonFinite(_non_finite_loss(desc, task))
     with eval_mode(model):
         for batch in batches(loader, show, desc):
             batch = task.to(batch, device)
@@ -138,7 +158,8 @@ def squared_sample_grads(model: nn.Module, loader, task: Task, target_sets: Call
                 for targets, weights in target_sets(xs, None if y is None else y[s:s + chunk_size], out):
                     with torch.no_grad():
                         if not bool(torch.isfinite(task.loss_from_output(out, targets, reduction="none")).all()):
-                            raise FloatingPointError(_non_finite_loss(desc, task))
+                            guard.seen()
+                            continue
                     g = per_sample_grad(params, xs, targets)
                     if counters is not None:
                         counters.backward_passes += 1
@@ -151,6 +172,7 @@ def squared_sample_grads(model: nn.Module, loader, task: Task, target_sets: Call
             if counters is not None:
                 counters.forward_passes += 1
                 counters.samples_seen += len(x)
+    guard.check()
     total, = summed(acc.values(), total)
     if total == 0:
         raise ValueError(f"{desc}: the loader yielded no sample")

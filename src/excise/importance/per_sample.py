@@ -27,7 +27,7 @@ from torch import nn
 
 from ..tasks import Task, model_device
 from ..types import Counters, Scores
-from .common import batches, check_finite, eval_mode, summed, trainable
+from .common import NonFinite, batches, check_finite, eval_mode, summed, trainable
 
 REDUCERS = {"square": lambda t: t.pow(2), "abs": torch.abs}
 _INPLACE = {"square": torch.Tensor.square_, "abs": torch.Tensor.abs_}
@@ -231,6 +231,7 @@ def _hooked(model, loader, task, sample_losses, reduce, owners, named, counters,
     handles = []
     device = model_device(model)
     total = 0
+    guard = NonFinite(_non_finite(desc, task))
     detached = [p for _, p in named]
     try:
         for prm in detached:
@@ -246,7 +247,8 @@ def _hooked(model, loader, task, sample_losses, reduce, owners, named, counters,
                 leaves.clear()
                 losses = sample_losses(task.output(model, batch), batch)
                 if not bool(torch.isfinite(losses.detach()).all()):
-                    raise FloatingPointError(_non_finite(desc, task))
+                    guard.seen()
+                    continue
                 if leaves and losses.requires_grad:
                     torch.autograd.grad(losses.float().sum(), leaves, allow_unused=True)
                 collecting[0] = False
@@ -279,6 +281,7 @@ def _hooked(model, loader, task, sample_losses, reduce, owners, named, counters,
             h.remove()
         for prm in detached:
             prm.requires_grad_(True)
+    guard.check()
     total, = summed(list(acc.values()) + list(gsum.values()), total)
     return _finish(acc, total, desc, task), _finish(gsum, total, desc, task, check_zero=False)
 
@@ -301,6 +304,7 @@ def _vmapped(model, loader, task, sample_losses, reduce, named, counters, show, 
     acc = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
     gsum = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
     total = 0
+    guard = NonFinite(_non_finite(desc, task))
     with eval_mode(model):
         for batch in batches(loader, show, desc):
             batch = task.to(batch, device)
@@ -309,7 +313,8 @@ def _vmapped(model, loader, task, sample_losses, reduce, named, counters, show, 
             with torch.no_grad():
                 losses = sample_losses(task.output(model, batch), batch)
             if not bool(torch.isfinite(losses).all()):
-                raise FloatingPointError(_non_finite(desc, task))
+                guard.seen()
+                continue
             for s in range(0, n, chunk):
                 g = per_sample(params, [t[s:s + chunk] for t in parts])
                 for k in acc:
@@ -320,6 +325,7 @@ def _vmapped(model, loader, task, sample_losses, reduce, named, counters, show, 
                 counters.forward_passes += 1
                 counters.backward_passes += 1
                 counters.samples_seen += n
+    guard.check()
     total, = summed(list(acc.values()) + list(gsum.values()), total)
     return _finish(acc, total, desc, task), _finish(gsum, total, desc, task, check_zero=False)
 
