@@ -48,3 +48,22 @@ def state_hash(model: nn.Module) -> str:
 def cache_key(**parts: Any) -> str:
     """A 32-hex-digit key for a JSON-serialisable description."""
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+def cached_row(key: str, compute) -> Dict[str, Any]:
+    """A benchmark row (a JSON-able dict) from the cache folder's ``bench/<key>.json``, or ``compute()``'s,
+    stored there atomically; ``from_cache`` says which. Under torch.distributed rank 0 decides and reads, and
+    every rank takes the same branch."""
+    from . import distributed
+    from .types import atomic_write_bytes
+
+    path = default_cache_dir() / "bench" / f"{key}.json"
+    row = json.loads(path.read_text()) if distributed.is_main() and path.exists() else None
+    row = distributed.broadcast_object(row)
+    if row is not None:
+        row["from_cache"] = True
+        return row
+    row = compute()
+    atomic_write_bytes(path, json.dumps(row, default=str).encode())
+    row["from_cache"] = False
+    return row

@@ -9,7 +9,6 @@ protocol finishes from cache.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence
 
@@ -17,10 +16,9 @@ from .. import __version__
 from ..evaluation.evaluate import metrics_from_predictions, model_predictions
 from ..evaluation.metrics import applicable
 from ..evaluation.report import ORACLE, Report
-from ..storage import cache_key, default_cache_dir, state_hash
+from ..storage import cache_key, cached_row, state_hash
 from ..protocol import load_protocol, require_classification, setup_for
-from .. import distributed
-from ..types import atomic_write_bytes, resolve_device
+from ..types import resolve_device
 
 def _protocol_identity(proto: Dict[str, Any], seeds: Sequence[int], split_hashes: Dict[int, str], data_fp: str):
     # ``search`` narrows what ``excise tune`` searches; it changes no row, so it is not part of the identity
@@ -32,24 +30,6 @@ def _protocol_identity(proto: Dict[str, Any], seeds: Sequence[int], split_hashes
 def _loaders(prep) -> Dict[str, Any]:
     return {k: prep.loaders[k] for k in ("forget", "retain", "val", "test", "test_forget", "test_retain", "corrected")
             if k in prep.loaders}
-
-
-def _row_cache(key: str) -> Path:
-    return default_cache_dir() / "bench" / f"{key}.json"
-
-
-def _cached_row(key: str, compute) -> Dict[str, Any]:
-    path = _row_cache(key)
-    # rank 0 decides and reads under torch.distributed: every rank takes the same branch
-    row = json.loads(path.read_text()) if distributed.is_main() and path.exists() else None
-    row = distributed.broadcast_object(row)
-    if row is not None:
-        row["from_cache"] = True
-        return row
-    row = compute()
-    atomic_write_bytes(path, json.dumps(row, default=str).encode())
-    row["from_cache"] = False
-    return row
 
 
 def run_bench(protocol: str | Dict[str, Any], methods: Optional[Sequence[str]] = None,
@@ -124,11 +104,11 @@ def run_bench(protocol: str | Dict[str, Any], methods: Optional[Sequence[str]] =
             return {"model_hash": digest, **{k: v for k, v in (meta or {}).items() if k in ("torch", "device", "threads")}}
 
         rows = [
-            {"method": "original", "seed": seed, **made(prep.original_meta, o_hash), **_cached_row(
+            {"method": "original", "seed": seed, **made(prep.original_meta, o_hash), **cached_row(
                 cache_key(kind="eval", model=o_hash, oracle=r_hash, split=prep.splits.hash, v=__version__,
                           metrics=metrics),
                 lambda: {**eval_row(model_predictions(prep.original, loaders)), "seconds": None})},
-            {"method": ORACLE, "seed": seed, **made(prep.oracle_meta, r_hash), **_cached_row(
+            {"method": ORACLE, "seed": seed, **made(prep.oracle_meta, r_hash), **cached_row(
                 cache_key(kind="eval", model=r_hash, oracle=r_hash, split=prep.splits.hash, v=__version__,
                           metrics=metrics),
                 lambda: {**eval_row(oracle_predictions()), "seconds": prep.oracle_meta["train_seconds"]})},
@@ -168,7 +148,7 @@ def run_bench(protocol: str | Dict[str, Any], methods: Optional[Sequence[str]] =
             rev = get_method(name).revision  # a method whose behaviour changed does not reuse older rows
             key = cache_key(kind="method", model=o_hash, split=prep.splits.hash, method=name, preset=preset,
                             hparams=entry, v=__version__, metrics=metrics, **({"rev": rev} if rev else {}))
-            rows.append({"method": label, "seed": seed, **_cached_row(key, compute), **({"revision": rev} if rev else {}),
+            rows.append({"method": label, "seed": seed, **cached_row(key, compute), **({"revision": rev} if rev else {}),
                          **({"tuned": True} if label in hit else {})})
         rows_by_seed[seed] = rows
     report = Report(_protocol_identity(proto, seed_list, split_hashes, fp))

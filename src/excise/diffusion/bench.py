@@ -73,13 +73,12 @@ def diffusion_rows(proto: Dict[str, Any], seed: int, labels: Sequence[str], tabl
                    tuned: Sequence[str], progress: bool, device: torch.device, out: Optional[Path]):
     """``(rows, split hash, data fingerprint)`` of one seed of a diffusion protocol (see the module docstring)."""
     from .. import __version__, unlearn
-    from ..bench.runner import _cached_row
     from ..evaluation.report import ORACLE
     from ..data import ForgetSpec, load_dataset, make_splits
     from ..methods import get_method
     from ..models import build_model
     from ..protocol import load_protocol, prepare, setup_for
-    from ..storage import cache_key, state_hash
+    from ..storage import cache_key, cached_row, state_hash
     from ..training import CheckpointCache, TrainRecipe, seeded_loader, train
     from .evaluate import generation_predictions, sample_grid
     from .task import DiffusionTask
@@ -153,9 +152,9 @@ def diffusion_rows(proto: Dict[str, Any], seed: int, labels: Sequence[str], tabl
 
     rows: List[Dict[str, Any]] = [
         {"method": "original", "seed": seed, "model_hash": o_hash,
-         **_cached_row(eval_key(o_hash), lambda: {**score("original", original), "seconds": None})},
+         **cached_row(eval_key(o_hash), lambda: {**score("original", original), "seconds": None})},
         {"method": ORACLE, "seed": seed, "model_hash": r_hash,
-         **_cached_row(eval_key(r_hash), lambda: {**score(ORACLE, oracle), "seconds": r_meta["train_seconds"]})},
+         **cached_row(eval_key(r_hash), lambda: {**score(ORACLE, oracle), "seconds": r_meta["train_seconds"]})},
     ]
     for label in labels:
         entry = dict(table.get(label, {}))
@@ -177,7 +176,7 @@ def diffusion_rows(proto: Dict[str, Any], seed: int, labels: Sequence[str], tabl
         k = cache_key(kind="method-diffusion", model=o_hash, split=splits.hash, method=name, preset=preset,
                       hparams=entry, scoring=scoring, judge=j_hash, seed=seed, v=__version__,
                       **({"rev": rev} if rev else {}))
-        rows.append({"method": label, "seed": seed, **_cached_row(k, compute_row),
+        rows.append({"method": label, "seed": seed, **cached_row(k, compute_row),
                      **({"tuned": True} if label in tuned else {})})
     if o_meta is not None:
         rows[0]["train_seconds"] = o_meta.get("train_seconds")
