@@ -241,6 +241,17 @@ def _meets(r, original, oracle) -> bool:
             and r["fid_retain"] <= 1.1 * original["fid_retain"] and (r.get("speedup") or 0) >= 5)
 
 
+def _table(rows, oracle_label: str = "") -> list:
+    lines = ["| method | forgotten class recognised % | other classes recognised % | FID (classifier features) | "
+             "KID | seconds | oracle's time / method's |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        sec = "—" if r.get("seconds") is None else f"{r['seconds']:.0f}"
+        spd = "—" if r.get("speedup") is None or r["method"] == oracle_label else f"{r['speedup']:.1f}×"
+        lines.append(f"| {r['method']} | {r['forget_recognised']:.1f} | {r['retain_recognised']:.1f} | "
+                     f"{r['fid_retain']:.2f} | {r['kid_retain']:.3f} | {sec} | {spd} |")
+    return lines
+
+
 PROTOCOL_COMMAND = "excise bench fmnist-ddpm-class --out benchmarks/results/fmnist-ddpm-class"
 
 
@@ -258,14 +269,7 @@ def _protocol_section(out_dir: Path, meets_fn) -> list:
              "as validation), the methods as the protocol lists them (scissorhands: the class-embedding trim with "
              "the ascent repair, as `scissorhands class-emb` above; scissorhands-retain: the same trim repaired on "
              "the retain set alone, as `scissorhands class-emb lam=0`). Report and sample grids in "
-             "[fmnist-ddpm-class/](fmnist-ddpm-class/report.md).", "",
-             "| method | forgotten class recognised % | other classes recognised % | FID (classifier features) | "
-             "KID | seconds | oracle's time / method's |", "|---|---:|---:|---:|---:|---:|---:|"]
-    for r in rows:
-        sec = "—" if r.get("seconds") is None else f"{r['seconds']:.0f}"
-        spd = "—" if r.get("speedup") is None or r["method"] == "retrain" else f"{r['speedup']:.1f}×"
-        lines.append(f"| {r['method']} | {r['forget_recognised']:.1f} | {r['retain_recognised']:.1f} | "
-                     f"{r['fid_retain']:.2f} | {r['kid_retain']:.3f} | {sec} | {spd} |")
+             "[fmnist-ddpm-class/](fmnist-ddpm-class/report.md).", ""] + _table(rows, oracle_label="retrain")
     met = [r["method"] for r in rows if r["method"] not in ("original", "retrain") and meets_fn(r, o, oracle)]
     lines += ["", f"Goal: {'met by ' + ', '.join(met) if met else 'NOT met'}."]
     return lines
@@ -287,14 +291,7 @@ def write(out_dir: Path) -> int:
              f"{args.forget} (the oracle), each method run on the original; {args.samples} guided samples per "
              f"class (DDIM {args.steps} steps, guidance 2, seed 0) judged by the fmnist-smallcnn-class original (seed 0). "
              "FID and KID are computed in that classifier's penultimate features against real test images of "
-             "the other classes: they are not Inception-FID, and compare only within this table.", "",
-             "| method | forgotten class recognised % | other classes recognised % | FID (classifier features) | "
-             "KID | seconds | oracle's time / method's |", "|---|---:|---:|---:|---:|---:|---:|"]
-    for r in rows:
-        sec = "—" if r.get("seconds") is None else f"{r['seconds']:.0f}"
-        spd = "—" if r.get("speedup") is None else f"{r['speedup']:.1f}×"
-        lines.append(f"| {r['method']} | {r['forget_recognised']:.1f} | {r['retain_recognised']:.1f} | "
-                     f"{r['fid_retain']:.2f} | {r['kid_retain']:.3f} | {sec} | {spd} |")
+             "the other classes: they are not Inception-FID, and compare only within this table.", ""] + _table(rows)
     def meets(r):
         return _meets(r, o, oracle_row)
 
