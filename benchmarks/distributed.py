@@ -86,6 +86,7 @@ def worker(out_dir: str) -> None:
         rows.append(row)
     torch.save({"rank": distributed.rank(), "world": distributed.world(), "threads": torch.get_num_threads(),
                 "rows": rows}, Path(out_dir) / f"rank{distributed.rank()}.pt")
+    distributed.shutdown()
 
 
 def launch(procs: int, threads: int, out: Path) -> list:

@@ -434,12 +434,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     # under torchrun: join the group; rank 0 prints and writes, the other ranks compute their share silently
     joined = distributed.init_from_env()
     quiet = open(os.devnull, "w") if not distributed.is_main() else None
+    done = False
     try:
         with warnings.catch_warnings(), contextlib.redirect_stdout(quiet or sys.stdout):
             from .checks import ExciseWarning
 
             warnings.simplefilter("ignore", ExciseWarning)  # printed as one line each from result.warnings
-            return args.func(args)
+            rc = args.func(args)
+        done = True
+        return rc
     except USER_ERRORS as e:
         if args.debug:
             raise
@@ -448,10 +451,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     finally:
         if quiet is not None:
             quiet.close()
-        if joined:
-            import torch.distributed as dist
-
-            dist.destroy_process_group()
+        if joined and done:  # after an error a rank leaves at once (torchrun stops the others): a shutdown
+            distributed.shutdown()  # barrier would wait for ranks that may be elsewhere
 
 
 if __name__ == "__main__":

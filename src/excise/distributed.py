@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Any, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Iterable, Iterator, List, Optional, Sequence
 
 import torch
 
@@ -73,6 +73,17 @@ def init_from_env(backend: Optional[str] = None) -> bool:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend=backend)
     return active()
+
+
+def shutdown() -> None:
+    """Leave the process group: a barrier first, so that no rank tears its connections down while another is
+    still using them (gloo aborts the process when a peer disappears mid-shutdown), then destroy it."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        if dist.get_world_size() > 1:
+            barrier()
+        dist.destroy_process_group()
 
 
 def device_for_collectives() -> torch.device:
