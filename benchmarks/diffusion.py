@@ -28,18 +28,15 @@ from pathlib import Path
 
 import torch
 
+from excise.diffusion.bench import Pixels
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 WORK = ROOT / "excise-out" / "diffusion"
-MEAN, STD = 0.2860, 0.3530  # excise's Fashion-MNIST normalisation
-
-
-def to_unit(x):  # excise's normalised Fashion-MNIST → [−1, 1], padded to 32×32
-    return torch.nn.functional.pad((x * STD + MEAN) * 2 - 1, (2, 2, 2, 2), value=-1.0)
-
-
-def to_classifier(x):  # generated [−1, 1] 32×32 → the classifier's input
-    return (((x[:, :, 2:30, 2:30] + 1) / 2) - MEAN) / STD
+# excise's Fashion-MNIST normalisation undone to [−1, 1] images padded to 32×32, and back for the classifier (the
+# mapping the fmnist-ddpm-class protocol's [diffusion] table declares)
+PIXELS = Pixels(0.2860, 0.3530, pad=2)
+to_unit, to_classifier = PIXELS.to_unit, PIXELS.to_input
 
 
 def classifier():

@@ -80,6 +80,7 @@ def diffusion_rows(proto: Dict[str, Any], seed: int, labels: Sequence[str], tabl
     from ..protocol import load_protocol, prepare, setup_for
     from ..storage import cache_key, cached_row, state_hash
     from ..training import CheckpointCache, TrainRecipe, seeded_loader, train
+    from ..types import UnlearningRequest
     from .evaluate import generation_predictions, sample_grid
     from .task import DiffusionTask
     from ..evaluation.metrics import applicable, compute
@@ -128,11 +129,8 @@ def diffusion_rows(proto: Dict[str, Any], seed: int, labels: Sequence[str], tabl
     real_retain = test_ds.x[keep][:cfg["samples"] * (classes - len(forgotten))].to(device)
     b = int(proto.get("importance_batch", recipe.batch_size))
     task = DiffusionTask(seed=seed, null_class=classes)
-    request_kw = dict(forget=seeded_loader(images, splits.forget, b, shuffle=True, seed=seed + 1),
-                      retain=seeded_loader(images, splits.retain, b, shuffle=True, seed=seed + 1), task=task)
-    from ..types import UnlearningRequest
-
-    request = UnlearningRequest(**request_kw)
+    request = UnlearningRequest(forget=seeded_loader(images, splits.forget, b, shuffle=True, seed=seed + 1),
+                                retain=seeded_loader(images, splits.retain, b, shuffle=True, seed=seed + 1), task=task)
     scoring = {k: cfg[k] for k in ("samples", "steps", "guidance", "judge")}
     o_hash, r_hash, j_hash = state_hash(original), state_hash(oracle), state_hash(judge)
 

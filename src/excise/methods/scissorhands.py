@@ -107,13 +107,14 @@ def scissorhands(model, request, ctx, k, n_batches, scope, seed, **repair):
                     refs = []
                     for _ in range(cfg.memories):
                         b, w = distributed.part(next(reference))
-                        g = torch.zeros(sum(p.numel() for p in params), device=device)
                         if w:
                             b = task.to(b, device)
                             g = _grad_of(model, params, -distributed.weighted(task.loss(model, b), w))
                             ctx.counters.forward_passes += 1
                             ctx.counters.backward_passes += 1
                             ctx.counters.samples_seen += task.batch_size(b)
+                        else:  # an empty part: this rank adds nothing to the average
+                            g = torch.zeros(sum(p.numel() for p in params), device=device)
                         distributed.average_([g])
                         refs.append(g)
                     g_mem = torch.stack(refs)
