@@ -36,6 +36,15 @@ WORK = ROOT / "excise-out" / "diffusion"
 # excise's Fashion-MNIST normalisation undone to [−1, 1] images padded to 32×32, and back for the classifier (the
 # mapping the fmnist-ddpm-class protocol's [diffusion] table declares)
 PIXELS = Pixels(0.2860, 0.3530, pad=2)
+GROUPS = 8  # GroupNorm groups of the benchmark U-Net (part of the cached models' key)
+
+
+def _portable(path: str) -> str:
+    """``path`` relative to the repository when it lies inside it (a result file holds no machine-local path)."""
+    p = Path(path).resolve()
+    return str(p.relative_to(ROOT)) if p.is_relative_to(ROOT) else path
+
+
 to_unit, to_classifier = PIXELS.to_unit, PIXELS.to_input
 
 
@@ -62,7 +71,7 @@ def recipe(args) -> int:
                         generator=torch.Generator().manual_seed(0))
     clf = classifier()
     torch.manual_seed(0)
-    model = conditional_unet((1, 32, 32), 10, channels=tuple(args.channels), groups=8)
+    model = conditional_unet((1, 32, 32), 10, channels=tuple(args.channels), groups=GROUPS)
     task = DiffusionTask(seed=0, null_class=10, cond_drop=0.1)
     log, t0 = [], time.perf_counter()
     WORK.mkdir(parents=True, exist_ok=True)
@@ -167,16 +176,16 @@ def run(args) -> int:
     cache = CheckpointCache()
 
     def model_for(keep):
-        parts = {"kind": "ddpm-class-conditional", "data": ds.fingerprint(), "subset": args.subset, "keep": "all" if keep is None else
-                 f"not {args.forget}", "channels": args.channels, "recipe": recipe.to_dict(), "seed": 0,
-                 "cond_drop": 0.1}
+        parts = {"kind": "ddpm-class-conditional", "data": ds.fingerprint(), "subset": args.subset,
+                 "keep": "all" if keep is None else f"not {args.forget}", "channels": args.channels, "groups": GROUPS,
+                 "recipe": recipe.to_dict(), "seed": 0, "cond_drop": 0.1}
         sel = torch.ones_like(y, dtype=torch.bool) if keep is None else keep
         loader = DataLoader(TensorDataset(x[sel], y[sel]), batch_size=args.batch, shuffle=True,
                             generator=torch.Generator().manual_seed(0))
 
         def build():
             torch.manual_seed(0)
-            return conditional_unet((1, 32, 32), 10, channels=tuple(args.channels), groups=8)
+            return conditional_unet((1, 32, 32), 10, channels=tuple(args.channels), groups=GROUPS)
 
         return cache.get_or_train(parts, build, lambda m: train(m, loader, recipe, DiffusionTask(
             seed=0, null_class=10, cond_drop=0.1), seed=0, progress=False))
@@ -218,7 +227,7 @@ def run(args) -> int:
             "machine": f"{platform.processor() or platform.machine()}, {args.threads} threads, CPU only",
             "forget": args.forget, "epochs": args.epochs, "channels": args.channels, "samples": args.samples,
             "original_train_seconds": o_meta["train_seconds"], "rows": rows,
-            "args": {k: v for k, v in vars(args).items() if k != "cmd"}}
+            "args": {k: (_portable(v) if k == "out" else v) for k, v in vars(args).items() if k != "cmd"}}
     if args.only:  # the other methods' rows from the earlier run (the same original, oracle and samples)
         old = json.loads((out_dir / "diffusion.json").read_text())
         mine = {r["method"]: r for r in rows}

@@ -410,6 +410,7 @@ def test_recheck_rescores_a_tables_entry_without_its_journal(tiny, tmp_path, cap
     assert chk["values"] == res.best_params and chk["recorded"] == round(res.best_value, 4)
     assert chk["value"] == pytest.approx(res.best_value, abs=1e-6)  # same models, same values: same objective
     assert chk["same_models"] is True and len(res.models) == 1 and res.environment["device"] == "cpu"
+    assert chk["table"] == str(table)  # as named by the caller (the shipped table is recorded as None)
     entry = tomllib.loads(table.read_text())["tuning"]["ssd"]
     assert entry["models"] == [res.models[0]] and entry["threads"] == res.environment["threads"]
     assert [r["scale"] for r in chk["runs"]] == [0.95, 1.05]

@@ -7,7 +7,7 @@ import datetime
 from pathlib import Path
 from typing import Any, Dict, Optional
 
-from ..tuned import locked, read_table, table_file, write_table, writable_table
+from ..tuned import locked, read_table, table_file, tuned_table_path, write_table, writable_table
 from .objective import INFEASIBLE
 from .search import TuneResult, _check_rel, _scorer, _seed_list, _stability
 from .space import _check_space, _fixed_values, _held_value, search_space
@@ -83,7 +83,9 @@ def check_tuned(method: str, protocol: Any, rel: float = 0.01, table: Optional[s
     scoring = _scorer(proto, method, preset, fixed, seeds, floor, floor_ref, device, progress)
     score = scoring.score
     value, attrs = score(values)
-    out = {"method": method, "protocol": name, "table": str(p), "seed": seeds[0] if len(seeds) == 1 else seeds,
+    # the table as the caller named it (None: the shipped one), so that a check file holds no machine-local path
+    shipped = table is None or p.resolve() == tuned_table_path(name).resolve()
+    out = {"method": method, "protocol": name, "table": None if shipped else str(table), "seed": seeds[0] if len(seeds) == 1 else seeds,
            "values": values, "recorded": info.get("value"), "value": value, "metrics": attrs.get("metrics"),
            "same_models": None if "models" not in info else list(info["models"]) == scoring.models}
     out.update(_stability(space, values, value, rel, score))
