@@ -104,6 +104,38 @@ def test_a_sample_request_meets_the_holdout_target(seed):
     assert accuracy(res.model, req.holdout) >= accuracy(model, req.holdout) - 2.0
 
 
+def test_an_original_that_already_looks_unseen_is_reported_as_such():
+    """Forget samples the model never trained on look like held-out data: calibration says the original already
+    meets the target (not "nothing was forgotten: lower alpha")."""
+    import warnings
+
+    from excise.checks import ExciseWarning
+
+    model, req = _memorised(0)
+    # the held-out samples themselves as the forget set: exactly as accurate as the holdout, AUC exactly 0.5
+    unseen = UnlearningRequest(forget=req.holdout, retain=req.retain, holdout=req.holdout)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        res = unlearn(model, unseen, "ssd", calibrate=True)
+    cal = res.info["calibration"]
+    assert cal["intent"] == "sample" and cal["original_judgement"]["on_target"], cal["original_judgement"]
+    assert cal["why"].startswith("the original model already meets the forget target")
+    for w in caught:  # a no-op or unmoved forget accuracy is explained, not blamed on alpha
+        if issubclass(w.category, ExciseWarning) and w.category.__name__ in ("NothingChangedWarning",
+                                                                             "NothingForgottenWarning"):
+            assert "already meets the forget target" in str(w.message)
+    from excise.checks import judge  # the messages themselves (pure), whatever the edit did on this machine
+
+    probe = {"samples": 16, "acc_before": 90.0, "acc_after": 90.0, "top_share_before": 0.3, "top_share_after": 0.3}
+    numbers = {"entries_changed": 0, "forget": probe, "retain": probe}
+    plain, explained = judge("ssd", numbers, 0), judge("ssd", numbers, 0, original_on_target=True)
+    assert [c for c, _ in plain] == [c for c, _ in explained] and len(plain) == 1
+    assert "lower alpha" in plain[0][1] and "already meets the forget target" in explained[0][1]
+    # the memorised forget set of the same model is not on target before the edit
+    assert not unlearn(model, req, "ssd", calibrate={"trials": 1}).info["calibration"]["original_judgement"][
+        "on_target"]
+
+
 def test_a_sample_request_without_holdout_is_refused_before_any_work(monkeypatch):
     model, req = _memorised(0)
     runs = []

@@ -218,6 +218,7 @@ def calibrate(model: nn.Module, request, spec, hparams: Dict[str, Any], run, *, 
     from_pos = (lambda s: _value(space, s)) if sign > 0 else (lambda s: _value(space, 1.0 - s))
     lo, hi = 0.0, 1.0  # positions in strength: 0 weakest, 1 strongest
     pos = to_pos(hparams[name])
+    original = evaluator.judge(evaluator.base, delta)  # the input model itself, judged by the same criteria
     done: List[Dict[str, Any]] = []
     best = None
     for i in range(trials):
@@ -244,16 +245,22 @@ def calibrate(model: nn.Module, request, spec, hparams: Dict[str, Any], run, *, 
             break
         pos = (lo + hi) / 2
     trial, result = best
-    why = _why(trial, done)
+    why = _why(trial, done, original)
     result.info["calibration"] = {"method": spec.name, "intent": evaluator.intent, "classes": evaluator.classes,
                                   "knob": name, "delta": delta, "forget_tol": FORGET_TOL, "trials_run": len(done),
-                                  "budget": trials, "original": evaluator.base, "trials": done,
+                                  "budget": trials, "original": evaluator.base, "original_judgement": original,
+                                  "trials": done,
                                   "winner": trial["trial"], "why": why}
     return result
 
 
-def _why(trial, done) -> str:
+def _why(trial, done, original: Optional[Dict[str, Any]] = None) -> str:
     j = trial["judgement"]
+    if original is not None and original["on_target"]:
+        return (f"the original model already meets the forget target (error {original['forget_error']:.1f} points, "
+                f"score {original['forget_score']:.2f} ≤ 1): the forget set looks like held-out data to it, so no edit "
+                f"is needed by this test; trial {trial['trial']} ranked best (forget score {j['forget_score']:.2f}, "
+                f"utility loss {j['utility_loss']:.1f} points)")
     if j["feasible"] and j["on_target"]:
         return (f"trial {trial['trial']}: the best tried edit that meets the forget target (error "
                 f"{j['forget_error']:.1f} points, score {j['forget_score']:.2f} ≤ 1) within the utility bound (loss "

@@ -240,26 +240,37 @@ def post_check(method: str, original: nn.Module, result, pr: Optional[Probe]) ->
                              "top_share_after": after[split]["top_share"]}
     result.info["checks"] = checks
     selected = result.mask.count() if result.mask is not None else None
+    cal = result.info.get("calibration") or {}
+    unseen = bool((cal.get("original_judgement") or {}).get("on_target"))
     return [{"warning": cls.__name__, "message": msg, "category": cls}
-            for cls, msg in judge(method, checks, selected)]
+            for cls, msg in judge(method, checks, selected, original_on_target=unseen)]
 
 
-def judge(method: str, checks: Dict[str, Any], selected: Optional[int] = None) -> List[tuple]:
-    """The warnings the numbers of :func:`post_check` call for: ``[(warning class, message)]`` (pure)."""
+_ALREADY = ("calibration found that the original model already meets the forget target: by the holdout given, the "
+            "forget set looks like data it never saw (result.info['calibration']['original_judgement']), so no "
+            "edit was needed by that test; a larger holdout sharpens it")
+
+
+def judge(method: str, checks: Dict[str, Any], selected: Optional[int] = None,
+          original_on_target: bool = False) -> List[tuple]:
+    """The warnings the numbers of :func:`post_check` call for: ``[(warning class, message)]`` (pure).
+    ``original_on_target``: calibration judged the input model already on target (the messages say so)."""
     found: List[tuple] = []
     changed = checks["entries_changed"]
     if changed == 0 or selected == 0:
         why = "selected no parameter entry" if selected == 0 else "changed no parameter entry"
-        found.append((NothingChangedWarning, f"{method} {why}: the result is the input model, nothing was "
-                      "forgotten (for SSD-style methods: lower alpha, or see `calibrate`)"))
+        found.append((NothingChangedWarning, f"{method} {why}: the result is the input model, " + (
+            _ALREADY if original_on_target else
+            "nothing was forgotten (for SSD-style methods: lower alpha, or see `calibrate`)")))
     if "forget" not in checks:
         return found
     f, r = checks["forget"], checks["retain"]
     if changed and f["acc_before"] is not None and f["acc_after"] > f["acc_before"] - FORGET_MOVE:
         found.append((NothingForgottenWarning,
                       f"{method}: accuracy on {f['samples']} forget samples did not move ({f['acc_before']:.1f} → "
-                      f"{f['acc_after']:.1f} %); right only if the forget set already looks like unseen data "
-                      "to the model, else nothing was forgotten"))
+                      f"{f['acc_after']:.1f} %); " + (_ALREADY if original_on_target else
+                                                     "right only if the forget set already looks like unseen data "
+                                                     "to the model, else nothing was forgotten")))
     drop = max(UTILITY_DROP, 100.0 / max(r["samples"], 1))  # points, and more than one sample of the probe's
     if r["acc_before"] is not None and r["acc_after"] < r["acc_before"] - drop:
         found.append((UtilityDropWarning,
