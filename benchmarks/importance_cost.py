@@ -1,6 +1,7 @@
 """What SSD's loader-invariant importance costs, and what it buys.
 
     python benchmarks/importance_cost.py        # → benchmarks/results/importance_cost.(md|json)
+    python benchmarks/importance_cost.py --device cuda   # the cost table alone, on a GPU → importance_cost_cuda.*
 
 1. Cost of one pass over 10,000 Fashion-MNIST training images (batch 256, eval mode, CPU threads as set) for
    SmallCNN and ResNet-18 width 16, against a training step's throughput (SGD, batch 256, train mode):
@@ -219,7 +220,83 @@ def cpu_name() -> str:
     return names[0] if names else (platform.processor() or platform.machine())
 
 
+def device_cost(device: str, n: int = N) -> None:
+    """The cost table alone on an accelerator (``--device cuda``): synthetic images of Fashion-MNIST's shape (the
+    cost does not depend on pixel values, and the data need not be installed there), every timing synchronised.
+    Writes importance_cost_<device type>.(md|json)."""
+    import copy
+
+    from torch.utils.data import TensorDataset
+
+    import excise
+    from excise.importance import fisher, gradient_moments
+    from excise.models import build_model
+
+    dev = torch.device(device)
+
+    def sync():
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+
+    def timed(fn, repeat=3):
+        fn()  # warm-up: kernels chosen, memory pooled
+        best = None
+        for _ in range(repeat):
+            sync()
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            best = min(best or 1e9, time.perf_counter() - t0)
+        return best
+
+    g = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(n, 1, 28, 28, generator=g), torch.randint(0, 10, (n,), generator=g))
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else dev.type
+    rows = []
+    for arch, kw in (("smallcnn", {}), ("resnet18", {"width": 16}), ("resnet18", {"width": 64})):
+        torch.manual_seed(0)
+        model = build_model(arch, (1, 28, 28), 10, **kw).to(dev).eval()
+        row = {"model": arch + (f"-w{kw['width']}" if kw else ""), "samples": n}
+        for batch in (64, 256):
+            loader = DataLoader(data, batch_size=batch)
+
+            def train_pass():
+                m = copy.deepcopy(model).train()
+                opt = torch.optim.SGD(m.parameters(), lr=1e-3)
+                for x, y in loader:
+                    opt.zero_grad()
+                    nn.functional.cross_entropy(m(x.to(dev)), y.to(dev)).backward()
+                    opt.step()
+
+            row[f"b{batch}"] = {"train_step": timed(train_pass),
+                                "batch_fisher": timed(lambda: fisher(model, loader, mode="batch")),
+                                "gradient_moments": timed(lambda: gradient_moments(model, loader))}
+        rows.append(row)
+        print(row, flush=True)
+    lines = [f"# SSD's importance on {name}: the loader-invariant estimator against the batch Fisher", "",
+             f"Written by `{COMMAND} --device {device}` (excise {excise.__version__}; {name}; torch {torch.__version__})."
+             f" One pass over {n:,} synthetic 1×28×28 images (the cost does not depend on pixel values); best of "
+             "three synchronised runs after a warm-up.", "",
+             "| model | loader batch | training step (s) | batch Fisher (paper) | gradient moments (default) | "
+             "moments / batch Fisher |", "|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        for batch in (64, 256):
+            c = r[f"b{batch}"]
+            lines.append(f"| {r['model']} | {batch} | {c['train_step']:.2f} | {c['batch_fisher']:.2f} s "
+                         f"({c['batch_fisher'] / c['train_step']:.2f}×) | {c['gradient_moments']:.2f} s "
+                         f"({c['gradient_moments'] / c['train_step']:.2f}×) | "
+                         f"{c['gradient_moments'] / c['batch_fisher']:.2f} |")
+    lines += ["", "(×: seconds relative to one training pass over the same images.)"]
+    stem = f"importance_cost_{dev.type}"
+    (RESULTS / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / f"{stem}.json").write_text(json.dumps({"command": f"{COMMAND} --device {device}", "device": name,
+                                                      "torch": torch.__version__, "cost": rows}, indent=1))
+    print("\n".join(lines))
+
+
 def main():
+    if "--device" in sys.argv:
+        return device_cost(sys.argv[sys.argv.index("--device") + 1])
     torch.set_num_threads(int(os.environ.get("THREADS", "2")))
     machine = {"cpu": cpu_name(), "threads": torch.get_num_threads(),
                "torch": torch.__version__, "cores": os.cpu_count()}
