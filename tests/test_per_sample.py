@@ -66,6 +66,44 @@ def test_hooked_sums_equal_whole_model_vmap(reduce):
         torch.testing.assert_close(fast_mean[n], ref_mean[n], rtol=1e-4, atol=1e-7)
 
 
+class _Convs(nn.Module):
+    """The convolution routes: stride 1 (shifted windows) with a dilated, non-square, asymmetrically padded and an
+    unpadded kernel, Conv1d with dilation; a strided one (columns); one with ≥ 2^16 weights (one sample at a time)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(2, 6, (3, 5), padding=(1, 2), dilation=(2, 1))
+        self.b = nn.Conv2d(6, 8, 3, bias=False)
+        self.c = nn.Conv2d(8, 1024, 3, stride=2, padding=1)  # 73,728 weights
+        self.d = nn.Conv1d(1024, 4, 3, dilation=2, padding=2)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = self.c(torch.tanh(self.b(torch.tanh(self.a(x)))))
+        return self.head(self.d(torch.tanh(h).flatten(2)).mean(2))
+
+
+@pytest.mark.parametrize("reduce", ["square", "abs"])
+def test_every_convolution_route_and_batch_parts_equal_whole_model_vmap(reduce):
+    torch.manual_seed(2)
+    model = _Convs().eval()
+    # batches of 150: cut into parts on the CPU (the sums are per sample, so parts change nothing)
+    loader = DataLoader(TensorDataset(torch.randn(170, 2, 9, 8), torch.randint(0, 3, (170,))), batch_size=150)
+    task = ClassificationTask()
+
+    def losses(out, b):
+        return task.loss_from_output(out, task.targets(b), reduction="none")
+
+    named = trainable(model)
+    fast, fast_mean = _hooked(model, loader, task, losses, reduce, _owners(model, named), named, None, False, "t")
+    ref, ref_mean = _vmapped(model, loader, task, losses, reduce, named, None, False, "t")
+    assert fast.samples == ref.samples == 170
+    for n in ref:
+        assert bool(ref[n].any())
+        torch.testing.assert_close(fast[n], ref[n], rtol=1e-4, atol=1e-7)
+        torch.testing.assert_close(fast_mean[n], ref_mean[n], rtol=1e-4, atol=1e-7)
+
+
 def test_a_shared_parameter_falls_back_to_exact_vmap():
     lin = nn.Linear(4, 4)
     model = nn.Sequential(lin, nn.Tanh(), lin)  # one module called twice

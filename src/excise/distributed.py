@@ -292,18 +292,20 @@ def part(batch, n: Optional[int] = None):
     n = int(first.shape[0]) if n is None else n
     r, size = rank(), world()
     lo, hi = r * n // size, (r + 1) * n // size
-    return _cut(batch, lo, hi, n), (size * (hi - lo) / n if n else 0.0)
+    return cut(batch, lo, hi, n), (size * (hi - lo) / n if n else 0.0)
 
 
-def _cut(batch, lo: int, hi: int, n: int):
+def cut(batch, lo: int, hi: int, n: int):
+    """Samples ``lo:hi`` of a collated batch of ``n``: every tensor whose first dimension is ``n`` cut along it
+    (through tuples, named tuples, lists and dicts); anything else kept as it is."""
     if isinstance(batch, torch.Tensor):
         return batch[lo:hi] if batch.dim() and batch.shape[0] == n else batch
     if isinstance(batch, dict):
-        return type(batch)({k: _cut(v, lo, hi, n) for k, v in batch.items()})
+        return type(batch)({k: cut(v, lo, hi, n) for k, v in batch.items()})
     if isinstance(batch, tuple) and hasattr(batch, "_fields"):
-        return type(batch)(*(_cut(v, lo, hi, n) for v in batch))
+        return type(batch)(*(cut(v, lo, hi, n) for v in batch))
     if isinstance(batch, (list, tuple)):
-        return type(batch)(_cut(v, lo, hi, n) for v in batch)
+        return type(batch)(cut(v, lo, hi, n) for v in batch)
     return batch
 
 
