@@ -67,19 +67,22 @@ def test_hooked_sums_equal_whole_model_vmap(reduce):
 
 
 class _Convs(nn.Module):
-    """The convolution routes: stride 1 (shifted windows) with a dilated, non-square, asymmetrically padded and an
-    unpadded kernel, Conv1d with dilation; a strided one (columns); one with ≥ 2^16 weights (one sample at a time)."""
+    """The convolution routes: columns (few input channels; a strided one), shifted windows at stride 1 (a dilated,
+    non-square, asymmetrically padded kernel, an unpadded one, Conv1d with dilation) and one with ≥ 2^16 weights
+    (one sample at a time)."""
 
     def __init__(self):
         super().__init__()
-        self.a = nn.Conv2d(2, 6, (3, 5), padding=(1, 2), dilation=(2, 1))
-        self.b = nn.Conv2d(6, 8, 3, bias=False)
+        self.stem = nn.Conv2d(2, 8, 3, padding=1)
+        self.a = nn.Conv2d(8, 8, (3, 5), padding=(1, 2), dilation=(2, 1))
+        self.b = nn.Conv2d(8, 8, 3, bias=False)
         self.c = nn.Conv2d(8, 1024, 3, stride=2, padding=1)  # 73,728 weights
         self.d = nn.Conv1d(1024, 4, 3, dilation=2, padding=2)
         self.head = nn.Linear(4, 3)
 
     def forward(self, x):
-        h = self.c(torch.tanh(self.b(torch.tanh(self.a(x)))))
+        h = torch.tanh(self.a(torch.tanh(self.stem(x))))
+        h = self.c(torch.tanh(self.b(h)))
         return self.head(self.d(torch.tanh(h).flatten(2)).mean(2))
 
 

@@ -151,7 +151,9 @@ def _conv(module: nn.Module, a: torch.Tensor, g: torch.Tensor, r, out: Dict[str,
     square = r is REDUCERS["square"]
     inplace = _INPLACE["square" if square else "abs"]
     by_sample = square and module.weight.numel() >= _BY_SAMPLE
-    if not by_sample and all(v == 1 for v in s):
+    # shifted windows pay where the column copy is dear against the matmul (its cost relative to it falls with the
+    # output channels) and the windows' matmuls are wide enough (their width is the input channels)
+    if not by_sample and all(v == 1 for v in s) and a.shape[1] >= max(g.shape[1], 8):
         w, plain = _shifted(a, g, k, d, p, inplace)
     else:
         w, plain = _columned(a, gf, k, d, p, s, inplace, by_sample)
