@@ -91,7 +91,7 @@ def test_every_convolution_route_and_batch_parts_equal_whole_model_vmap(reduce):
     torch.manual_seed(2)
     model = _Convs().eval()
     # batches of 150: cut into parts on the CPU (the sums are per sample, so parts change nothing)
-    loader = DataLoader(TensorDataset(torch.randn(170, 2, 9, 8), torch.randint(0, 3, (170,))), batch_size=150)
+    loader = DataLoader(TensorDataset(torch.randn(170, 2, 9, 20), torch.randint(0, 3, (170,))), batch_size=150)
     task = ClassificationTask()
 
     def losses(out, b):
