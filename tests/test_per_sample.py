@@ -69,7 +69,7 @@ def test_hooked_sums_equal_whole_model_vmap(reduce):
 class _Convs(nn.Module):
     """The convolution routes: columns (few input channels; a strided one), shifted windows at stride 1 (a dilated,
     non-square, asymmetrically padded kernel, an unpadded one, Conv1d with dilation) and one with ≥ 2^16 weights
-    (one sample at a time)."""
+    (one sample at a time); and BatchNorm1d on (N, C)."""
 
     def __init__(self):
         super().__init__()
@@ -78,12 +78,15 @@ class _Convs(nn.Module):
         self.b = nn.Conv2d(8, 8, 3, bias=False)
         self.c = nn.Conv2d(8, 1024, 3, stride=2, padding=1)  # 73,728 weights
         self.d = nn.Conv1d(1024, 4, 3, dilation=2, padding=2)
+        self.norm = nn.BatchNorm1d(4)  # on (N, C): no positions to sum over
+        self.norm.running_mean.normal_().mul_(3)
+        self.norm.running_var.uniform_(0.5, 2)
         self.head = nn.Linear(4, 3)
 
     def forward(self, x):
         h = torch.tanh(self.a(torch.tanh(self.stem(x))))
         h = self.c(torch.tanh(self.b(h)))
-        return self.head(self.d(torch.tanh(h).flatten(2)).mean(2))
+        return self.head(self.norm(self.d(torch.tanh(h).flatten(2)).mean(2)))
 
 
 @pytest.mark.parametrize("reduce", ["square", "abs"])

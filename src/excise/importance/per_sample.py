@@ -167,13 +167,25 @@ def _conv(module: nn.Module, a: torch.Tensor, g: torch.Tensor, r, out: Dict[str,
         out["bias"] = (r(b).sum(0), b.sum(0))
 
 
-def _affine(module: nn.Module, xhat: torch.Tensor, g: torch.Tensor, r, out: Dict[str, Tuple],
-            trailing: int) -> None:
-    """∇γ ℓ_n = Σ g_n·x̂_n and ∇β ℓ_n = Σ g_n over every axis but the sample's and the affine parameters' own:
-    axis 1 for BatchNorm (``trailing=0``), the last ``trailing`` axes for LayerNorm."""
+def _batchnorm(module: nn.Module, a: torch.Tensor, g: torch.Tensor, r, out: Dict[str, Tuple]) -> None:
+    """Eval-mode BatchNorm, x̂ = (a − μ)·s with the running statistics: ∇γ ℓ_n = s·(Σ g_n·a_n − μ·Σ g_n) and
+    ∇β ℓ_n = Σ g_n over the positions, without forming x̂ (one product of the size of the activation, not three)."""
+    gs = g.flatten(2).sum(2) if g.dim() > 2 else g  # (N, C)
+    if module.weight is not None:
+        ga = (g * a).flatten(2).sum(2) if a.dim() > 2 else g * a
+        w = (ga - module.running_mean.float() * gs) * torch.rsqrt(module.running_var.float() + module.eps)
+        out["weight"] = (r(w).sum(0), w.sum(0))
+    if module.bias is not None:
+        out["bias"] = (r(gs).sum(0), gs.sum(0))
+
+
+def _layernorm(module: nn.LayerNorm, a: torch.Tensor, g: torch.Tensor, r, out: Dict[str, Tuple]) -> None:
+    """∇γ ℓ_n = Σ g_n·x̂_n and ∇β ℓ_n = Σ g_n over every axis but the sample's and the normalised ones."""
+    trailing = len(module.normalized_shape)
+    dims = tuple(range(a.dim() - trailing, a.dim()))
+    xhat = (a - a.mean(dims, keepdim=True)) * torch.rsqrt(a.var(dims, unbiased=False, keepdim=True) + module.eps)
+
     def per_sample(t):
-        if not trailing:  # (N, C, ...) → (N, C)
-            return t.flatten(2).sum(2) if t.dim() > 2 else t
         return t.reshape(t.shape[0], -1, *t.shape[t.dim() - trailing:]).sum(1)
 
     if module.weight is not None:
@@ -182,19 +194,6 @@ def _affine(module: nn.Module, xhat: torch.Tensor, g: torch.Tensor, r, out: Dict
     if module.bias is not None:
         b = per_sample(g)
         out["bias"] = (r(b).sum(0), b.sum(0))
-
-
-def _batchnorm(module: nn.Module, a: torch.Tensor, g: torch.Tensor, r, out: Dict[str, Tuple]) -> None:
-    shape = (1, -1) + (1,) * (a.dim() - 2)
-    xhat = (a - module.running_mean.float().view(shape)) * torch.rsqrt(module.running_var.float().view(shape)
-                                                                      + module.eps)
-    _affine(module, xhat, g, r, out, 0)
-
-
-def _layernorm(module: nn.LayerNorm, a: torch.Tensor, g: torch.Tensor, r, out: Dict[str, Tuple]) -> None:
-    dims = tuple(range(a.dim() - len(module.normalized_shape), a.dim()))
-    xhat = (a - a.mean(dims, keepdim=True)) * torch.rsqrt(a.var(dims, unbiased=False, keepdim=True) + module.eps)
-    _affine(module, xhat, g, r, out, len(module.normalized_shape))
 
 
 def _closed_form(module: nn.Module) -> Optional[Callable]:
