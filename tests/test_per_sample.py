@@ -49,9 +49,8 @@ def _mixed():
     return m, DataLoader(TensorDataset(x, y), batch_size=16)
 
 
-@pytest.mark.parametrize("reduce", ["square", "abs"])
-def test_hooked_sums_equal_whole_model_vmap(reduce):
-    model, loader = _mixed()
+def _both_routes(model, loader, reduce="square"):
+    """(hooked sums, hooked means, whole-model vmap sums, vmap means, the trainable parameters)."""
     task = ClassificationTask()
 
     def losses(out, b):
@@ -60,6 +59,13 @@ def test_hooked_sums_equal_whole_model_vmap(reduce):
     named = trainable(model)
     fast, fast_mean = _hooked(model, loader, task, losses, reduce, _owners(model, named), named, None, False, "t")
     ref, ref_mean = _vmapped(model, loader, task, losses, reduce, named, None, False, "t")
+    return fast, fast_mean, ref, ref_mean, named
+
+
+@pytest.mark.parametrize("reduce", ["square", "abs"])
+def test_hooked_sums_equal_whole_model_vmap(reduce):
+    model, loader = _mixed()
+    fast, fast_mean, ref, ref_mean, named = _both_routes(model, loader, reduce)
     assert set(fast) == {n for n, _ in named} and fast.samples == ref.samples == 50
     for n in ref:
         torch.testing.assert_close(fast[n], ref[n], rtol=1e-4, atol=1e-7)
@@ -95,14 +101,7 @@ def test_every_convolution_route_and_batch_parts_equal_whole_model_vmap(reduce):
     model = _Convs().eval()
     # batches of 150: cut into parts on the CPU (the sums are per sample, so parts change nothing)
     loader = DataLoader(TensorDataset(torch.randn(170, 2, 9, 20), torch.randint(0, 3, (170,))), batch_size=150)
-    task = ClassificationTask()
-
-    def losses(out, b):
-        return task.loss_from_output(out, task.targets(b), reduction="none")
-
-    named = trainable(model)
-    fast, fast_mean = _hooked(model, loader, task, losses, reduce, _owners(model, named), named, None, False, "t")
-    ref, ref_mean = _vmapped(model, loader, task, losses, reduce, named, None, False, "t")
+    fast, fast_mean, ref, ref_mean, _ = _both_routes(model, loader, reduce)
     assert fast.samples == ref.samples == 170
     for n in ref:
         assert bool(ref[n].any())
@@ -242,14 +241,7 @@ def test_a_module_whose_output_is_unused_scores_zero_without_a_fallback():
 
     model = Heads()
     loader = DataLoader(TensorDataset(torch.randn(20, 4), torch.randint(0, 3, (20,))), batch_size=7)
-    task = ClassificationTask()
-
-    def losses(out, b):
-        return task.loss_from_output(out, task.targets(b), reduction="none")
-
-    named = trainable(model)
-    fast, _ = _hooked(model, loader, task, losses, "square", _owners(model, named), named, None, False, "t")
-    ref, _ = _vmapped(model, loader, task, losses, "square", named, None, False, "t")
+    fast, _, ref, _, _ = _both_routes(model, loader)
     assert not bool(fast["unused.weight"].any())
     for n in ref:
         torch.testing.assert_close(fast[n], ref[n], rtol=1e-4, atol=1e-7)
@@ -288,15 +280,8 @@ def test_graphs_started_inside_the_model_match_vmap_and_leave_requires_grad_as_i
     else:
         model, x = _FrozenStem(), torch.randn(30, 1, 11, 11)
     loader = DataLoader(TensorDataset(x, torch.randint(0, 3, (30,))), batch_size=8)
-    task = ClassificationTask()
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
-
-    def losses(out, b):
-        return task.loss_from_output(out, task.targets(b), reduction="none")
-
-    named = trainable(model)
-    fast, fast_mean = _hooked(model, loader, task, losses, "square", _owners(model, named), named, None, False, "t")
-    ref, ref_mean = _vmapped(model, loader, task, losses, "square", named, None, False, "t")
+    fast, fast_mean, ref, ref_mean, named = _both_routes(model, loader)
     assert set(fast) == {n for n, _ in named} and "frozen.weight" not in fast and "stem.weight" not in fast
     for n in ref:
         assert bool(ref[n].any())
