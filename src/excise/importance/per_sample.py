@@ -39,9 +39,9 @@ _CHUNK = 32  # samples per batched matmul of per-sample gradients (bounds memory
 # width 16 here; with malloc's mmap threshold raised the two run alike). The sums are per sample, so the grouping
 # does not change them (up to float summation); on an accelerator batches run whole.
 _CPU_PART = 64
-# A convolution with at least this many weights forms its per-sample gradients one sample at a time into one
-# buffer and adds their squares into sums that stay in cache, instead of writing a chunk of them to memory,
-# squaring in place and summing (2x faster for a 128x128x3x3 convolution on 4x4 maps on this project's CPU)
+# On the CPU a convolution with at least this many weights forms its per-sample gradients one sample at a time
+# into one buffer and adds their squares into sums that stay in cache, instead of writing a chunk of them to
+# memory, squaring in place and summing (2x faster for a 128x128x3x3 convolution on 4x4 maps on this project's CPU)
 _BY_SAMPLE = 1 << 16
 
 
@@ -152,7 +152,8 @@ def _conv(module: nn.Module, a: torch.Tensor, g: torch.Tensor, r, out: Dict[str,
     gf = g.flatten(2)  # (N, O, L)
     square = r is REDUCERS["square"]
     inplace = _INPLACE["square" if square else "abs"]
-    by_sample = square and module.weight.numel() >= _BY_SAMPLE
+    # (on an accelerator a loop per sample would be launches; its memory bandwidth serves the chunked form)
+    by_sample = square and module.weight.numel() >= _BY_SAMPLE and a.device.type == "cpu"
     # shifted windows pay where the column copy is dear against the matmul (its cost relative to it falls with the
     # output channels), the windows' matmuls are wide enough (their width is the input channels) and the padding
     # columns they also multiply are few (Wp − Wo of every Wp; at most a quarter more)
