@@ -118,7 +118,7 @@ def test_outside_a_group_everything_is_the_identity():
     batch = (torch.arange(5), torch.ones(5))
     assert dist_mod.part(batch) == (batch, 1.0)
     assert [b for b in dist_mod.shard([1, 2, 3])] == [1, 2, 3]
-    assert [t for t in dist_mod.split([1, 2])] == [(1, 1, 1.0), (2, 2, 1.0)]
+    assert [t for t in dist_mod.split([1, 2])] == [(1, 1.0), (2, 1.0)]
     assert dist_mod.total(3) == 3 and dist_mod.all_true(True) and not dist_mod.all_true(False)
 
 

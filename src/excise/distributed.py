@@ -310,8 +310,8 @@ def cut(batch, lo: int, hi: int, n: int):
 
 
 class split:
-    """``for batch, local, weight in split(loader, desc)``: every batch with this rank's part of it and the part's
-    weight (:func:`part`); in a single process ``(batch, batch, 1.0)``. At the end of the loop — or at
+    """``for local, weight in split(loader, desc)``: this rank's part of every batch and the part's weight
+    (:func:`part`); in a single process ``(batch, 1.0)``. At the end of the loop — or at
     :meth:`finish` for a loop that stops early, which every rank must then do at the same step — it checks that
     every rank saw the same batches. ``len()`` is the loader's."""
 
@@ -328,11 +328,10 @@ class split:
     def __iter__(self):
         for batch in self.batches:
             if self.seen is None:
-                yield batch, batch, 1.0
+                yield batch, 1.0
                 continue
             self.seen.record(batch)
-            local, weight = part(batch)
-            yield batch, local, weight
+            yield part(batch)
         self.finish()
 
     def finish(self) -> None:

@@ -78,7 +78,7 @@ def train(model: nn.Module, loader: DataLoader, recipe: TrainRecipe, task: Optio
     bar = show_progress(range(recipe.epochs), progress, desc, unit="epoch")
     for _ in bar:
         total, n = 0.0, 0
-        for _batch, batch, weight in distributed.split(loader, desc):  # this rank's part of each batch
+        for batch, weight in distributed.split(loader, desc):  # this rank's part of each batch
             opt.zero_grad(set_to_none=True)
             if weight:
                 batch = task.to(batch, device)

@@ -144,7 +144,7 @@ def masked_sgd(model: nn.Module, loader, step_loss: Callable, schedule: Schedule
     for epoch in range(epochs):
         train_mode(model, norm_stats)
         steps = distributed.split(loader, desc)  # under torch.distributed: this rank's part of each batch
-        for _batch, batch, weight in progress(steps, show, f"{desc} {epoch + 1}/{epochs}"):
+        for batch, weight in progress(steps, show, f"{desc} {epoch + 1}/{epochs}"):
             if step >= total:
                 break
             opt.zero_grad()

@@ -121,7 +121,7 @@ def scissorhands(model, request, ctx, k, n_batches, scope, seed, **repair):
             train_mode(model, cfg.norm_stats)
             forget_iter = iter(forget)
             retain_steps = distributed.split(retain, "repair")  # under torch.distributed: this rank's parts
-            for _rb, rb, w_r in progress(retain_steps, ctx.progress, f"repair {epoch + 1}/{cfg.epochs}"):
+            for rb, w_r in progress(retain_steps, ctx.progress, f"repair {epoch + 1}/{cfg.epochs}"):
                 if cfg.max_steps is not None and steps >= cfg.max_steps:
                     break
                 fb_all = next(forget_iter, None)
