@@ -13,7 +13,7 @@ from . import calibration as cal
 from . import distributed
 from . import checks as post
 from .importance.cache import ImportanceCache, default_cache
-from .methods.registry import Context, MethodSpec, Timer, calibratable, get_method, resolve_hparams
+from .methods.registry import Context, MethodSpec, Timer, get_method, resolve_hparams
 from .types import Counters, UnlearningRequest, UnlearningResult
 
 
@@ -88,12 +88,8 @@ def unlearn(model: nn.Module, request_or_loaders: Any, method: str = "ssd", pres
             raise ValueError(f"{spec.name} applies to {' / '.join(spec.tasks)} tasks, not to the request's "
                              f"{getattr(request.task, 'name', type(request.task).__name__)} task")
         post.validate_request(model, request, spec.name)
-        if calibrate and spec.strength is None:
-            raise ValueError(f"{spec.name}: declares no strength to calibrate; methods that do: "
-                             f"{', '.join(calibratable())}")
-        if calibrate and isinstance(hp[spec.strength[0]], (str, bool)):
-            raise ValueError(f"{spec.name}: calibration searches {spec.strength[0]} itself; it cannot start from "
-                             f"{spec.strength[0]}={hp[spec.strength[0]]!r}")
+        if calibrate:
+            cal.check_knob(spec, hp)
     if importance_cache is False:
         importance_cache = ImportanceCache(memory=False)
     ctx = Context(Counters(), Timer(), importance_cache if importance_cache is not None else default_cache(), progress,

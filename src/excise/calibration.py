@@ -168,6 +168,18 @@ class Evaluator:
                 "collapsed": collapsed, "feasible": utility_loss <= delta and not collapsed, "on_target": score <= 1}
 
 
+def check_knob(spec, hparams: Dict[str, Any]) -> None:
+    """A CalibrationError (a ValueError) unless ``spec`` declares a strength knob and ``hparams`` starts it from a
+    number."""
+    if spec.strength is None:
+        raise CalibrationError(f"{spec.name}: declares no strength to calibrate; methods that do: "
+                               f"{', '.join(_calibratable())}")
+    name = spec.strength[0]
+    if isinstance(hparams[name], (str, bool)) or not isinstance(hparams[name], (int, float)):
+        raise CalibrationError(f"{spec.name}: calibration searches {name} itself; it cannot start from "
+                               f"{name}={hparams[name]!r}")
+
+
 def _calibratable() -> List[str]:
     from .methods import calibratable
 
@@ -202,18 +214,13 @@ def calibrate(model: nn.Module, request, spec, hparams: Dict[str, Any], run, *, 
               delta: float = DELTA, samples: int = EVAL_SAMPLES, evaluator: Optional[Evaluator] = None):
     """Search ``spec``'s strength knob (see the module docstring). ``run(hp)`` runs the method once on a copy and
     returns its UnlearningResult. Returns the winning result with ``info["calibration"]``."""
-    if spec.strength is None:
-        raise CalibrationError(f"{spec.name} declares no strength to calibrate; methods that do: "
-                               f"{', '.join(_calibratable())}")
+    check_knob(spec, hparams)
     if trials < 1:
         raise CalibrationError(f"trials must be ≥ 1, got {trials}")
     if evaluator is None:
         evaluator = prepare(model, request, samples)
     name, sign = spec.strength
     space = spec.space[name]
-    if isinstance(hparams[name], (str, bool)) or not isinstance(hparams[name], (int, float)):
-        raise CalibrationError(f"{spec.name}: calibration searches {name} itself; it cannot start from "
-                               f"{name}={hparams[name]!r}")
     to_pos = (lambda v: _position(space, v)) if sign > 0 else (lambda v: 1.0 - _position(space, v))
     from_pos = (lambda s: _value(space, s)) if sign > 0 else (lambda s: _value(space, 1.0 - s))
     lo, hi = 0.0, 1.0  # positions in strength: 0 weakest, 1 strongest
