@@ -316,3 +316,37 @@ def test_tuner_validation_drops_the_forgotten_class_on_class_requests(committed)
     labels = torch.cat([y for _, y in val])
     full = torch.cat([y for _, y in prep.loaders["val"]])
     assert (full == 3).any() and not (labels == 3).any() and len(labels) == int((full != 3).sum())
+
+
+def test_outputs_without_gradients_run_in_parts_on_the_cpu_with_the_same_values():
+    """Task.output: eval mode, no gradient, CPU, more than CPU_PART samples → parts; else the batch whole."""
+    from torch import nn
+
+    from excise.tasks import CPU_PART, ClassificationTask
+
+    class Seen(nn.Module):
+        def __init__(self, out=None):
+            super().__init__()
+            self.lin, self.sizes, self.out = nn.Linear(5, 3), [], out
+
+        def forward(self, x):
+            self.sizes.append(len(x))
+            return self.lin(x) if self.out is None else self.out
+
+    torch.manual_seed(0)
+    x = torch.randn(2 * CPU_PART + 7, 5)
+    task, model = ClassificationTask(), Seen().eval()
+    with torch.no_grad():
+        parted = task.output(model, (x, None))
+        assert model.sizes == [CPU_PART, CPU_PART, 7]
+        torch.testing.assert_close(parted, model.lin(x))
+    model.sizes.clear()
+    task.output(model, (x, None))  # with gradients: whole (training keeps its batch, e.g. BatchNorm statistics)
+    model.train()
+    with torch.no_grad():
+        task.output(model, (x, None))  # train mode: whole
+    assert model.sizes == [len(x), len(x)]
+    odd = Seen(out=torch.zeros(())).eval()  # not one output row per sample: the batch runs whole after all
+    with torch.no_grad():
+        task.output(odd, (x, None))
+    assert odd.sizes == [CPU_PART, len(x)]

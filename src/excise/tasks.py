@@ -13,6 +13,13 @@ import torch.nn.functional as F
 from torch import nn
 
 
+# On the CPU, work that needs no gradient runs large batches in parts of at most this many samples: whole batches
+# of 256 make activation blocks that glibc's allocator hands back to the system and faults in again for the next
+# batch (measured here: a ResNet-18 width 16 forward over 3,072 images 0.91 s at 256, 0.58 s in parts of 64; with
+# malloc's mmap threshold raised the two ran alike). The per-sample importance passes use it as well.
+CPU_PART = 64
+
+
 def model_device(model: nn.Module) -> torch.device:
     """The device of the model's first parameter (or buffer); CPU for a model with neither."""
     for t in model.parameters():
@@ -47,7 +54,17 @@ class Task:
         return batch
 
     def output(self, model: nn.Module, batch: Any) -> torch.Tensor:
-        return model(self.inputs(batch))
+        """``model(inputs)``. Without gradients, in eval mode, on the CPU, a tensor batch larger than
+        :data:`CPU_PART` runs in parts (outputs concatenated: the same values, each sample being computed alone)."""
+        x = self.inputs(batch)
+        if (torch.is_grad_enabled() or model.training or not isinstance(x, torch.Tensor) or x.dim() == 0
+                or x.device.type != "cpu" or x.shape[0] <= CPU_PART):
+            return model(x)
+        parts = [model(x[:CPU_PART])]
+        if not isinstance(parts[0], torch.Tensor) or parts[0].dim() == 0 or parts[0].shape[0] != CPU_PART:
+            return model(x)  # not one output row per sample: run the batch whole
+        parts += [model(x[i:i + CPU_PART]) for i in range(CPU_PART, x.shape[0], CPU_PART)]
+        return torch.cat(parts)
 
     def loss_from_output(self, output: torch.Tensor, targets: Any, reduction: str = "mean") -> torch.Tensor:
         raise NotImplementedError

@@ -26,19 +26,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..tasks import Task, model_device
+from ..tasks import CPU_PART, Task, model_device
 from ..types import Counters, Scores
 from .common import NonFinite, batches, check_finite, eval_mode, summed, trainable
 
 REDUCERS = {"square": lambda t: t.pow(2), "abs": torch.abs}
 _INPLACE = {"square": torch.Tensor.square_, "abs": torch.Tensor.abs_}
 _CHUNK = 32  # samples per batched matmul of per-sample gradients (bounds memory)
-# On the CPU the hooked pass runs the loader's batches in parts of at most this many samples. The activations and
-# output gradients it keeps per module are then small blocks that the allocator reuses; whole batches of 256 make
-# blocks that glibc hands back to the system and faults in again for the next batch (1.4x slower on ResNet-18
-# width 16 here; with malloc's mmap threshold raised the two run alike). The sums are per sample, so the grouping
-# does not change them (up to float summation); on an accelerator batches run whole.
-_CPU_PART = 64
+# On the CPU the hooked pass runs the loader's batches in parts of at most tasks.CPU_PART samples (whole batches
+# of 256 were 1.4x slower on ResNet-18 width 16 here, for the allocator's sake: see there). The sums are per
+# sample, so the grouping does not change them (up to float summation); on an accelerator batches run whole.
 # On the CPU a convolution with at least this many weights forms its per-sample gradients one sample at a time
 # into one buffer and adds their squares into sums that stay in cache, instead of writing a chunk of them to
 # memory, squaring in place and summing (2x faster for a 128x128x3x3 convolution on 4x4 maps on this project's CPU)
@@ -352,17 +349,17 @@ def _hooked(model, loader, task, sample_losses, reduce, owners, named, counters,
 
 
 def _parts(loader_batches, task: Task, device: torch.device):
-    """The batches on ``device``; on the CPU, each cut into parts of at most ``_CPU_PART`` samples."""
+    """The batches on ``device``; on the CPU, each cut into parts of at most ``CPU_PART`` samples."""
     from ..distributed import cut
 
     for batch in loader_batches:
         batch = task.to(batch, device)
         n = int(task.batch_size(batch)) if device.type == "cpu" else 0
-        if n <= _CPU_PART:
+        if n <= CPU_PART:
             yield batch
             continue
-        for lo in range(0, n, _CPU_PART):
-            yield cut(batch, lo, min(lo + _CPU_PART, n), n)
+        for lo in range(0, n, CPU_PART):
+            yield cut(batch, lo, min(lo + CPU_PART, n), n)
 
 
 def _vmapped(model, loader, task, sample_losses, reduce, named, counters, show, desc, chunk: int = 64) -> Scores:
