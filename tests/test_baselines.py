@@ -76,6 +76,31 @@ def test_baselines_are_deterministic_under_a_seed(digits_class):
     assert torch.equal(pa, pb) and not torch.equal(pa, pc)
 
 
+def test_a_seeded_method_does_not_depend_on_the_callers_random_state():
+    """Dropout draws from the global generator while a method trains: the method's seed fixes it, whatever the
+    caller drew before, and the caller's generator is left as it was."""
+    from torch import nn
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from excise import UnlearningRequest
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Dropout(0.5), nn.Linear(16, 3))
+    x, y = torch.randn(60, 6), torch.randint(0, 3, (60,))
+    req = UnlearningRequest(forget=DataLoader(TensorDataset(x[:12], y[:12]), batch_size=8),
+                            retain=DataLoader(TensorDataset(x[12:], y[12:]), batch_size=8))
+    runs = []
+    for caller_seed in (1, 2):
+        torch.manual_seed(caller_seed)
+        before = torch.get_rng_state()
+        res = unlearn(model, req, "neggrad_plus", checks=False)
+        assert torch.equal(torch.get_rng_state(), before)
+        runs.append(torch.cat([p.flatten() for p in res.model.parameters()]))
+    assert torch.equal(runs[0], runs[1])
+    other = unlearn(model, req, "neggrad_plus", seed=1, checks=False)
+    assert not torch.equal(runs[0], torch.cat([p.flatten() for p in other.model.parameters()]))
+
+
 def test_neggrad_counts_its_work_in_steps_passing_over_the_forget_set_as_often_as_needed(digits_class):
     prep = digits_class
     req = prep.request()

@@ -3,10 +3,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import time
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Iterator, Optional
 
+import torch
 from torch import nn
 
 from . import calibration as cal
@@ -14,6 +16,7 @@ from . import distributed
 from . import checks as post
 from .importance.cache import ImportanceCache, default_cache
 from .methods.registry import Context, MethodSpec, Timer, get_method, resolve_hparams
+from .tasks import model_device
 from .types import Counters, UnlearningRequest, UnlearningResult
 
 
@@ -131,6 +134,22 @@ def unlearn(model: nn.Module, request_or_loaders: Any, method: str = "ssd", pres
     return result
 
 
+@contextlib.contextmanager
+def _seeded(seed: Any, model: nn.Module) -> Iterator[None]:
+    """For a method with a ``seed``: the global random generators seeded with it for the run, and the caller's
+    states restored after. What a method draws from them — dropout masks while it trains, for one — then depends
+    on its seed alone, not on what the caller's process drew before (the same call, the same model)."""
+    if seed is None:
+        yield
+        return
+    device = model_device(model)
+    devices = [device.index if device.index is not None else torch.cuda.current_device()] \
+        if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(int(seed))
+        yield
+
+
 def _execute(spec: MethodSpec, model: nn.Module, request: UnlearningRequest, ctx: Context,
              hp: Dict[str, Any]) -> UnlearningResult:
     """One run of ``spec`` on a copy of ``model``."""
@@ -139,7 +158,8 @@ def _execute(spec: MethodSpec, model: nn.Module, request: UnlearningRequest, ctx
     method = spec.name
     start_spread = distributed.broadcast_module(work)  # under torch.distributed every rank starts from rank 0's
     try:
-        result = spec.fn(work, request, ctx, **hp)
+        with _seeded(hp.get("seed"), work):
+            result = spec.fn(work, request, ctx, **hp)
     except (ValueError, FloatingPointError) as e:  # name the method in every message of these plain kinds
         if type(e) in (ValueError, FloatingPointError) and not str(e).startswith(method):
             raise type(e)(f"{method}: {e}") from e
