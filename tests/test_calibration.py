@@ -221,3 +221,29 @@ def test_the_search_stops_at_a_trial_that_is_clearly_on_target(committed, monkey
     assert len(runs) == cal["trials_run"] < 10
     assert all(not (t["judgement"]["forget_score"] <= 0.5 and t["judgement"]["utility_loss"] <= cal["delta"] / 2
                     and t["judgement"]["feasible"]) for t in cal["trials"][:-1])
+
+
+def test_a_trial_that_returns_weights_already_measured_is_not_evaluated_again(committed, monkeypatch):
+    """A no-op edit (the original's weights every trial) costs no evaluation; the search still runs its budget
+    and reports what it measured."""
+    import copy
+
+    import excise.calibration as cal
+    from excise.methods.registry import get_method
+    from excise.types import UnlearningResult
+
+    prep, req = _digits_class(committed)
+    spec = get_method("ssd")
+    evaluator = cal.prepare(prep.original, req)
+    measured = []
+    real = evaluator._measure
+    monkeypatch.setattr(evaluator, "_measure", lambda m: measured.append(1) or real(m))
+
+    def no_op(hp):
+        return UnlearningResult(model=copy.deepcopy(prep.original), method="ssd", hparams=hp)
+
+    res = cal.calibrate(prep.original, req, spec, dict(spec.defaults), no_op, trials=4, evaluator=evaluator)
+    info = res.info["calibration"]
+    assert info["trials_run"] == 4 and info["evaluations"] == 0 and measured == []
+    assert all(t["metrics"] == info["original"] for t in info["trials"])
+    assert not good_enough(res)  # the class is still there: the no-op never meets the target

@@ -20,7 +20,8 @@ learning rate), in its search-space range, on a log scale: the default first, th
 weakest setting that meets the forget target without breaking utility; the search stops early at a trial that
 is clearly on target (forget score ≤ ``CLEAR``, half the tolerance, and utility loss ≤ delta/2). Seeded; at most ``trials`` runs (each a
 full run of the method on a copy of the model; the SSD family reuses the cached reference importance and the
-forget importance of the first trial, so a trial costs a re-selection, a dampening and the evaluation).
+forget importance of the first trial, so a trial costs a re-selection, a dampening and the evaluation; a trial
+whose weights were measured already — the original's, or an earlier trial's — is not evaluated again).
 Every trial, its criteria and why the winner won are in ``result.info["calibration"]``.
 """
 
@@ -117,6 +118,8 @@ class Evaluator:
 
         self.task, self.intent, self.classes = request.task, intent, classes
         self.samples = {k: take(getattr(request, k), n) for k in ("forget", "retain", "holdout")}
+        self.measured: Dict[str, Dict[str, Any]] = {}  # weights' hash → metrics: a trial that returns weights
+        self.evaluations = 0                           # already measured (e.g. SSD selecting nothing) costs none
         self.base = self.measure(original)
         gone = torch.tensor(classes)
         self.sizes = {"forget": sum(self.task.batch_size(b) for b in self.samples["forget"]),
@@ -124,6 +127,15 @@ class Evaluator:
                                      for b in self.samples["holdout"])}
 
     def measure(self, model: nn.Module) -> Dict[str, Any]:
+        from .storage import state_hash
+
+        key = state_hash(model)
+        if key not in self.measured:
+            self.measured[key] = self._measure(model)
+            self.evaluations += 1
+        return dict(self.measured[key])
+
+    def _measure(self, model: nn.Module) -> Dict[str, Any]:
         o = {k: _outputs(model, v, self.task) for k, v in self.samples.items()}
         m: Dict[str, Any] = {"forget_acc": _acc(o["forget"]), "retain_acc": _acc(o["retain"])}
         preds = o["retain"]["pred"]
@@ -226,6 +238,7 @@ def calibrate(model: nn.Module, request, spec, hparams: Dict[str, Any], run, *, 
     lo, hi = 0.0, 1.0  # positions in strength: 0 weakest, 1 strongest
     pos = to_pos(hparams[name])
     original = evaluator.judge(evaluator.base, delta)  # the input model itself, judged by the same criteria
+    evaluated = evaluator.evaluations
     done: List[Dict[str, Any]] = []
     best = None
     for i in range(trials):
@@ -255,7 +268,8 @@ def calibrate(model: nn.Module, request, spec, hparams: Dict[str, Any], run, *, 
     why = _why(trial, done, original)
     result.info["calibration"] = {"method": spec.name, "intent": evaluator.intent, "classes": evaluator.classes,
                                   "knob": name, "delta": delta, "forget_tol": FORGET_TOL, "trials_run": len(done),
-                                  "budget": trials, "original": evaluator.base, "original_judgement": original,
+                                  "budget": trials, "evaluations": evaluator.evaluations - evaluated,
+                                  "original": evaluator.base, "original_judgement": original,
                                   "trials": done,
                                   "winner": trial["trial"], "why": why}
     return result
