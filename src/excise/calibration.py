@@ -118,8 +118,9 @@ class Evaluator:
 
         self.task, self.intent, self.classes = request.task, intent, classes
         self.samples = {k: take(getattr(request, k), n) for k in ("forget", "retain", "holdout")}
-        self.measured: Dict[str, Dict[str, Any]] = {}  # weights' hash → metrics: a trial that returns weights
-        self.evaluations = 0                           # already measured (e.g. SSD selecting nothing) costs none
+        # weights' hash → metrics: a trial that returns weights already measured (e.g. SSD selecting nothing)
+        # costs no evaluation
+        self.measured: Dict[str, Dict[str, Any]] = {}
         self.base = self.measure(original)
         gone = torch.tensor(classes)
         self.sizes = {"forget": sum(self.task.batch_size(b) for b in self.samples["forget"]),
@@ -132,7 +133,6 @@ class Evaluator:
         key = state_hash(model)
         if key not in self.measured:
             self.measured[key] = self._measure(model)
-            self.evaluations += 1
         return dict(self.measured[key])
 
     def _measure(self, model: nn.Module) -> Dict[str, Any]:
@@ -187,7 +187,7 @@ def check_knob(spec, hparams: Dict[str, Any]) -> None:
         raise CalibrationError(f"{spec.name}: declares no strength to calibrate; methods that do: "
                                f"{', '.join(_calibratable())}")
     name = spec.strength[0]
-    if isinstance(hparams[name], (str, bool)) or not isinstance(hparams[name], (int, float)):
+    if isinstance(hparams[name], bool) or not isinstance(hparams[name], (int, float)):
         raise CalibrationError(f"{spec.name}: calibration searches {name} itself; it cannot start from "
                                f"{name}={hparams[name]!r}")
 
@@ -238,7 +238,7 @@ def calibrate(model: nn.Module, request, spec, hparams: Dict[str, Any], run, *, 
     lo, hi = 0.0, 1.0  # positions in strength: 0 weakest, 1 strongest
     pos = to_pos(hparams[name])
     original = evaluator.judge(evaluator.base, delta)  # the input model itself, judged by the same criteria
-    evaluated = evaluator.evaluations
+    evaluated = len(evaluator.measured)
     done: List[Dict[str, Any]] = []
     best = None
     for i in range(trials):
@@ -268,7 +268,7 @@ def calibrate(model: nn.Module, request, spec, hparams: Dict[str, Any], run, *, 
     why = _why(trial, done, original)
     result.info["calibration"] = {"method": spec.name, "intent": evaluator.intent, "classes": evaluator.classes,
                                   "knob": name, "delta": delta, "forget_tol": FORGET_TOL, "trials_run": len(done),
-                                  "budget": trials, "evaluations": evaluator.evaluations - evaluated,
+                                  "budget": trials, "evaluations": len(evaluator.measured) - evaluated,
                                   "original": evaluator.base, "original_judgement": original,
                                   "trials": done,
                                   "winner": trial["trial"], "why": why}

@@ -33,9 +33,6 @@ from .common import NonFinite, batches, check_finite, eval_mode, summed, trainab
 REDUCERS = {"square": lambda t: t.pow(2), "abs": torch.abs}
 _INPLACE = {"square": torch.Tensor.square_, "abs": torch.Tensor.abs_}
 _CHUNK = 32  # samples per batched matmul of per-sample gradients (bounds memory)
-# On the CPU the hooked pass runs the loader's batches in parts of at most tasks.CPU_PART samples (whole batches
-# of 256 were 1.4x slower on ResNet-18 width 16 here, for the allocator's sake: see there). The sums are per
-# sample, so the grouping does not change them (up to float summation); on an accelerator batches run whole.
 # On the CPU a convolution with at least this many weights forms its per-sample gradients one sample at a time
 # into one buffer and adds their squares into sums that stay in cache, instead of writing a chunk of them to
 # memory, squaring in place and summing (2x faster for a 128x128x3x3 convolution on 4x4 maps on this project's CPU)
@@ -87,6 +84,15 @@ def _columns(a: torch.Tensor, k, d, p, s) -> torch.Tensor:
     return view.reshape(n, c * k[0] * k[1], ho * wo)
 
 
+def _add_samples(per: torch.Tensor, dim: int, inplace, w, plain):
+    """``(w + Σ r(per), plain + Σ per)`` over the samples' axis ``dim`` of per-sample gradients (``per`` is
+    overwritten; ``w``/``plain`` None at the first chunk)."""
+    total = per.sum(dim)
+    plain = total if plain is None else plain.add_(total)
+    part = inplace(per).sum(dim)
+    return (part if w is None else w.add_(part)), plain
+
+
 def _shifted(a: torch.Tensor, g: torch.Tensor, k, d, p, inplace) -> Tuple[torch.Tensor, torch.Tensor]:
     """A stride-1 convolution's per-sample weight gradients, one kernel offset at a time, with no column copy:
     (r-summed, summed), both (O, C, k, k). With the input padded and flattened row by row (width Wp) and the output
@@ -108,10 +114,7 @@ def _shifted(a: torch.Tensor, g: torch.Tensor, k, d, p, inplace) -> Tuple[torch.
             for v in range(k[1]):
                 off = d[0] * u * wp + d[1] * v
                 torch.bmm(gp[i:i + n], flat[i:i + n, :, off:off + q].transpose(1, 2), out=per[u * k[1] + v])
-        total = per.sum(1)
-        plain = total if plain is None else plain.add_(total)
-        part = inplace(per).sum(1)
-        w = part if w is None else w.add_(part)
+        w, plain = _add_samples(per, 1, inplace, w, plain)
     # (k·k, O, C) → (O, C, k, k)
     return tuple(t.permute(1, 2, 0).reshape(o, c, k[0], k[1]) for t in (w, plain))
 
@@ -132,11 +135,7 @@ def _columned(a: torch.Tensor, gf: torch.Tensor, k, d, p, s, inplace, by_sample:
                 w.addcmul_(buf, buf)
                 plain.add_(buf)
             continue
-        per = torch.bmm(gf[i:i + chunk], cols.transpose(1, 2))
-        total = per.sum(0)
-        plain = total if plain is None else plain.add_(total)
-        part = inplace(per).sum(0)
-        w = part if w is None else w.add_(part)
+        w, plain = _add_samples(torch.bmm(gf[i:i + chunk], cols.transpose(1, 2)), 0, inplace, w, plain)
     return w, plain
 
 
@@ -154,7 +153,7 @@ def _conv(module: nn.Module, a: torch.Tensor, g: torch.Tensor, r, out: Dict[str,
     # shifted windows pay where the column copy is dear against the matmul (its cost relative to it falls with the
     # output channels), the windows' matmuls are wide enough (their width is the input channels) and the padding
     # columns they also multiply are few (Wp − Wo of every Wp; at most a quarter more)
-    wide = g.shape[-1] and (a.shape[-1] + 2 * p[1]) <= 1.25 * g.shape[-1]
+    wide = a.shape[-1] + 2 * p[1] <= 1.25 * g.shape[-1]
     if not by_sample and all(v == 1 for v in s) and a.shape[1] >= max(g.shape[1], 8) and wide:
         w, plain = _shifted(a, g, k, d, p, inplace)
     else:
@@ -349,7 +348,9 @@ def _hooked(model, loader, task, sample_losses, reduce, owners, named, counters,
 
 
 def _parts(loader_batches, task: Task, device: torch.device):
-    """The batches on ``device``; on the CPU, each cut into parts of at most ``CPU_PART`` samples."""
+    """The batches on ``device``; on the CPU, each cut into parts of at most ``tasks.CPU_PART`` samples (whole
+    batches of 256 were 1.4x slower on ResNet-18 width 16 here, for the allocator's sake: see there). The sums are
+    per sample, so the grouping does not change them (up to float summation); on an accelerator batches run whole."""
     from ..distributed import cut
 
     for batch in loader_batches:
