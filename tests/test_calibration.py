@@ -247,3 +247,35 @@ def test_a_trial_that_returns_weights_already_measured_is_not_evaluated_again(co
     assert info["trials_run"] == 4 and info["evaluations"] == 0 and measured == []
     assert all(t["metrics"] == info["original"] for t in info["trials"])
     assert not good_enough(res)  # the class is still there: the no-op never meets the target
+
+
+def test_a_calibration_that_misses_its_target_says_so(committed, monkeypatch):
+    """A calibrated result whose best trial is off target is not silent: OffTargetWarning, in result.warnings; a
+    result on target issues none."""
+    import copy
+    import warnings
+
+    from excise.checks import OffTargetWarning, off_target
+    from excise.types import UnlearningResult
+
+    prep, req = _digits_class(committed)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        good = unlearn(prep.original, req, "ssd", calibrate=True)
+    assert good_enough(good) and not any(issubclass(w.category, OffTargetWarning) for w in caught)
+    assert "OffTargetWarning" not in [w["warning"] for w in good.warnings]
+
+    monkeypatch.setattr(api, "_execute", lambda spec, model, *a, **k: UnlearningResult(
+        model=copy.deepcopy(model), method=spec.name, hparams=a[-1]))  # an edit that never forgets the class
+    with pytest.warns(OffTargetWarning, match="no trial met the forget target"):
+        res = unlearn(prep.original, req, "ssd", calibrate={"trials": 2})
+    assert not good_enough(res) and "OffTargetWarning" in [w["warning"] for w in res.warnings]
+    with pytest.warns(OffTargetWarning, match="method='auto' tried ssd, lfssd"):
+        unlearn(prep.original, req, "auto")
+    # the message of a result that broke the utility bound (pure)
+    cal = {"knob": "lr", "delta": 2.0, "trials_run": 3, "winner": 1,
+           "trials": [{"trial": 1, "judgement": {"feasible": False, "on_target": True, "collapsed": False,
+                                                 "utility_loss": 7.5, "forget_error": 0.0, "forget_score": 0.0}}]}
+    (cls, msg), = off_target("salun", cal)
+    assert cls is OffTargetWarning and "every trial broke the utility bound" in msg and "7.5 points" in msg
+    assert off_target("ssd", {}) == []

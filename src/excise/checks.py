@@ -53,6 +53,11 @@ class CollapseWarning(ExciseWarning):
     """The predictions collapsed onto one class."""
 
 
+class OffTargetWarning(ExciseWarning):
+    """Calibration (``calibrate=`` or ``method="auto"``) found no trial that met the forget target within the
+    utility bound: the result is the best it tried, not one on target."""
+
+
 # --------------------------------------------------------------------------------------------- before the work
 def _size(loader) -> Optional[int]:
     ds = getattr(loader, "dataset", None)
@@ -242,8 +247,33 @@ def post_check(method: str, original: nn.Module, result, pr: Optional[Probe]) ->
     selected = result.mask.count() if result.mask is not None else None
     cal = result.info.get("calibration") or {}
     unseen = bool((cal.get("original_judgement") or {}).get("on_target"))
-    return [{"warning": cls.__name__, "message": msg, "category": cls}
-            for cls, msg in judge(method, checks, selected, original_on_target=unseen)]
+    found = judge(method, checks, selected, original_on_target=unseen) + off_target(method, cal,
+                                                                                   result.info.get("auto"))
+    return [{"warning": cls.__name__, "message": msg, "category": cls} for cls, msg in found]
+
+
+def off_target(method: str, calibration: Dict[str, Any], auto: Optional[Dict[str, Any]] = None) -> List[tuple]:
+    """``[(OffTargetWarning, message)]`` when a calibrated result's winning trial missed the forget target or broke
+    the utility bound (pure; ``[]`` for a result that was not calibrated or is on target)."""
+    win = next((t for t in calibration.get("trials", []) if t["trial"] == calibration.get("winner")), None)
+    if win is None:
+        return []
+    j = win["judgement"]
+    if j["feasible"] and j["on_target"]:
+        return []
+    tried = (f"method='auto' tried {', '.join(auto['tried'])}; the best was {method}, "
+             if auto and len(auto.get("tried", ())) > 1 else f"{method}: ")
+    if not j["feasible"]:
+        what = ("collapsed the predictions" if j["collapsed"] else
+                f"lost {j['utility_loss']:.1f} points of utility (bound: {calibration['delta']:g})")
+        miss = f"every trial broke the utility bound; the result {what}"
+    else:
+        miss = (f"no trial met the forget target within the utility bound; the result's forget error is "
+                f"{j['forget_error']:.1f} points ({j['forget_score']:.1f}× its tolerance; ≤ 1 is on target)")
+    return [(OffTargetWarning,
+             f"{tried}calibration of {calibration['knob']} in {calibration['trials_run']} trials: {miss}. "
+             "The result is the best it tried, not one on target (result.info['calibration']); a larger trial "
+             "budget (calibrate={'trials': …}), a larger utility bound ('delta') or another method may reach it")]
 
 
 _ALREADY = ("calibration found that the original model already meets the forget target: by the holdout given, the "
