@@ -17,3 +17,19 @@ def toy_loader(n=40, num_classes=3, batch_size=8, seed=0, labels=True):
     y = torch.randint(0, num_classes, (n,), generator=g)
     ds = TensorDataset(x, y) if labels else TensorDataset(x)
     return DataLoader(ds, batch_size=batch_size, shuffle=False)
+
+
+class Attending(nn.Module):
+    """A user model with a bare parameter (a positional embedding) and nn.MultiheadAttention, whose initialiser
+    is ``_reset_parameters``: neither has ``reset_parameters()``."""
+
+    def __init__(self):
+        super().__init__()
+        self.pos = nn.Parameter(torch.randn(4, 8))
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = x.reshape(-1, 4, 8) + self.pos
+        return self.head(self.attn(h, h, h, need_weights=False)[0].mean(1))
+

@@ -24,7 +24,7 @@ from excise.tasks import ClassificationTask
 from excise.storage import state_hash
 from excise.training import CheckpointCache, save_state
 
-from helpers import tiny_cnn, toy_loader
+from helpers import Attending, tiny_cnn, toy_loader
 
 ALL_METHODS = ["ssd", "lfssd", "assd", "scissorhands", "saps", "finetune", "neggrad", "neggrad_plus",
                "random_labels", "salun", "l1_sparse", "scrub", "bad_teacher", "retrain"]
@@ -281,6 +281,47 @@ def test_retrain_keeps_frozen_layers(committed):
     assert torch.equal(res.model.net[1].weight, first.weight) and torch.equal(res.model.net[1].bias, first.bias)
     assert not torch.equal(res.model.net[3].weight, model.net[3].weight)  # the rest was re-initialised and trained
     assert accuracy(res.model, prep.loaders["retain"]) > 95
+
+
+def _attending_request():
+    g = torch.Generator().manual_seed(0)
+    ds = TensorDataset(torch.randn(48, 32, generator=g), torch.randint(0, 3, (48,), generator=g))
+    return UnlearningRequest(forget=DataLoader(Subset(ds, range(8)), batch_size=8),
+                             retain=DataLoader(Subset(ds, range(8, 48)), batch_size=8))
+
+
+def test_methods_that_re_initialise_cover_modules_without_reset_parameters(monkeypatch):
+    """nn.MultiheadAttention initialises with _reset_parameters(), a user module's bare nn.Parameter with nothing:
+    retrain re-initialises the first and refuses the second before any work (it would keep trained values);
+    the bad teacher zeroes it; Scissorhands zeroes its selected entries and says so."""
+    import excise.methods.baselines as baselines
+    import excise.training as training
+
+    torch.manual_seed(0)
+    model, req = Attending(), _attending_request()
+    trained = copy.deepcopy(model.state_dict())
+    runs = []
+    monkeypatch.setattr(training, "train", lambda *a, **k: runs.append(1))  # the re-initialisation alone
+    with pytest.raises(ValueError, match="retrain cannot re-initialise pos: Attending has no reset_parameters"):
+        unlearn(model, req, "retrain", checks=False)
+    assert runs == []
+    model.pos.requires_grad_(False)  # frozen: a fixed part the retrained model keeps
+    res = unlearn(model, req, "retrain", checks=False)
+    assert runs == [1] and torch.equal(res.model.pos, trained["pos"])
+    for name in ("attn.in_proj_weight", "attn.out_proj.weight", "head.weight"):
+        assert not torch.equal(res.model.get_parameter(name), trained[name]), name
+    model.pos.requires_grad_(True)
+
+    teachers = []
+    real = baselines._frozen_copy
+    monkeypatch.setattr(baselines, "_frozen_copy", lambda m: teachers.append(real(m)) or teachers[-1])
+    unlearn(model, req, "bad_teacher", batch_size=8, checks=False)
+    bad = teachers[1]
+    assert torch.equal(bad.pos, torch.zeros(4, 8))
+    assert not torch.equal(bad.attn.in_proj_weight, trained["attn.in_proj_weight"])
+
+    res = unlearn(model, req, "scissorhands", k=1.0, batch_size=8, checks=False)
+    assert res.info["zeroed"] == ["pos"]
 
 
 @pytest.mark.parametrize("method", ["bad_teacher", "retrain"])

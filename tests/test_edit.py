@@ -13,7 +13,7 @@ from excise.edit.linalg import conjugate_gradient
 from excise.importance import sensitivity
 from excise.models import build_model
 
-from helpers import tiny_cnn, toy_loader
+from helpers import Attending, tiny_cnn, toy_loader
 
 
 def test_projection_removes_conflict_with_margin_and_minimum():
@@ -232,3 +232,25 @@ def test_masked_sgd_moves_only_the_mask_and_guards_against_nan():
     with pytest.raises(FloatingPointError, match="step 0; try less"):
         masked_sgd(model, loader, lambda b, s, t: task.loss(model, b) * float("nan"), Schedule(lr=0.1), task=task,
                    desc="t", hint="try less")
+
+
+def test_reinit_uses_each_modules_own_initialiser_and_zeroes_a_bare_parameter():
+    from excise.edit import without_initialiser
+
+    torch.manual_seed(0)
+    model = Attending()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(5.0)  # "trained" values, far from any initialiser's
+    assert without_initialiser(model) == ["pos"]
+    mask = Mask({n: torch.rand(p.shape, generator=torch.Generator().manual_seed(1)) < 0.5
+                 for n, p in model.named_parameters()})
+    out = reinit(model, mask, seed=0)
+    for n, p in out.named_parameters():
+        old, sel = model.get_parameter(n), mask[n]
+        assert torch.equal(p[~sel], old[~sel]), n  # outside the mask: bit-identical
+    assert torch.equal(out.pos[mask["pos"]], torch.zeros(int(mask["pos"].sum())))
+    w = out.attn.in_proj_weight[mask["attn.in_proj_weight"]]  # MultiheadAttention's xavier_uniform draw
+    assert w.abs().max() <= (6 / (8 + 24)) ** 0.5 and w.abs().max() > 0
+    assert torch.equal(out.attn.in_proj_bias[mask["attn.in_proj_bias"]],
+                       torch.zeros(int(mask["attn.in_proj_bias"].sum())))

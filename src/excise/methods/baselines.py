@@ -25,7 +25,7 @@ from typing import Callable, Optional
 import torch
 
 from .. import importance, selection
-from ..edit import Schedule, masked_sgd
+from ..edit import Schedule, initialiser, masked_sgd, without_initialiser
 from ..tasks import model_device
 from ..types import Mask, Scores, UnlearningResult
 from .registry import (COUNT, FRACTION, MAYBE_COUNT, MOMENTUM, NONNEG, POS, SEED, UNIT, Context, Int, Param, Real,
@@ -251,8 +251,8 @@ def scrub(model, request, ctx, max_epochs, alpha, gamma, temperature, max_lr, ma
           strength=("lr", 1))
 def bad_teacher(model, request, ctx, temperature, **hp):
     """Each step pairs a retain batch (target: the original model, a frozen copy) with a forget batch (target: an
-    "incompetent" teacher — the same architecture re-initialised with the seed) and descends the sum of the
-    two KL terms."""
+    "incompetent" teacher — the same architecture re-initialised with the seed by each module's own initialiser,
+    a parameter without one set to zero) and descends the sum of the two KL terms."""
     if temperature <= 0:
         raise ValueError(f"temperature must be positive, got {temperature}")
     task = request.task
@@ -261,8 +261,12 @@ def bad_teacher(model, request, ctx, temperature, **hp):
     with torch.random.fork_rng(devices=[]):  # seeded, and the caller's global RNG is left as it was
         torch.manual_seed(hp["seed"])
         for m in bad.modules():
-            if hasattr(m, "reset_parameters"):
-                m.reset_parameters()
+            init = initialiser(m)
+            if init is not None:
+                init()
+        with torch.no_grad():  # a parameter no initialiser covers starts at zero in the incompetent teacher
+            for name in without_initialiser(bad, [n for n, _ in bad.named_parameters()]):
+                bad.get_parameter(name).zero_()
     retain = _reshuffled(request.retain, hp["batch_size"], hp["seed"], "retain")
     forget = cycle(_reshuffled(request.forget, hp["batch_size"], hp["seed"] + 1, "forget"))
     device = model_device(model)
@@ -277,13 +281,13 @@ def bad_teacher(model, request, ctx, temperature, **hp):
 
 
 def _reset_keeping_frozen(module) -> None:
-    """``module.reset_parameters()``, then its frozen parameters (and, when all of its own parameters are frozen,
-    its own buffers) written back."""
+    """The module's own initialiser (``reset_parameters()`` or ``_reset_parameters()``), then its frozen parameters
+    (and, when all of its own parameters are frozen, its own buffers) written back."""
     own = dict(module.named_parameters(recurse=False))
     frozen = {n: p.detach().clone() for n, p in own.items() if not p.requires_grad}
     buffers = {n: b.detach().clone() for n, b in module.named_buffers(recurse=False)} \
         if own and len(frozen) == len(own) else {}
-    module.reset_parameters()
+    initialiser(module)()
     with torch.no_grad():
         for n, v in frozen.items():
             own[n].copy_(v)
@@ -298,23 +302,36 @@ def _reset_keeping_frozen(module) -> None:
                       optimizer=Param(str, options=("sgd", "adam"))),
           summary="Retrain from scratch on the retain set (the gold standard; the bench uses its cached oracle)")
 def retrain(model, request, ctx, epochs, lr, momentum, weight_decay, batch_size, schedule, optimizer, seed):
-    """Every module with ``reset_parameters`` is re-initialised under ``seed``, then trained on the retain set
+    """Every module is re-initialised by its own initialiser (``reset_parameters()``, or ``_reset_parameters()`` as
+    ``nn.MultiheadAttention`` has) under ``seed``, then trained on the retain set
     with the training recipe given by the hyperparameters (excise's TrainRecipe defaults). Benchmarks use the
     oracle from the checkpoint cache instead, trained with the protocol's own recipe.
 
     Frozen parameters (``requires_grad=False``) are a fixed, pretrained part of the model: they keep their
     values, and a module whose parameters are all frozen keeps its buffers too (e.g. BatchNorm statistics).
-    The caller's global RNG is left as it was."""
+    The caller's global RNG is left as it was. A trainable parameter whose module has no initialiser (a bare
+    ``nn.Parameter`` of a user module) is an error before any work: retraining would start it from its trained
+    values, which carry the forget set."""
     from ..training import TrainRecipe, train
 
     if request.retain is None:
         raise ValueError("retrain needs a retain loader")
+    bare = without_initialiser(model)
+    if bare:
+        from ..edit.reinit import owners
+
+        kinds = sorted({type(owners(model)[n][0]).__name__ for n in bare})
+        raise ValueError(f"retrain cannot re-initialise {', '.join(bare[:5])}{' …' if len(bare) > 5 else ''}: "
+                         f"{' / '.join(kinds)} has no reset_parameters(), so a retrained model would start them from "
+                         "their trained values, which carry the forget set; give it a reset_parameters() that "
+                         "initialises them (or freeze them: requires_grad=False keeps them as a fixed, pretrained "
+                         "part)")
     recipe = TrainRecipe(epochs=epochs, lr=lr, momentum=momentum, weight_decay=weight_decay, batch_size=batch_size,
                          schedule=schedule, optimizer=optimizer)
     with ctx.timer.phase("edit"), torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         for m in model.modules():
-            if hasattr(m, "reset_parameters"):
+            if initialiser(m) is not None:
                 _reset_keeping_frozen(m)
         loader = Context.reshuffled(request.retain, batch_size, seed)
         train(model, loader, recipe, task=request.task, seed=seed, progress=ctx.progress, desc="retrain")

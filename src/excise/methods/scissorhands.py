@@ -3,7 +3,8 @@
 Algorithm box:
   1. s = |θ| ⊙ Σ_b |∇θ L(D_f batch b)| over ``n_batches`` forget batches; one global top-k % over the scope
      (default: every parameter outside normalisation layers);
-  2. trim: re-initialise the selected entries (layer's own initialiser, zero biases);
+  2. trim: re-initialise the selected entries (layer's own initialiser, zero biases; zero for a parameter whose
+     module has no initialiser, listed in ``info["zeroed"]``);
   3. repair for ``epochs``: at each epoch's start g_o = ∇(−L_f) on a fresh forget batch (eval mode, one per
      memory); each step on a retain batch paired with a forget batch takes g = ∇(L_r − λ·L_f), projected so
      that ⟨g̃, g_o⟩ ≥ 0 (margin m); once forget batches run out, plain L_r steps. SGD (momentum 0.9, weight
@@ -21,7 +22,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from .. import distributed, importance, selection
-from ..edit import reinit, train_mode
+from ..edit import reinit, train_mode, without_initialiser
 from ..edit.project import flat_grad, project, write_flat_grad
 from ..importance.common import eval_mode, progress
 from ..tasks import model_device
@@ -92,6 +93,7 @@ def scissorhands(model, request, ctx, k, n_batches, scope, seed, **repair):
         mask = selection.topk(scores, k, eligible)
     with ctx.timer.phase("edit"):
         reinit(model, mask, seed=seed, inplace=True)
+        zeroed = without_initialiser(model, [n for n, m in mask.items() if m.any()])
     ctx.counters.params_touched += sum(p.numel() for p in model.parameters() if p.requires_grad)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = (torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay) if cfg.optimizer == "adam" else
@@ -160,4 +162,4 @@ def scissorhands(model, request, ctx, k, n_batches, scope, seed, **repair):
             model.eval()
     return UnlearningResult(model=model, method="", hparams={}, mask=mask,
                             info={"selected_fraction": mask.fraction(model), "projections": projections,
-                                  "repair_steps": steps})
+                                  "repair_steps": steps, "zeroed": zeroed})
