@@ -127,6 +127,37 @@ def test_a_shared_parameter_falls_back_to_exact_vmap():
         torch.testing.assert_close(got[n], ref[n])
 
 
+
+def test_an_lstm_falls_back_to_vmap_without_torchs_batching_rule_warning():
+    """nn.LSTM returns a tuple: whole-model vmap, which runs its LSTM op sample by sample; torch's "performance
+    drop … batching rule" message is not passed on to the user (the sums are exact)."""
+    import warnings
+
+    from excise import importance
+
+    class Seq(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn, self.head = nn.LSTM(3, 5, batch_first=True), nn.Linear(5, 2)
+
+        def forward(self, x):
+            return self.head(self.rnn(x)[0][:, -1])
+
+    torch.manual_seed(0)
+    model = Seq()
+    loader = DataLoader(TensorDataset(torch.randn(6, 4, 3), torch.randint(0, 2, (6,))), batch_size=3)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        mean, second = importance.gradient_moments(model, loader)
+    assert not [w for w in caught if "batching rule" in str(w.message)], [str(w.message) for w in caught]
+    x, y = loader.dataset.tensors
+    for i in range(6):  # exact: the per-sample gradients one by one
+        model.zero_grad()
+        nn.functional.cross_entropy(model(x[i:i + 1]), y[i:i + 1]).backward()
+        for n, p in model.named_parameters():
+            second[n] = second[n] - p.grad.pow(2) / 6
+    assert all(float(v.abs().max()) < 1e-6 for v in second.values())
+
 def _digits_request(committed, batch, shuffle=False, seed=0):
     from excise.data import ForgetSpec
     from excise.protocol import Setup

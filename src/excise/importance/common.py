@@ -55,6 +55,19 @@ def trainable(model: nn.Module) -> List[Tuple[str, nn.Parameter]]:
 
 
 @contextlib.contextmanager
+def quiet_vmap() -> Iterator[None]:
+    """torch.func.vmap over an op without a batching rule (an LSTM's, attention's) runs it sample by sample and
+    says "There is a performance drop because we have not yet implemented the batching rule …" to the user, who
+    can do nothing about it; the results are exact. excise's per-sample passes run their vmap inside this."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="There is a performance drop because we have not yet implemented "
+                                                  "the batching rule", category=UserWarning)
+        yield
+
+
+@contextlib.contextmanager
 def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
     """Put the model in eval mode for the block and restore each module's own mode afterwards."""
     modes = {m: m.training for m in model.modules()}
@@ -146,7 +159,7 @@ def squared_sample_grads(model: nn.Module, loader, task: Task, target_sets: Call
     acc = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
     total = 0
     guard = NonFinite(_non_finite_loss(desc, task))
-    with eval_mode(model):
+    with eval_mode(model), quiet_vmap():
         for batch in batches(loader, show, desc):
             batch = task.to(batch, device)
             x = task.inputs(batch)

@@ -15,7 +15,8 @@ module gets the same sums from the activations and output gradients a normal bac
 
 The loss of the pass is Σ_n ℓ_n, so the gradient that reaches a module's output is each sample's own. A model for
 which the module-local route is not exact — a parameter shared by two modules, a module called twice in one
-forward, a module with several tensor inputs — falls back to whole-model ``vmap`` (exact, slower).
+forward, a module with several tensor inputs — falls back to whole-model ``vmap`` (exact, slower; torch's
+"performance drop" message for ops without a batching rule, e.g. an LSTM's, is not passed on).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from torch import nn
 
 from ..tasks import CPU_PART, Task, model_device
 from ..types import Counters, Scores
-from .common import NonFinite, batches, check_finite, eval_mode, summed, trainable
+from .common import NonFinite, batches, check_finite, eval_mode, quiet_vmap, summed, trainable
 
 REDUCERS = {"square": lambda t: t.pow(2), "abs": torch.abs}
 _INPLACE = {"square": torch.Tensor.square_, "abs": torch.Tensor.abs_}
@@ -218,7 +219,8 @@ def _generic(module: nn.Module, local: Dict[str, str], a: torch.Tensor, g: torch
         _, pull = vjp(lambda p: functional_call(module, p, (x.unsqueeze(0),), strict=False), params)
         return pull(go.unsqueeze(0))[0]
 
-    grads = vmap(one)(a, g)
+    with quiet_vmap():
+        grads = vmap(one)(a, g)
     for k in local:
         out[k] = (r(grads[k].float()).sum(0), grads[k].float().sum(0))
 
@@ -382,7 +384,7 @@ def _vmapped(model, loader, task, sample_losses, reduce, named, counters, show, 
     gsum = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
     total = 0
     guard = NonFinite(_non_finite(desc, task))
-    with eval_mode(model):
+    with eval_mode(model), quiet_vmap():
         for batch in batches(loader, show, desc):
             batch = task.to(batch, device)
             parts = list(batch) if isinstance(batch, (list, tuple)) else [batch]
