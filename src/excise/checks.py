@@ -118,7 +118,8 @@ def take(loader, n: int) -> List[Any]:
 
     Drawing them leaves the caller's random state as it was: the global RNG (a shuffled loader without a
     generator seeds itself from it) and the loader's own generator are restored afterwards."""
-    from .tasks import Task
+    from .distributed import cut
+    from .tasks import Task, first_tensor
 
     if loader is None:
         return []
@@ -129,10 +130,10 @@ def take(loader, n: int) -> List[Any]:
     try:
         with torch.random.fork_rng(devices=[]):
             for batch in loader:
-                x = batch[0] if isinstance(batch, (list, tuple)) else batch
-                size = len(x) if hasattr(x, "__len__") else 1
-                if count + size > n and isinstance(x, torch.Tensor):  # the last batch cut to n samples in all
-                    batch = _head(batch, n - count)
+                x = first_tensor(batch[0] if isinstance(batch, (list, tuple)) else batch)  # of the inputs
+                size = int(x.shape[0]) if x is not None and x.dim() else 1
+                if count + size > n and x is not None and x.dim():  # the last batch cut to n samples in all
+                    batch = cut(batch, 0, n - count, size)
                     size = n - count
                 out.append(mover.to(batch, torch.device("cpu")))
                 count += size
@@ -142,17 +143,6 @@ def take(loader, n: int) -> List[Any]:
         for k, g in gens.items():
             g.set_state(states[k])
     return out
-
-
-def _head(batch, k: int):
-    """The first ``k`` samples of a batch (a tensor, or a tuple / list / dict of tensors of one length)."""
-    if isinstance(batch, torch.Tensor):
-        return batch[:k]
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(_head(b, k) for b in batch)
-    if isinstance(batch, dict):
-        return {key: _head(v, k) for key, v in batch.items()}
-    return batch
 
 
 @torch.no_grad()

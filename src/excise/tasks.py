@@ -6,7 +6,7 @@ same code serves classification now and language modelling or diffusion later.
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +18,32 @@ from torch import nn
 # batch (measured here: a ResNet-18 width 16 forward over 3,072 images 0.91 s at 256, 0.58 s in parts of 64; with
 # malloc's mmap threshold raised the two ran alike). The per-sample importance passes use it as well.
 CPU_PART = 64
+
+
+def first_tensor(x: Any) -> Optional[torch.Tensor]:
+    """``x`` if a tensor, else the first tensor in a dict, list or tuple (depth first); None if there is none."""
+    if isinstance(x, torch.Tensor):
+        return x
+    items = x.values() if isinstance(x, Mapping) else x if isinstance(x, (list, tuple)) else ()
+    for v in items:
+        t = first_tensor(v)
+        if t is not None:
+            return t
+    return None
+
+
+def unsqueezed(x: Any) -> Any:
+    """``x`` with a leading dimension of 1 on every tensor, through dicts, lists, tuples and named tuples (one
+    sample of a ``vmap`` made a batch of one again)."""
+    if isinstance(x, torch.Tensor):
+        return x.unsqueeze(0)
+    if isinstance(x, Mapping):
+        return type(x)({k: unsqueezed(v) for k, v in x.items()})
+    if isinstance(x, tuple) and hasattr(x, "_fields"):
+        return type(x)(*(unsqueezed(v) for v in x))
+    if isinstance(x, (list, tuple)):
+        return type(x)(unsqueezed(v) for v in x)
+    return x
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -41,7 +67,11 @@ class Task:
         raise NotImplementedError
 
     def batch_size(self, batch: Any) -> int:
-        x = self.inputs(batch)
+        """The leading size of the inputs (of their first tensor, for inputs that are a dict, list or tuple)."""
+        x = first_tensor(self.inputs(batch))
+        if x is None or x.dim() == 0:
+            raise TypeError(f"{type(self).__name__}: no batch dimension in inputs of type "
+                            f"{type(self.inputs(batch)).__name__}")
         return int(x.shape[0])
 
     def to(self, batch: Any, device: torch.device) -> Any:
@@ -53,17 +83,21 @@ class Task:
             return {k: self.to(v, device) for k, v in batch.items()}
         return batch
 
+    def read_output(self, out: Any) -> Any:
+        """What the task's loss reads from the model's return value (here: the value itself)."""
+        return out
+
     def output(self, model: nn.Module, batch: Any) -> torch.Tensor:
-        """``model(inputs)``. Without gradients, in eval mode, on the CPU, a tensor batch larger than
+        """``read_output(model(inputs))``. Without gradients, in eval mode, on the CPU, a tensor batch larger than
         :data:`CPU_PART` runs in parts (outputs concatenated: the same values, each sample being computed alone)."""
         x = self.inputs(batch)
         if (torch.is_grad_enabled() or model.training or not isinstance(x, torch.Tensor) or x.dim() == 0
                 or x.device.type != "cpu" or x.shape[0] <= CPU_PART):
-            return model(x)
-        parts = [model(x[:CPU_PART])]
+            return self.read_output(model(x))
+        parts = [self.read_output(model(x[:CPU_PART]))]
         if not isinstance(parts[0], torch.Tensor) or parts[0].dim() == 0 or parts[0].shape[0] != CPU_PART:
-            return model(x)  # not one output row per sample: run the batch whole
-        parts += [model(x[i:i + CPU_PART]) for i in range(CPU_PART, x.shape[0], CPU_PART)]
+            return self.read_output(model(x))  # not one output row per sample: run the batch whole
+        parts += [self.read_output(model(x[i:i + CPU_PART])) for i in range(CPU_PART, x.shape[0], CPU_PART)]
         return torch.cat(parts)
 
     def loss_from_output(self, output: torch.Tensor, targets: Any, reduction: str = "mean") -> torch.Tensor:
@@ -80,9 +114,28 @@ class Task:
 
 
 class ClassificationTask(Task):
-    """Batches are ``(inputs, labels)``; the model returns logits; the loss is cross-entropy."""
+    """Batches are ``(inputs, labels)``; the model returns logits; the loss is cross-entropy.
+
+    The logits may also come wrapped as models commonly return them: a tuple or list whose first element they are
+    (``(logits, features)``, auxiliary heads), a dict with a ``"logits"`` entry, or an object with a ``.logits``
+    tensor (a transformers ``ModelOutput``). Anything else is a ``TypeError`` that says how to adapt it."""
 
     name = "classification"
+
+    def read_output(self, out: Any) -> torch.Tensor:
+        if isinstance(out, torch.Tensor):
+            return out
+        if isinstance(out, Mapping) and isinstance(out.get("logits"), torch.Tensor):
+            return out["logits"]
+        if isinstance(getattr(out, "logits", None), torch.Tensor):
+            return out.logits
+        if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+            return out[0]
+        keys = f" with keys {sorted(map(str, out))[:6]}" if isinstance(out, Mapping) else ""
+        raise TypeError(f"{type(self).__name__}: the model returned a {type(out).__name__}{keys}, not logits; it "
+                        "reads a tensor (batch, classes), a tuple or list whose first element that is, a dict with "
+                        "'logits', or an object with .logits — wrap the model to return one of those, or pass a "
+                        "Task whose read_output() finds them")
 
     def inputs(self, batch: Sequence) -> torch.Tensor:
         if isinstance(batch, torch.Tensor):  # unlabelled loader yielding bare inputs

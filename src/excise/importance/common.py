@@ -8,7 +8,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple
 import torch
 from torch import nn
 
-from ..tasks import Task, model_device
+from ..tasks import Task, model_device, unsqueezed
 from ..types import Counters, Scores
 from .. import distributed
 from ..progress import progress  # noqa: F401  (the importance passes' bars; re-exported)
@@ -152,7 +152,7 @@ def squared_sample_grads(model: nn.Module, loader, task: Task, target_sets: Call
     device = model_device(model)
 
     def sample_loss(p, x, t):
-        out = functional_call(model, {**p, **frozen, **buffers}, (x.unsqueeze(0),))
+        out = task.read_output(functional_call(model, {**p, **frozen, **buffers}, (unsqueezed(x),)))
         return task.loss_from_output(out, t.unsqueeze(0))
 
     per_sample_grad = vmap(grad(sample_loss), in_dims=(None, 0, 0))
@@ -164,10 +164,11 @@ def squared_sample_grads(model: nn.Module, loader, task: Task, target_sets: Call
             batch = task.to(batch, device)
             x = task.inputs(batch)
             y = task.targets(batch) if _has_targets(batch) else None
-            for s in range(0, len(x), chunk_size):
-                xs = x[s:s + chunk_size]
+            size = int(task.batch_size(batch))
+            for s in range(0, size, chunk_size):
+                xs = distributed.cut(x, s, min(s + chunk_size, size), size)
                 with torch.no_grad():
-                    out = functional_call(model, {**params, **frozen, **buffers}, (xs,))
+                    out = task.read_output(functional_call(model, {**params, **frozen, **buffers}, (xs,)))
                 for targets, weights in target_sets(xs, None if y is None else y[s:s + chunk_size], out):
                     with torch.no_grad():
                         if not bool(torch.isfinite(task.loss_from_output(out, targets, reduction="none")).all()):
@@ -181,10 +182,10 @@ def squared_sample_grads(model: nn.Module, loader, task: Task, target_sets: Call
                         if weights is not None:
                             sq = sq * weights.float().view(-1, *([1] * (sq.dim() - 1)))
                         acc[n].add_(sq.sum(0))
-            total += len(x)
+            total += size
             if counters is not None:
                 counters.forward_passes += 1
-                counters.samples_seen += len(x)
+                counters.samples_seen += size
     guard.check()
     total, = summed(acc.values(), total)
     if total == 0:

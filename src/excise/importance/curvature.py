@@ -51,7 +51,7 @@ def ggn_vp(model, loader, task, vec, counters=None):
             x = task.inputs(batch)
 
             def f(p):
-                return functional_call(model, {**p, **rest}, (x,))
+                return task.read_output(functional_call(model, {**p, **rest}, (x,)))
 
             logits, pullback = vjp(f, params)
             try:

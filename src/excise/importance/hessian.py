@@ -63,7 +63,7 @@ def hessian_diag(model: nn.Module, loader, task: Optional[Task] = None, method: 
         gen = torch.Generator(device=model_device(model)).manual_seed(seed)
 
         def sampled(x, y, out):
-            w = torch.full((len(x),), 1.0 / mc_samples, device=x.device)
+            w = torch.full((out.shape[0],), 1.0 / mc_samples, device=out.device)
             return [(task.sample_targets(out, gen), w) for _ in range(mc_samples)]
 
         return squared_sample_grads(model, loader, task, sampled, counters, progress_bar, "ggn (monte carlo)",
@@ -160,16 +160,17 @@ def _backpack(model, loader, task, method, mc_samples, seed, counters, show) -> 
             with backpack(ext), warnings.catch_warnings():
                 # inputs never require grad here; torch warns about that for every hooked module
                 warnings.filterwarnings("ignore", message="Full backward hook is firing")
-                loss_fn(copy_(x), y).backward()
+                loss_fn(task.read_output(copy_(x)), y).backward()
         except NotImplementedError as e:
             raise ValueError(f"BackPACK does not support this model ({e}); use backend='torch'") from None
         for a, p in zip(acc, params):
             a.add_(getattr(p, attr).float())
-        total += len(x)
+        size = int(task.batch_size(batch))
+        total += size
         if counters is not None:
             counters.forward_passes += 1
             counters.backward_passes += 1
-            counters.samples_seen += len(x)
+            counters.samples_seen += size
     total, = summed(acc, total)
     if total == 0:
         raise ValueError(f"{method}: the loader yielded no sample")

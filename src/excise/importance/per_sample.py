@@ -27,7 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..tasks import CPU_PART, Task, model_device
+from ..distributed import cut
+from ..tasks import CPU_PART, Task, model_device, unsqueezed
 from ..types import Counters, Scores
 from .common import NonFinite, batches, check_finite, eval_mode, quiet_vmap, summed, trainable
 
@@ -353,8 +354,6 @@ def _parts(loader_batches, task: Task, device: torch.device):
     """The batches on ``device``; on the CPU, each cut into parts of at most ``tasks.CPU_PART`` samples (whole
     batches of 256 were 1.4x slower on ResNet-18 width 16 here, for the allocator's sake: see there). The sums are
     per sample, so the grouping does not change them (up to float summation); on an accelerator batches run whole."""
-    from ..distributed import cut
-
     for batch in loader_batches:
         batch = task.to(batch, device)
         n = int(task.batch_size(batch)) if device.type == "cpu" else 0
@@ -374,9 +373,9 @@ def _vmapped(model, loader, task, sample_losses, reduce, named, counters, show, 
     rest.update({n: b.detach() for n, b in model.named_buffers()})
     device = model_device(model)
 
-    def one(p, sample):
-        batch = [t.unsqueeze(0) if isinstance(t, torch.Tensor) else t for t in sample]
-        out = functional_call(model, {**p, **rest}, (task.inputs(batch),))
+    def one(p, sample):  # one sample of the batch (any structure of tensors), made a batch of one
+        batch = unsqueezed(sample)
+        out = task.read_output(functional_call(model, {**p, **rest}, (task.inputs(batch),)))
         return sample_losses(out, batch).sum()
 
     per_sample = vmap(grad(one), in_dims=(None, 0))
@@ -387,7 +386,6 @@ def _vmapped(model, loader, task, sample_losses, reduce, named, counters, show, 
     with eval_mode(model), quiet_vmap():
         for batch in batches(loader, show, desc):
             batch = task.to(batch, device)
-            parts = list(batch) if isinstance(batch, (list, tuple)) else [batch]
             n = int(task.batch_size(batch))
             with torch.no_grad():
                 losses = sample_losses(task.output(model, batch), batch)
@@ -395,7 +393,7 @@ def _vmapped(model, loader, task, sample_losses, reduce, named, counters, show, 
                 guard.seen()
                 continue
             for s in range(0, n, chunk):
-                g = per_sample(params, [t[s:s + chunk] for t in parts])
+                g = per_sample(params, cut(batch, s, min(s + chunk, n), n))
                 for k in acc:
                     acc[k].add_(r(g[k].float()).sum(0))
                     gsum[k].add_(g[k].float().sum(0))

@@ -1,0 +1,130 @@
+"""Models and loaders as users write them: logits wrapped in a tuple, dict or output object; inputs that are a
+dict of tensors. Every route gives what the plain model and tensor batches give."""
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+from excise import UnlearningRequest, importance, unlearn
+from excise.checks import take
+
+
+class _Output:
+    """What a transformers model returns: an object with ``.logits``."""
+
+    def __init__(self, logits):
+        self.logits, self.hidden = logits, None
+
+
+class Wrapped(nn.Module):
+    def __init__(self, core: nn.Module, how: str):
+        super().__init__()
+        self.core, self.how = core, how
+
+    def forward(self, x):
+        z = self.core(x)
+        return {"tuple": lambda: (z, z.detach().mean()), "list": lambda: [z], "dict": lambda: {"logits": z, "aux": 1},
+                "object": lambda: _Output(z), "string": lambda: "logits", "dict-without": lambda: {"scores": z}}[
+            self.how]()
+
+
+def _core(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 3))
+
+
+def _data(n=40, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 6, generator=g), torch.randint(0, 3, (n,), generator=g)
+
+
+def _scores(model, loader):
+    mean, second = importance.gradient_moments(model, loader)
+    return {"mean": mean, "second": second, "batch": importance.fisher(model, loader, mode="batch"),
+            "ggn": importance.hessian_diag(model, loader, method="ggn_mc", mc_samples=2)}
+
+
+def _same(a, b, prefix=""):
+    for kind in a:
+        for n, v in a[kind].items():
+            torch.testing.assert_close(b[kind][prefix + n], v, rtol=1e-5, atol=1e-8)
+
+
+@pytest.mark.parametrize("how", ["tuple", "list", "dict", "object"])
+def test_wrapped_logits_give_the_plain_models_importance_and_result(how):
+    x, y = _data()
+    loader = DataLoader(TensorDataset(x, y), batch_size=16)
+    plain, wrapped = _core(), Wrapped(_core(), how)
+    _same(_scores(plain, loader), _scores(wrapped, loader), prefix="core.")
+    req = UnlearningRequest(forget=DataLoader(TensorDataset(x[:8], y[:8]), batch_size=8), retain=loader)
+    a, b = unlearn(plain, req, "ssd", alpha=2.0, checks=False), unlearn(wrapped, req, "ssd", alpha=2.0, checks=False)
+    assert a.mask.count() > 0 and a.mask.count() == b.mask.count()
+    for n, m in a.mask.items():
+        assert torch.equal(b.mask["core." + n], m)
+
+
+@pytest.mark.parametrize("how", ["string", "dict-without"])
+def test_an_output_without_logits_is_a_clear_error(how):
+    x, y = _data()
+    req = UnlearningRequest(forget=DataLoader(TensorDataset(x[:8], y[:8]), batch_size=8),
+                            retain=DataLoader(TensorDataset(x, y), batch_size=16))
+    with pytest.raises(TypeError, match="not logits.*wrap the model"):
+        unlearn(Wrapped(_core(), how), req, "ssd")
+
+
+class _DictData(Dataset):
+    def __init__(self, x, y):
+        self.x, self.y = x, y
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return {"a": self.x[i], "b": 2 * self.x[i]}, self.y[i]
+
+
+class DictIn(nn.Module):
+    """Reads a dict of inputs; ``shared``: one layer applied to both (the per-sample pass falls back to vmap)."""
+
+    def __init__(self, core, shared=False):
+        super().__init__()
+        self.core, self.shared = core, shared
+
+    def forward(self, d):
+        if self.shared:
+            return self.core(d["a"]) + self.core(d["b"] / 2)
+        return self.core(d["a"])
+
+
+def _per_sample_reference(model, x, y):
+    """(1/N) Σ_n (∇θ ℓ_n)², one sample at a time."""
+    out = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
+    for i in range(len(x)):
+        model.zero_grad()
+        nn.functional.cross_entropy(model({"a": x[i:i + 1], "b": 2 * x[i:i + 1]}), y[i:i + 1]).backward()
+        for n, p in model.named_parameters():
+            out[n] += p.grad.pow(2) / len(x)
+    return out
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_dict_inputs_give_the_per_sample_sums_and_run_every_route(shared):
+    x, y = _data(n=70)
+    loader = DataLoader(_DictData(x, y), batch_size=64)  # > CPU_PART: the hooked pass cuts batches into parts
+    model = DictIn(_core(), shared)
+    _, second = importance.gradient_moments(model, loader)
+    ref = _per_sample_reference(model, x, y)
+    for n in ref:
+        torch.testing.assert_close(second[n], ref[n], rtol=1e-5, atol=1e-8)
+    if not shared:  # the tensor-input model on the same data: the same importance
+        _same(_scores(_core(), DataLoader(TensorDataset(x, y), batch_size=64)), _scores(model, loader),
+              prefix="core.")
+    taken = take(loader, 67)  # counted by the inputs' leading size (not the dict's number of keys)
+    assert [b[1].shape[0] for b in taken] == [64, 3] and [b[0]["a"].shape[0] for b in taken] == [64, 3]
+    ds = _DictData(x, y)
+    sub = lambda lo, hi: DataLoader(torch.utils.data.Subset(ds, range(lo, hi)), batch_size=16)
+    req = UnlearningRequest(forget=sub(0, 10), retain=sub(10, 50), holdout=sub(50, 70))
+    for method, kw in (("ssd", {"calibrate": {"trials": 2}}), ("scissorhands", {}), ("saps", {})):
+        res = unlearn(model, req, method, **kw)
+        assert res.info["checks"]["forget"]["samples"] == 10, method
