@@ -10,7 +10,8 @@
    A first request pays one pass over D and one over D_f for either estimator.
 2. Loader invariance on the test suite's committed SmallCNN (8,000 images, class 9 forgotten): entries selected
    by SSD at its default (subset) and by the paper's batch estimator, for loaders of batch 16, 64, 256 and shuffled.
-3. Whether a seeded subsample of the retain set could stand for the full pass (mask agreement).
+3. Whether a seeded subsample of the retain set could stand for the full pass (mask agreement), on the committed
+   SmallCNN and on the transfer benchmark's ResNet-18 (``--subsample-only`` re-runs this table alone).
 """
 
 from __future__ import annotations
@@ -130,26 +131,56 @@ def invariance():
     return out
 
 
-def subsample():
-    """Could a seeded subsample of the retain set replace the full pass? Mask agreement with the full pass."""
-    from checkpoints import fixture_setups, fmnist_small, load_prepared
+SUB_ALPHAS = (30.0, 100.0)  # a calibrated α on the transfer benchmark's models, and the default
 
-    from excise import importance, selection
+
+def _subsample_models():
+    """(label, model, forget loader, retain loader): the test suite's committed SmallCNN (class 9), and the
+    transfer benchmark's ResNet-18 width 16 trained with Adam (class 4; trained and cached by transfer.py)."""
+    from checkpoints import fixture_setups, fmnist_small, load_prepared
 
     prep = load_prepared(fixture_setups()[0], fmnist_small())
     req = prep.request()
-    fm, fs = importance.gradient_moments(prep.original, req.forget)
-    full = importance.gradient_moments(prep.original, req.retain)
+    yield "smallcnn (committed), class 9", prep.original, req.forget, req.retain
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import transfer
+
+    name = "fmnist-resnet18w16-adam"
+    cfg = transfer.SETTINGS[name]
+    train, _ = cfg["data"]()
+    pool, forget, retain, _ = transfer._split(train, "class:4", cfg["seed"])
+
+    def loader(idx, shuffle=False):
+        return DataLoader(Subset(train, idx), batch_size=256, shuffle=shuffle,
+                          generator=torch.Generator().manual_seed(0) if shuffle else None)
+
+    model, _ = transfer._cached_model(f"{name}-original", cfg["model"], loader(pool, shuffle=True), cfg)
+    yield "resnet18-w16 (transfer), class 4", model, loader(forget), loader(retain)
+
+
+def subsample():
+    """Could a seeded subsample of the retain set replace the full pass? Mask agreement with the full pass."""
+    from excise import importance, selection
+
     out = []
-    n = len(req.retain.dataset)
+    for label, model, forget, retain in _subsample_models():
+        out += _subsample_rows(label, model, forget, retain, importance, selection)
+    return out
+
+
+def _subsample_rows(label, model, forget, retain, importance, selection):
+    fm, fs = importance.gradient_moments(model, forget)
+    full = importance.gradient_moments(model, retain)
+    out = []
+    n = len(retain.dataset)
     for fraction in (0.25, 0.5, 0.75, 1.0):
         idx = torch.randperm(n, generator=torch.Generator().manual_seed(0))[: int(n * fraction)].tolist()
         part = full if fraction == 1.0 else importance.gradient_moments(
-            prep.original, DataLoader(Subset(req.retain.dataset, idx), batch_size=256))
+            model, DataLoader(Subset(retain.dataset, idx), batch_size=256))
         for moments in part:  # estimates of the whole retain set's means: weigh them as its n samples
             moments.samples = n
-        row = {"fraction": fraction}
-        for alpha in (100.0, 130.0):
+        row = {"model": label, "fraction": fraction}
+        for alpha in SUB_ALPHAS:
             masks = []
             for ref in (full, part):
                 i_f, i_ref = importance.subset_importance(fm, fs, ref[0], ref[1])
@@ -189,18 +220,19 @@ def write(cost_rows, inv_rows, machine, sub_rows=()):
         cells = [f"{r[k]['selected']:,}, {r[k]['forget_acc']:.1f} %" for k in ("subset", "paper", "batch α=130")]
         lines.append(f"| {r['batch']} | {'yes' if r['shuffled'] else 'no'} | " + " | ".join(cells) + " |")
     if sub_rows:
-        lines += ["", "A seeded subsample of the retain set instead of all of it (same committed SmallCNN, class 9; "
-                  "masks compared with the full pass's): Jaccard index of the selected sets, and the share of all "
-                  "entries on which the two masks agree.", "",
-                  "| retain fraction | α = 100: selected (full) | Jaccard | agreement | α = 130: selected (full) | "
-                  "Jaccard | agreement |", "|---:|---|---:|---:|---|---:|---:|"]
+        a, b = SUB_ALPHAS
+        lines += ["", "A seeded subsample of the retain set instead of all of it (masks compared with the full pass's; "
+                  f"written by `{COMMAND} --subsample-only`): Jaccard index of the selected sets, and the share of "
+                  "all entries on which the two masks agree.", "",
+                  f"| model, request | retain fraction | α = {a:g}: selected (full) | Jaccard | agreement | "
+                  f"α = {b:g}: selected (full) | Jaccard | agreement |", "|---|---:|---|---:|---:|---|---:|---:|"]
         for r in sub_rows:
             cells = []
-            for k in ("alpha 100", "alpha 130"):
+            for k in (f"alpha {a:g}", f"alpha {b:g}"):
                 e = r[k]
                 cells += [f"{e['selected']:,} ({e['selected_full']:,})", f"{e['jaccard']:.3f}",
                           f"{100 * e['agreement']:.2f} %"]
-            lines.append(f"| {r['fraction']:.2f} | " + " | ".join(cells) + " |")
+            lines.append(f"| {r['model']} | {r['fraction']:.2f} | " + " | ".join(cells) + " |")
     errs = [f"- {r['model']}: BackPACK {r['backpack_error']}" for r in cost_rows if r.get("backpack_error")]
     if errs:
         lines += ["", "BackPACK:"] + errs
@@ -300,9 +332,10 @@ def main():
     torch.set_num_threads(int(os.environ.get("THREADS", "2")))
     machine = {"cpu": cpu_name(), "threads": torch.get_num_threads(),
                "torch": torch.__version__, "cores": os.cpu_count()}
-    if "--write-only" in sys.argv:
+    if "--write-only" in sys.argv or "--subsample-only" in sys.argv:  # the subsample table alone is re-run
         data = json.loads((RESULTS / "importance_cost.json").read_text())
-        return write(data["cost"], data["invariance"], data["machine"], data.get("subsample", ()))
+        sub = subsample() if "--subsample-only" in sys.argv else data.get("subsample", ())
+        return write(data["cost"], data["invariance"], data["machine"], sub)
     cost_rows = cost()
     write(cost_rows, invariance(), machine, subsample())
 
