@@ -128,3 +128,40 @@ def test_dict_inputs_give_the_per_sample_sums_and_run_every_route(shared):
     for method, kw in (("ssd", {"calibrate": {"trials": 2}}), ("scissorhands", {}), ("saps", {})):
         res = unlearn(model, req, method, **kw)
         assert res.info["checks"]["forget"]["samples"] == 10, method
+
+
+@pytest.mark.parametrize("smooth", [0.0, 0.1])
+def test_one_hot_and_soft_labels_count_as_their_class(smooth):
+    """Targets given as a row of class weights per sample (one-hot, or label-smoothed): accuracy, the post-checks
+    and calibration count each sample as its heaviest class (they raised or said nothing before); with one-hot
+    rows every number is the integer labels' own."""
+    import excise
+
+    x, y = _data(n=120, seed=1)
+    model = _core(1)
+    opt = torch.optim.Adam(model.parameters(), 1e-2)
+    for _ in range(150):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    rows = nn.functional.one_hot(y, 3).float() * (1 - smooth) + smooth / 3
+
+    def request(targets):
+        ds = TensorDataset(x, targets)
+        sub = lambda idx: DataLoader(torch.utils.data.Subset(ds, list(idx)), batch_size=16)
+        keep = [i for i in range(100) if y[i] != 2]
+        return UnlearningRequest(forget=sub([i for i in range(100) if y[i] == 2]), retain=sub(keep),
+                                 holdout=sub(range(100, 120)))
+
+    ints, weighted = request(y), request(rows)
+    loaders = lambda r: {"forget": r.forget, "retain": r.retain, "test": r.holdout}
+    a, b = excise.evaluate(model, loaders(ints))["model"], excise.evaluate(model, loaders(weighted))["model"]
+    assert a["forget_acc"] > 50 and all(a[k] == b[k] for k in ("forget_acc", "RA", "TA", "per_class_test_acc"))
+    res_i, res_w = (unlearn(model, r, "ssd", calibrate={"trials": 3}) for r in (ints, weighted))
+    cal_i, cal_w = res_i.info["calibration"], res_w.info["calibration"]
+    assert cal_w["intent"] == "class" and cal_w["classes"] == [2]
+    assert res_w.info["checks"]["forget"]["acc_before"] == res_i.info["checks"]["forget"]["acc_before"] > 50
+    if smooth == 0.0:  # the same loss, so the same importance, trials and result
+        assert [t["alpha"] for t in cal_w["trials"]] == [t["alpha"] for t in cal_i["trials"]]
+        assert res_w.mask.count() == res_i.mask.count()
+    unlearn(model, weighted, "random_labels", epochs=1, batch_size=16)  # draws wrong classes for weighted rows

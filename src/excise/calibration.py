@@ -52,7 +52,7 @@ def _labels(loader, task) -> torch.Tensor:
     out = []
     with torch.random.fork_rng(devices=[]):
         for batch in loader:
-            out.append(torch.as_tensor(task.targets(batch)).reshape(-1).cpu())
+            out.append(torch.as_tensor(task.labels(batch)).reshape(-1).cpu())
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
 
 
@@ -85,7 +85,7 @@ def _outputs(model: nn.Module, batches: Sequence, task) -> Dict[str, torch.Tenso
             out = task.output(model, b)
             y = task.targets(b)
             preds.append(out.argmax(-1).reshape(-1).cpu())
-            labels.append(y.reshape(-1).cpu())
+            labels.append(task.labels(b).reshape(-1).cpu())
             losses.append(task.loss_from_output(out, y, reduction="none").float().reshape(-1).cpu())
     if not preds:
         return {"pred": torch.zeros(0, dtype=torch.long), "label": torch.zeros(0, dtype=torch.long),
@@ -124,7 +124,7 @@ class Evaluator:
         self.base = self.measure(original)
         gone = torch.tensor(classes)
         self.sizes = {"forget": sum(self.task.batch_size(b) for b in self.samples["forget"]),
-                      "holdout": sum(int(torch.isin(torch.as_tensor(self.task.targets(b)).reshape(-1), gone).sum())
+                      "holdout": sum(int(torch.isin(torch.as_tensor(self.task.labels(b)).reshape(-1), gone).sum())
                                      for b in self.samples["holdout"])}
 
     def measure(self, model: nn.Module) -> Dict[str, Any]:

@@ -164,7 +164,7 @@ def _predictions(model: nn.Module, batches: List[Any], task) -> Dict[str, Any]:
                 labelled = False
             if labelled:
                 try:
-                    y = task.targets(b)
+                    y = task.labels(b)
                 except TypeError:  # a label-free loader
                     labelled = False
                     continue

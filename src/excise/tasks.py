@@ -66,6 +66,10 @@ class Task:
     def targets(self, batch: Any) -> Any:
         raise NotImplementedError
 
+    def labels(self, batch: Any) -> Any:
+        """What predictions are counted against (accuracy, the post-checks, calibration): here the targets."""
+        return self.targets(batch)
+
     def batch_size(self, batch: Any) -> int:
         """The leading size of the inputs (of their first tensor, for inputs that are a dict, list or tuple)."""
         x = first_tensor(self.inputs(batch))
@@ -154,6 +158,14 @@ class ClassificationTask(Task):
             )
         return batch[1]
 
+    def labels(self, batch: Any) -> torch.Tensor:
+        """The class of each sample: the labels, or for one-hot or soft-label targets (floating point, a row of
+        class weights per sample, which the cross-entropy also takes) the class with the most weight."""
+        y = self.targets(batch)
+        if isinstance(y, torch.Tensor) and y.is_floating_point() and y.dim() >= 2:
+            return y.argmax(-1)
+        return y
+
     def loss_from_output(self, output: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
         return F.cross_entropy(output, targets, reduction=reduction)
 
@@ -161,7 +173,7 @@ class ClassificationTask(Task):
                           other: Any = None) -> torch.Tensor:
         """Cross-entropy of the ``forget`` batch against labels drawn uniformly among the *wrong* classes."""
         out = self.output(model, forget)
-        y = self.targets(forget)
+        y = self.labels(forget)
         shift = torch.randint(1, out.shape[-1], y.shape, generator=generator).to(y.device)
         return self.loss_from_output(out, (y + shift) % out.shape[-1])
 

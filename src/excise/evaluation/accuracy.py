@@ -25,7 +25,7 @@ def predict(model: nn.Module, loader, task: Optional[Task] = None) -> Tuple[torc
         for batch in loader:
             batch = task.to(batch, device)
             probs.append(torch.softmax(task.output(model, batch).float(), dim=-1).cpu())
-            labels.append(task.targets(batch).cpu())
+            labels.append(task.labels(batch).cpu())
     if not probs:
         raise ValueError("the loader yielded no batch")
     probs = torch.cat(probs)
