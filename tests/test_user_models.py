@@ -165,3 +165,21 @@ def test_one_hot_and_soft_labels_count_as_their_class(smooth):
         assert [t["alpha"] for t in cal_w["trials"]] == [t["alpha"] for t in cal_i["trials"]]
         assert res_w.mask.count() == res_i.mask.count()
     unlearn(model, weighted, "random_labels", epochs=1, batch_size=16)  # draws wrong classes for weighted rows
+
+
+def test_int32_labels_are_taken_as_class_indices():
+    """Labels of NumPy's or pandas' int32 (cross-entropy itself refuses them): the same importance and mask."""
+    x, y = _data(n=48, seed=2)
+    model = _core(2)
+
+    def request(labels):
+        ds = TensorDataset(x, labels)
+        return UnlearningRequest(forget=DataLoader(torch.utils.data.Subset(ds, range(8)), batch_size=8),
+                                 retain=DataLoader(torch.utils.data.Subset(ds, range(8, 48)), batch_size=16))
+
+    with pytest.raises(RuntimeError, match="Long"):
+        nn.functional.cross_entropy(model(x), y.int())
+    a = unlearn(model, request(y), "ssd", alpha=2.0)
+    b = unlearn(model, request(y.int()), "ssd", alpha=2.0)
+    assert a.mask.count() > 0 and all(torch.equal(a.mask[n], b.mask[n]) for n in a.mask)
+    assert b.info["checks"]["forget"]["acc_before"] == a.info["checks"]["forget"]["acc_before"] is not None

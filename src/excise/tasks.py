@@ -117,6 +117,15 @@ class Task:
         raise NotImplementedError(f"the {self.name} task defines no random-label forgetting loss")
 
 
+def _class_indices(targets: torch.Tensor) -> torch.Tensor:
+    """Integer labels of any integer dtype (int32 from NumPy or pandas, uint8) as the int64 cross-entropy takes;
+    anything else (int64, class-weight rows) as it is."""
+    if isinstance(targets, torch.Tensor) and not targets.is_floating_point() and targets.dtype not in (torch.int64,
+                                                                                                       torch.bool):
+        return targets.long()
+    return targets
+
+
 class ClassificationTask(Task):
     """Batches are ``(inputs, labels)``; the model returns logits; the loss is cross-entropy.
 
@@ -167,7 +176,7 @@ class ClassificationTask(Task):
         return y
 
     def loss_from_output(self, output: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-        return F.cross_entropy(output, targets, reduction=reduction)
+        return F.cross_entropy(output, _class_indices(targets), reduction=reduction)
 
     def random_label_loss(self, model: nn.Module, forget: Any, generator: torch.Generator,
                           other: Any = None) -> torch.Tensor:
@@ -209,7 +218,8 @@ class LanguageModelTask(ClassificationTask):
     name = "language_model"
 
     def loss_from_output(self, output: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-        per_token = F.cross_entropy(output.flatten(0, -2), targets.flatten(), reduction="none").view(targets.shape)
+        per_token = F.cross_entropy(output.flatten(0, -2), _class_indices(targets).flatten(),
+                                    reduction="none").view(targets.shape)
         per_sample = per_token.mean(-1)
         if reduction == "none":
             return per_sample
