@@ -128,35 +128,106 @@ def test_a_shared_parameter_falls_back_to_exact_vmap():
 
 
 
-def test_an_lstm_falls_back_to_vmap_without_torchs_batching_rule_warning():
-    """nn.LSTM returns a tuple: whole-model vmap, which runs its LSTM op sample by sample; torch's "performance
-    drop … batching rule" message is not passed on to the user (the sums are exact)."""
-    import warnings
+class _Recurrent(nn.Module):
+    def __init__(self, cell=nn.LSTM, **kw):
+        super().__init__()
+        self.batch_first = kw.setdefault("batch_first", True)
+        self.rnn = cell(3, 5, **kw)
+        self.head = nn.Linear(5 * (2 if kw.get("bidirectional") else 1), 2)
 
-    from excise import importance
+    def forward(self, x):
+        out = self.rnn(x if self.batch_first else x.transpose(0, 1))[0]
+        return self.head((out if self.batch_first else out.transpose(0, 1))[:, -1])
 
-    class Seq(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.rnn, self.head = nn.LSTM(3, 5, batch_first=True), nn.Linear(5, 2)
 
-        def forward(self, x):
-            return self.head(self.rnn(x)[0][:, -1])
-
-    torch.manual_seed(0)
-    model = Seq()
-    loader = DataLoader(TensorDataset(torch.randn(6, 4, 3), torch.randint(0, 2, (6,))), batch_size=3)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        mean, second = importance.gradient_moments(model, loader)
-    assert not [w for w in caught if "batching rule" in str(w.message)], [str(w.message) for w in caught]
-    x, y = loader.dataset.tensors
-    for i in range(6):  # exact: the per-sample gradients one by one
+def _per_sample_reference(model, x, y):
+    """(1/N) Σ_n (∇θ ℓ_n)², one ordinary backward per sample."""
+    out = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
+    for i in range(len(x)):
         model.zero_grad()
         nn.functional.cross_entropy(model(x[i:i + 1]), y[i:i + 1]).backward()
         for n, p in model.named_parameters():
-            second[n] = second[n] - p.grad.pow(2) / 6
-    assert all(float(v.abs().max()) < 1e-6 for v in second.values())
+            out[n] += p.grad.pow(2) / len(x)
+    return out
+
+
+@pytest.mark.parametrize("kw", [{}, {"batch_first": False, "num_layers": 2}, {"bidirectional": True, "num_layers": 2},
+                                {"bias": False}])
+def test_an_lstm_is_served_by_its_written_out_recurrence(kw):
+    """nn.LSTM returns a tuple and its fused kernel has no batching rule (whole-model vmap ran it sample by
+    sample): the module-local route writes the recurrence out and forms each sample's gradients from the gates'.
+    The sums equal whole-model vmap's and per-sample backward's; the module's own forward is back afterwards."""
+    torch.manual_seed(0)
+    model = _Recurrent(**kw).eval()
+    x, y = torch.randn(10, 4, 3), torch.randint(0, 2, (10,))
+    loader = DataLoader(TensorDataset(x, y), batch_size=4)
+    task = ClassificationTask()
+
+    def losses(out, b):
+        return task.loss_from_output(out, task.targets(b), reduction="none")
+
+    named = trainable(model)
+    second, mean = _hooked(model, loader, task, losses, "square", _owners(model, named), named, None, False, "t")
+    ref_second, ref_mean = _vmapped(model, loader, task, losses, "square", named, None, False, "t")
+    by_hand = _per_sample_reference(model, x, y)
+    for n in ref_second:
+        torch.testing.assert_close(second[n], ref_second[n], rtol=1e-5, atol=1e-9)
+        torch.testing.assert_close(mean[n], ref_mean[n], rtol=1e-5, atol=1e-9)
+        torch.testing.assert_close(second[n], by_hand[n], rtol=1e-5, atol=1e-9)
+    assert "forward" not in model.rnn.__dict__
+    unbatched = DataLoader(TensorDataset(x[0]), batch_size=4)  # a (T, features) sequence: the route gives up
+    with pytest.raises(_Fallback):
+        _hooked(model, unbatched, task, lambda out, b: out.sum(-1), "square", _owners(model, named), named, None,
+                False, "t")
+    assert "forward" not in model.rnn.__dict__ and all(p.requires_grad for p in model.parameters())
+
+
+def test_vmaps_batching_rule_message_is_not_passed_on():
+    """nn.MultiheadAttention takes three inputs: whole-model vmap, whose attention op has no batching rule; torch's
+    "performance drop … batching rule" message is not passed on to the user (the sums are exact)."""
+    import warnings
+
+    from excise import importance
+    from helpers import Attending
+
+    torch.manual_seed(0)
+    model = Attending().eval()
+    x, y = torch.randn(6, 32), torch.randint(0, 3, (6,))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _, second = importance.gradient_moments(model, DataLoader(TensorDataset(x, y), batch_size=3))
+    assert not [w for w in caught if "batching rule" in str(w.message)], [str(w.message) for w in caught]
+    by_hand = _per_sample_reference(model, x, y)
+    for n in by_hand:
+        torch.testing.assert_close(second[n], by_hand[n], rtol=1e-5, atol=1e-9)
+
+
+@pytest.mark.parametrize("cell", [nn.GRU, nn.RNN])
+def test_a_model_vmap_cannot_run_gets_one_backward_per_sample(cell):
+    """nn.GRU's kernel fails under vmap (a shape error inside it): the moments and the GGN diagonal come from one
+    ordinary backward per sample instead — the same sums."""
+    from excise import importance
+
+    torch.manual_seed(0)
+    model = _Recurrent(cell).eval()
+    x, y = torch.randn(10, 4, 3), torch.randint(0, 2, (10,))
+    loader = DataLoader(TensorDataset(x, y), batch_size=4)
+    _, second = importance.gradient_moments(model, loader)
+    by_hand = _per_sample_reference(model, x, y)
+    for n in by_hand:
+        torch.testing.assert_close(second[n], by_hand[n], rtol=1e-5, atol=1e-9)
+    ggn = importance.hessian_diag(model, loader, method="ggn_exact")
+    exact = {n: torch.zeros_like(p) for n, p in model.named_parameters()}  # Σ_c p_c (∇ℓ(x, c))², by hand
+    for i in range(len(x)):
+        probs = torch.softmax(model(x[i:i + 1]), -1).detach()[0]
+        for c in range(2):
+            model.zero_grad()
+            nn.functional.cross_entropy(model(x[i:i + 1]), torch.tensor([c])).backward()
+            for n, p in model.named_parameters():
+                exact[n] += probs[c] * p.grad.pow(2) / len(x)
+    for n in ggn:
+        torch.testing.assert_close(ggn[n], exact[n], rtol=1e-5, atol=1e-9)
+
 
 def _digits_request(committed, batch, shuffle=False, seed=0):
     from excise.data import ForgetSpec

@@ -142,7 +142,15 @@ def squared_sample_grads(model: nn.Module, loader, task: Task, target_sets: Call
     ``target_sets(x, y, output)`` returns pairs ``(targets, weights)`` for a chunk: the targets whose loss
     gradient is squared, and per-sample weights (None = 1). The true labels give the empirical Fisher; labels
     drawn from the model give a Monte-Carlo GGN; every class weighted by its probability, the exact GGN.
+    A model vmap cannot run (nn.GRU's kernel fails under it) gets one backward per sample instead.
     """
+    try:
+        return _squared_sample_grads(model, loader, task, target_sets, counters, show, desc, chunk_size, False)
+    except (RuntimeError, NotImplementedError):  # vmap cannot run this model; a genuine error recurs below
+        return _squared_sample_grads(model, loader, task, target_sets, counters, show, desc, chunk_size, True)
+
+
+def _squared_sample_grads(model, loader, task, target_sets, counters, show, desc, chunk_size, looped) -> Scores:
     from torch.func import functional_call, grad, vmap
 
     named = trainable(model)
@@ -155,7 +163,18 @@ def squared_sample_grads(model: nn.Module, loader, task: Task, target_sets: Call
         out = task.read_output(functional_call(model, {**p, **frozen, **buffers}, (unsqueezed(x),)))
         return task.loss_from_output(out, t.unsqueeze(0))
 
-    per_sample_grad = vmap(grad(sample_loss), in_dims=(None, 0, 0))
+    def one_by_one(p, xs, targets):  # what the vmap gives, from one ordinary backward per sample
+        live = {k: v.detach().requires_grad_(True) for k, v in p.items()}
+        rows = []
+        for i in range(targets.shape[0]):
+            xi = distributed.cut(xs, i, i + 1, targets.shape[0])
+            out = task.read_output(functional_call(model, {**live, **frozen, **buffers}, (xi,)))
+            rows.append(torch.autograd.grad(task.loss_from_output(out, targets[i:i + 1]), list(live.values()),
+                                            allow_unused=True))
+        return {k: torch.stack([r[j] if r[j] is not None else torch.zeros_like(live[k]) for r in rows])
+                for j, k in enumerate(live)}
+
+    per_sample_grad = one_by_one if looped else vmap(grad(sample_loss), in_dims=(None, 0, 0))
     acc = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
     total = 0
     guard = NonFinite(_non_finite_loss(desc, task))

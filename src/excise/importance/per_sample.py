@@ -9,14 +9,17 @@ module gets the same sums from the activations and output gradients a normal bac
   on (N, …, in) the per-sample gradient is Σ_t g_{n,t} a_{n,t}ᵀ, formed per sample;
 - ``nn.Conv1d`` / ``nn.Conv2d`` (zero padding): ∇W ℓ_n = G_n · unfold(a_n)ᵀ, one batched matmul; at stride 1,
   one batched matmul per kernel offset over a shifted window of the padded input (no column copy);
+- ``nn.LSTM`` (no projections): its recurrence written out step by step for the pass, ∇W_ih ℓ_n = Σ_t G_{n,t}
+  x_{n,t}ᵀ and ∇W_hh ℓ_n = Σ_t G_{n,t} h_{n,t−1}ᵀ from the gradients G reaching its gates;
 - any other module that owns parameters (BatchNorm in eval mode, LayerNorm, Embedding, a custom module): the
   vector-Jacobian product of that module alone, vectorised over the samples (``torch.func``), from its input and
   output gradient.
 
 The loss of the pass is Σ_n ℓ_n, so the gradient that reaches a module's output is each sample's own. A model for
 which the module-local route is not exact — a parameter shared by two modules, a module called twice in one
-forward, a module with several tensor inputs — falls back to whole-model ``vmap`` (exact, slower; torch's
-"performance drop" message for ops without a batching rule, e.g. an LSTM's, is not passed on).
+forward, a module with several tensor inputs or outputs (attention, nn.GRU) — falls back to whole-model ``vmap``
+(exact, slower; torch's "performance drop" message for ops without a batching rule is not passed on), and a
+model vmap cannot run at all (nn.GRU's kernel fails under it) to one ordinary backward per sample.
 """
 
 from __future__ import annotations
@@ -195,6 +198,96 @@ def _layernorm(module: nn.LayerNorm, a: torch.Tensor, g: torch.Tensor, r, out: D
         out["bias"] = (r(b).sum(0), b.sum(0))
 
 
+def _lstm_served(module: nn.Module) -> bool:
+    """An ``nn.LSTM`` the written-out recurrence below reproduces (any layers, directions, batch_first, bias; not
+    projections)."""
+    return type(module) is nn.LSTM and module.proj_size == 0
+
+
+def _lstm_forward(module: nn.LSTM, calls: list, leaves: List[torch.Tensor]) -> Callable:
+    """A stand-in for ``module.forward`` during the pass: the LSTM recurrence written out step by step (gates i, f,
+    g, o in nn.LSTM's order; the same values up to float rounding), recording for each layer and direction its
+    input sequence x, the hidden state h_{t−1} before each step and — by a hook on the input projection
+    x·W_ihᵀ + b, whose gradient at step t is the gradient G_t reaching the gates' pre-activations — G. Then
+    ∇W_ih ℓ_n = Σ_t G_{n,t} x_{n,t}ᵀ, ∇W_hh ℓ_n = Σ_t G_{n,t} h_{n,t−1}ᵀ and ∇b_ih ℓ_n = ∇b_hh ℓ_n = Σ_t G_{n,t}
+    (:func:`_lstm_sums`). (nn.LSTM's fused kernel has no batching rule for vmap: whole-model vmap ran it sample by
+    sample, about 40x the batch Fisher's time on excise's character LSTM.)"""
+    def forward(x, hx=None):
+        if not isinstance(x, torch.Tensor) or x.dim() != 3:
+            raise _Fallback("an LSTM on packed or unbatched sequences")
+        seq = x if module.batch_first else x.transpose(0, 1)
+        n, steps = seq.shape[0], seq.shape[1]
+        dirs = 2 if module.bidirectional else 1
+        if hx is None:
+            h0 = seq.new_zeros(module.num_layers * dirs, n, module.hidden_size)
+            c0 = torch.zeros_like(h0)
+        else:
+            h0, c0 = hx
+        record: Dict[Tuple[int, int], Dict[str, torch.Tensor]] = {}
+        calls.append(record)
+        inp, h_last, c_last = seq, [], []
+        for layer in range(module.num_layers):
+            outs = []
+            for d in range(dirs):
+                sfx = f"_l{layer}" + ("_reverse" if d else "")
+                w_hh = getattr(module, "weight_hh" + sfx)
+                xs = inp.flip(1) if d else inp
+                xw = xs @ getattr(module, "weight_ih" + sfx).t()
+                if module.bias:
+                    xw = xw + getattr(module, "bias_ih" + sfx) + getattr(module, "bias_hh" + sfx)
+                if not xw.requires_grad:  # nothing upstream carries a gradient: the graph starts here
+                    leaf = xw.detach().requires_grad_(True)
+                    leaves.append(leaf)
+                    xw = leaf.clone()
+                keep = {"x": xs.detach(), "g": None}
+                xw.register_hook(lambda g, keep=keep: keep.__setitem__("g", g.detach()))
+                h, c = h0[layer * dirs + d], c0[layer * dirs + d]
+                hs, before = [], []
+                for t in range(steps):
+                    before.append(h)
+                    i, f, g, o = (xw[:, t] + h @ w_hh.t()).chunk(4, 1)
+                    c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+                    h = torch.sigmoid(o) * torch.tanh(c)
+                    hs.append(h)
+                keep["h"] = torch.stack(before, 1).detach()
+                record[(layer, d)] = keep
+                out = torch.stack(hs, 1)
+                outs.append(out.flip(1) if d else out)
+                h_last.append(h)
+                c_last.append(c)
+            inp = torch.cat(outs, -1) if dirs == 2 else outs[0]  # (dropout between layers: none in eval mode)
+        out = inp if module.batch_first else inp.transpose(0, 1)
+        return out, (torch.stack(h_last), torch.stack(c_last))
+
+    return forward
+
+
+def _lstm_sums(module: nn.LSTM, record, inplace, out: Dict[str, Tuple]) -> None:
+    """Per-sample weight gradients of each layer and direction from what :func:`_lstm_forward` recorded."""
+    for (layer, d), keep in record.items():
+        if keep["g"] is None:  # this direction's output never reached the loss
+            continue
+        sfx = f"_l{layer}" + ("_reverse" if d else "")
+        g = keep["g"].float()
+        gt = g.transpose(1, 2)  # (N, 4H, T)
+        for name, a in (("weight_ih", keep["x"]), ("weight_hh", keep["h"])):
+            a = a.float()
+            plain = g.reshape(-1, g.shape[-1]).t() @ a.reshape(-1, a.shape[-1])  # Σ_n: one matmul over all steps
+            if inplace is torch.Tensor.square_ and plain.numel() >= _BY_SAMPLE and a.device.type == "cpu":
+                w, buf = torch.zeros_like(plain), torch.empty_like(plain)  # one sample at a time, sums in cache
+                for j in range(gt.shape[0]):
+                    torch.mm(gt[j], a[j], out=buf)
+                    w.addcmul_(buf, buf)
+            else:
+                w = sum(inplace(torch.bmm(gt[i:i + _CHUNK], a[i:i + _CHUNK])).sum(0)
+                        for i in range(0, gt.shape[0], _CHUNK))
+            out[name + sfx] = (w, plain)
+        if module.bias:
+            b = gt.sum(2)  # (N, 4H)
+            for name in ("bias_ih", "bias_hh"):
+                out[name + sfx] = (inplace(b.clone()).sum(0), b.sum(0))
+
+
 def _closed_form(module: nn.Module) -> Optional[Callable]:
     if type(module) is nn.Linear:
         return _linear
@@ -254,7 +347,12 @@ def _moments(model: nn.Module, loader, task: Task, sample_losses: Callable, redu
         owners = _owners(model, named)
         return _hooked(model, loader, task, sample_losses, reduce, owners, named, counters, show, desc)
     except _Fallback:  # noqa: the hooks found a model the module-local route cannot serve exactly
-        return _vmapped(model, loader, task, sample_losses, reduce, named, counters, show, desc)
+        try:
+            return _vmapped(model, loader, task, sample_losses, reduce, named, counters, show, desc)
+        except (RuntimeError, NotImplementedError):  # vmap cannot run this model (nn.GRU's kernel fails under
+            # it): one backward per sample, exact for anything that runs on a batch of one (a genuine error
+            # in the model is raised from there)
+            return _vmapped(model, loader, task, sample_losses, reduce, named, counters, show, desc, looped=True)
 
 
 def _hooked(model, loader, task, sample_losses, reduce, owners, named, counters, show, desc) -> Scores:
@@ -298,11 +396,15 @@ def _hooked(model, loader, task, sample_losses, reduce, owners, named, counters,
     total = 0
     guard = NonFinite(_non_finite(desc, task))
     detached = [p for _, p in named]
+    lstms = {m: m.__dict__.get("forward") for m in owners if _lstm_served(m)}  # their own forward, if any
     try:
         for prm in detached:
             prm.requires_grad_(False)
         for m in owners:
-            handles.append(m.register_forward_hook(fwd))
+            if m in lstms:
+                m.forward = _lstm_forward(m, inputs[m], leaves)
+            else:
+                handles.append(m.register_forward_hook(fwd))
         with eval_mode(model):
             for batch in _parts(batches(loader, show, desc), task, device):
                 for m in owners:
@@ -319,18 +421,23 @@ def _hooked(model, loader, task, sample_losses, reduce, owners, named, counters,
                 for m, local in owners.items():
                     if len(inputs[m]) != 1:
                         raise _Fallback(f"{type(m).__name__} ran {len(inputs[m])} times in one forward")
-                    if not grads[m]:  # its output never reached the loss: no gradient for its parameters
-                        continue
-                    if len(grads[m]) != 1:
-                        raise _Fallback(f"{type(m).__name__}'s output was used in several places")
-                    a, g = inputs[m][0], grads[m][0]
                     out: Dict[str, Tuple] = {}
-                    form = _closed_form(m)
-                    if form is not None:
-                        form(m, a.float(), g.float(), r, out)
+                    if m in lstms:
+                        _lstm_sums(m, inputs[m][0], _INPLACE[reduce], out)
+                    elif not grads[m]:  # its output never reached the loss: no gradient for its parameters
+                        continue
+                    elif len(grads[m]) != 1:
+                        raise _Fallback(f"{type(m).__name__}'s output was used in several places")
                     else:
-                        _generic(m, local, a, g, r, out)
+                        a, g = inputs[m][0], grads[m][0]
+                        form = _closed_form(m)
+                        if form is not None:
+                            form(m, a.float(), g.float(), r, out)
+                        else:
+                            _generic(m, local, a, g, r, out)
                     for k, full in local.items():
+                        if k not in out:  # an LSTM direction whose output never reached the loss
+                            continue
                         acc[full].add_(out[k][0].to(acc[full].dtype))
                         gsum[full].add_(out[k][1].to(gsum[full].dtype))
                 collecting[0] = True
@@ -343,6 +450,11 @@ def _hooked(model, loader, task, sample_losses, reduce, owners, named, counters,
     finally:
         for h in handles:
             h.remove()
+        for m, own in lstms.items():
+            if own is None:
+                del m.forward
+            else:
+                m.forward = own
         for prm in detached:
             prm.requires_grad_(True)
     guard.check()
@@ -364,7 +476,10 @@ def _parts(loader_batches, task: Task, device: torch.device):
             yield cut(batch, lo, min(lo + CPU_PART, n), n)
 
 
-def _vmapped(model, loader, task, sample_losses, reduce, named, counters, show, desc, chunk: int = 64) -> Scores:
+def _vmapped(model, loader, task, sample_losses, reduce, named, counters, show, desc, chunk: int = 64,
+             looped: bool = False) -> Scores:
+    """Whole-model per-sample gradients: ``torch.func.vmap`` over chunks of samples, or with ``looped`` one
+    ordinary backward per sample (a batch of one)."""
     from torch.func import functional_call, grad, vmap
 
     r = REDUCERS[reduce]
@@ -392,7 +507,15 @@ def _vmapped(model, loader, task, sample_losses, reduce, named, counters, show, 
             if not bool(torch.isfinite(losses).all()):
                 guard.seen()
                 continue
-            for s in range(0, n, chunk):
+            if looped:
+                for i in range(n):
+                    one_sample = cut(batch, i, i + 1, n)
+                    loss = sample_losses(task.output(model, one_sample), one_sample).sum()
+                    for (k, _), g in zip(named, torch.autograd.grad(loss, [p for _, p in named], allow_unused=True)):
+                        if g is not None:
+                            acc[k].add_(r(g.float()))
+                            gsum[k].add_(g.float())
+            for s in range(0, 0 if looped else n, chunk):
                 g = per_sample(params, cut(batch, s, min(s + chunk, n), n))
                 for k in acc:
                     acc[k].add_(r(g[k].float()).sum(0))
