@@ -12,6 +12,8 @@
    by SSD at its default (subset) and by the paper's batch estimator, for loaders of batch 16, 64, 256 and shuffled.
 3. Whether a seeded subsample of the retain set could stand for the full pass (mask agreement), on the committed
    SmallCNN and on the transfer benchmark's ResNet-18 (``--subsample-only`` re-runs this table alone).
+4. The pass on sequence models — an LSTM, a GRU, a Transformer language model on Python's pydoc text
+   (``--sequence-only`` re-runs this table alone).
 """
 
 from __future__ import annotations
@@ -100,6 +102,90 @@ def cost():
             # BackPACK is optional and refuses some models: recorded in the table, not fatal
             row["backpack_sum_grad_squared"] = None
             row["backpack_error"] = f"{type(e).__name__}: {str(e)[:120]}"
+        rows.append(row)
+        print(row, flush=True)
+    return rows
+
+
+SEQ_WINDOWS, SEQ_LENGTH = 2048, 64
+
+
+class UserGRU(nn.Module):
+    """What a user might write for next-character prediction: embedding → GRU → linear head."""
+
+    def __init__(self, vocab: int, embed: int = 64, hidden: int = 256):
+        super().__init__()
+        self.embed, self.rnn, self.head = nn.Embedding(vocab, embed), nn.GRU(embed, hidden, batch_first=True), \
+            nn.Linear(hidden, vocab)
+
+    def forward(self, x):
+        return self.head(self.rnn(self.embed(x))[0])
+
+
+class UserTransformer(nn.Module):
+    """A small causal Transformer language model written with nn.TransformerEncoder."""
+
+    def __init__(self, vocab: int, d: int = 128, layers: int = 2, length: int = SEQ_LENGTH):
+        super().__init__()
+        self.embed, self.pos = nn.Embedding(vocab, d), nn.Embedding(length, d)
+        self.body = nn.TransformerEncoder(nn.TransformerEncoderLayer(d, 4, 4 * d, dropout=0.1, batch_first=True),
+                                          layers)
+        self.head = nn.Linear(d, vocab)
+        self.register_buffer("causal", nn.Transformer.generate_square_subsequent_mask(length), persistent=False)
+
+    def forward(self, x):
+        h = self.embed(x) + self.pos(torch.arange(x.shape[1], device=x.device))
+        return self.head(self.body(h, mask=self.causal[:x.shape[1], :x.shape[1]], is_causal=True))
+
+
+def sequence_cost():
+    """The per-sample pass on sequence models (next-character prediction on Python's pydoc text, 2,048 windows of
+    64 characters, batch 64): excise's character LSTM and a GRU (their recurrences written out; vmap cannot run
+    the GRU) and a small Transformer (whole-model vmap: attention takes several inputs)."""
+    import copy
+
+    from excise.data.text import TextWindows, Vocab, load_text
+    from excise.importance import fisher, gradient_moments
+    from excise.importance.common import trainable
+    from excise.importance.per_sample import _vmapped
+    from excise.models import build_model
+    from excise.tasks import LanguageModelTask
+
+    text = load_text("pydoc")
+    vocab = Vocab(text)
+    ids = vocab.encode(text)
+    starts = list(range(0, SEQ_WINDOWS * SEQ_LENGTH, SEQ_LENGTH))
+    loader = DataLoader(TextWindows(ids, starts, SEQ_LENGTH, "pydoc"), batch_size=64)
+    few = DataLoader(TextWindows(ids, starts[:SEQ_WINDOWS // 8], SEQ_LENGTH, "pydoc"), batch_size=64)
+    task = LanguageModelTask()
+
+    def losses(out, b):
+        return task.loss_from_output(out, task.targets(b), reduction="none")
+
+    rows = []
+    for label, build in (("char_lstm (LSTM 64→256)", lambda: build_model("char_lstm", (SEQ_LENGTH,), len(vocab))),
+                         ("user GRU (64→256)", lambda: UserGRU(len(vocab))),
+                         ("user Transformer (2×128)", lambda: UserTransformer(len(vocab)))):
+        torch.manual_seed(0)
+        model = build().eval()
+        row = {"model": label, "samples": SEQ_WINDOWS, "params": sum(p.numel() for p in model.parameters())}
+
+        def train_pass(m=copy.deepcopy(model)):
+            m.train()
+            opt = torch.optim.SGD(m.parameters(), lr=1e-3)
+            for b in loader:
+                opt.zero_grad()
+                task.loss(m, b).backward()
+                opt.step()
+
+        row["train_step"] = _timed(train_pass, 1)
+        row["batch_fisher"] = _timed(lambda: fisher(model, loader, task, mode="batch"))
+        row["gradient_moments"] = _timed(lambda: gradient_moments(model, loader, task))
+        try:  # whole-model vmap on an eighth, scaled
+            row["vmap_per_sample"] = 8 * _timed(lambda: _vmapped(model, few, task, losses, "square",
+                                                                 trainable(model), None, False, "v"), 1)
+        except (RuntimeError, NotImplementedError) as e:  # vmap cannot run the model: recorded, not fatal
+            row["vmap_per_sample"], row["vmap_error"] = None, f"{type(e).__name__}: {str(e)[:100]}"
         rows.append(row)
         print(row, flush=True)
     return rows
@@ -195,7 +281,7 @@ def _subsample_rows(label, model, forget, retain, importance, selection):
     return out
 
 
-def write(cost_rows, inv_rows, machine, sub_rows=()):
+def write(cost_rows, inv_rows, machine, sub_rows=(), seq_rows=()):
     import excise
 
     lines = ["# SSD's importance: cost of the loader-invariant estimator, and the invariance it buys", "",
@@ -211,7 +297,24 @@ def write(cost_rows, inv_rows, machine, sub_rows=()):
 
         lines.append(f"| {r['model']} | {r['train_step']:.1f} | {cell('batch_fisher')} | {cell('gradient_moments')} "
                      f"| {cell('vmap_per_sample')} | {cell('backpack_sum_grad_squared')} |")
-    lines += ["", "(×: seconds relative to one training pass over the same images.)", "",
+    lines += ["", "(×: seconds relative to one training pass over the same images.)", ""]
+    if seq_rows:
+        lines += [f"Sequence models, next-character prediction on Python's pydoc text ({SEQ_WINDOWS:,} windows of "
+                  f"{SEQ_LENGTH} characters, batch 64; written by `{COMMAND} --sequence-only`; vmap: one run over an "
+                  "eighth, scaled ×8; the default route: the LSTM's and the GRU's recurrences written out, whole-model "
+                  "vmap for the Transformer, whose attention takes several inputs):", "",
+                  "| model | parameters | training step (s) | batch Fisher (paper) | gradient moments (default) | "
+                  "whole-model vmap |", "|---|---:|---:|---:|---:|---:|"]
+        for r in seq_rows:
+            def cell(k, r=r):
+                v = r.get(k)
+                return "fails" if v is None else f"{v:.1f} s ({v / r['batch_fisher']:.1f}× the batch Fisher)"
+
+            lines.append(f"| {r['model']} | {r['params']:,} | {r['train_step']:.1f} | {r['batch_fisher']:.2f} s | "
+                         f"{cell('gradient_moments')} | {cell('vmap_per_sample')} |")
+        errs = [f"- {r['model']}: vmap {r['vmap_error']}" for r in seq_rows if r.get("vmap_error")]
+        lines += ([""] + errs if errs else []) + [""]
+    lines += [
               "Loader invariance, the test suite's committed SmallCNN (8,000 images, class 9 forgotten), "
               "entries selected of 421,834 and forget accuracy:", "",
               "| loader batch | shuffled | SSD default (subset, α = 100) | paper (batch, α = 10) | batch, α = 130 |",
@@ -241,7 +344,7 @@ def write(cost_rows, inv_rows, machine, sub_rows=()):
     (RESULTS / "importance_cost.md").write_text(md)
     (RESULTS / "importance_cost.json").write_text(json.dumps(
         {"command": COMMAND, "machine": machine, "cost": cost_rows, "invariance": inv_rows,
-         "subsample": list(sub_rows)}, indent=1))
+         "subsample": list(sub_rows), "sequence": list(seq_rows)}, indent=1))
     print(md)
 
 
@@ -332,12 +435,14 @@ def main():
     torch.set_num_threads(int(os.environ.get("THREADS", "2")))
     machine = {"cpu": cpu_name(), "threads": torch.get_num_threads(),
                "torch": torch.__version__, "cores": os.cpu_count()}
-    if "--write-only" in sys.argv or "--subsample-only" in sys.argv:  # the subsample table alone is re-run
+    partial = ("--write-only", "--subsample-only", "--sequence-only")
+    if any(a in sys.argv for a in partial):  # one table re-run (or none), the others kept
         data = json.loads((RESULTS / "importance_cost.json").read_text())
         sub = subsample() if "--subsample-only" in sys.argv else data.get("subsample", ())
-        return write(data["cost"], data["invariance"], data["machine"], sub)
+        seq = sequence_cost() if "--sequence-only" in sys.argv else data.get("sequence", ())
+        return write(data["cost"], data["invariance"], data["machine"], sub, seq)
     cost_rows = cost()
-    write(cost_rows, invariance(), machine, subsample())
+    write(cost_rows, invariance(), machine, subsample(), sequence_cost())
 
 
 if __name__ == "__main__":

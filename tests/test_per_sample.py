@@ -151,14 +151,16 @@ def _per_sample_reference(model, x, y):
     return out
 
 
+@pytest.mark.parametrize("cell", [nn.LSTM, nn.GRU])
 @pytest.mark.parametrize("kw", [{}, {"batch_first": False, "num_layers": 2}, {"bidirectional": True, "num_layers": 2},
                                 {"bias": False}])
-def test_an_lstm_is_served_by_its_written_out_recurrence(kw):
-    """nn.LSTM returns a tuple and its fused kernel has no batching rule (whole-model vmap ran it sample by
-    sample): the module-local route writes the recurrence out and forms each sample's gradients from the gates'.
-    The sums equal whole-model vmap's and per-sample backward's; the module's own forward is back afterwards."""
+def test_lstms_and_grus_are_served_by_their_written_out_recurrence(cell, kw):
+    """nn.LSTM and nn.GRU return tuples and their fused kernels have no batching rule (whole-model vmap ran the
+    LSTM sample by sample and fails on the GRU): the module-local route writes the recurrence out and forms each
+    sample's gradients from the gates'. The sums equal per-sample backward's (and the LSTM's, vmap's); the
+    module's own forward is back afterwards."""
     torch.manual_seed(0)
-    model = _Recurrent(**kw).eval()
+    model = _Recurrent(cell, **kw).eval()
     x, y = torch.randn(10, 4, 3), torch.randint(0, 2, (10,))
     loader = DataLoader(TensorDataset(x, y), batch_size=4)
     task = ClassificationTask()
@@ -168,11 +170,12 @@ def test_an_lstm_is_served_by_its_written_out_recurrence(kw):
 
     named = trainable(model)
     second, mean = _hooked(model, loader, task, losses, "square", _owners(model, named), named, None, False, "t")
-    ref_second, ref_mean = _vmapped(model, loader, task, losses, "square", named, None, False, "t")
+    ref_second, ref_mean = _vmapped(model, loader, task, losses, "square", named, None, False, "t",
+                                    looped=cell is nn.GRU)
     by_hand = _per_sample_reference(model, x, y)
     for n in ref_second:
         torch.testing.assert_close(second[n], ref_second[n], rtol=1e-5, atol=1e-9)
-        torch.testing.assert_close(mean[n], ref_mean[n], rtol=1e-5, atol=1e-9)
+        torch.testing.assert_close(mean[n], ref_mean[n], rtol=1e-5, atol=1e-7)  # means cancel: float noise
         torch.testing.assert_close(second[n], by_hand[n], rtol=1e-5, atol=1e-9)
     assert "forward" not in model.rnn.__dict__
     unbatched = DataLoader(TensorDataset(x[0]), batch_size=4)  # a (T, features) sequence: the route gives up
@@ -202,14 +205,26 @@ def test_vmaps_batching_rule_message_is_not_passed_on():
         torch.testing.assert_close(second[n], by_hand[n], rtol=1e-5, atol=1e-9)
 
 
-@pytest.mark.parametrize("cell", [nn.GRU, nn.RNN])
-def test_a_model_vmap_cannot_run_gets_one_backward_per_sample(cell):
-    """nn.GRU's kernel fails under vmap (a shape error inside it): the moments and the GGN diagonal come from one
-    ordinary backward per sample instead — the same sums."""
+class _TwiceGRU(_Recurrent):
+    """One GRU over the sequence and over its reverse: a module called twice, which the module-local route
+    cannot serve, and a kernel vmap cannot run."""
+
+    def __init__(self):
+        super().__init__(nn.GRU)
+
+    def forward(self, x):
+        return self.head(self.rnn(x)[0][:, -1] + self.rnn(x.flip(1))[0][:, -1])
+
+
+@pytest.mark.parametrize("make", [_TwiceGRU, lambda: _Recurrent(nn.GRU)])
+def test_a_model_vmap_cannot_run_gets_one_backward_per_sample(make):
+    """nn.GRU's kernel fails under vmap (a shape error inside it): where the module-local route gives up, the
+    moments come from one ordinary backward per sample instead, and so does the GGN diagonal (always vmap) —
+    the same sums."""
     from excise import importance
 
     torch.manual_seed(0)
-    model = _Recurrent(cell).eval()
+    model = make().eval()
     x, y = torch.randn(10, 4, 3), torch.randint(0, 2, (10,))
     loader = DataLoader(TensorDataset(x, y), batch_size=4)
     _, second = importance.gradient_moments(model, loader)

@@ -9,15 +9,16 @@ module gets the same sums from the activations and output gradients a normal bac
   on (N, …, in) the per-sample gradient is Σ_t g_{n,t} a_{n,t}ᵀ, formed per sample;
 - ``nn.Conv1d`` / ``nn.Conv2d`` (zero padding): ∇W ℓ_n = G_n · unfold(a_n)ᵀ, one batched matmul; at stride 1,
   one batched matmul per kernel offset over a shifted window of the padded input (no column copy);
-- ``nn.LSTM`` (no projections): its recurrence written out step by step for the pass, ∇W_ih ℓ_n = Σ_t G_{n,t}
-  x_{n,t}ᵀ and ∇W_hh ℓ_n = Σ_t G_{n,t} h_{n,t−1}ᵀ from the gradients G reaching its gates;
+- ``nn.LSTM`` (no projections) and ``nn.GRU``: the recurrence written out step by step for the pass,
+  ∇W_ih ℓ_n = Σ_t G_{n,t} x_{n,t}ᵀ and ∇W_hh ℓ_n = Σ_t H_{n,t} h_{n,t−1}ᵀ from the gradients reaching the
+  input and hidden projections;
 - any other module that owns parameters (BatchNorm in eval mode, LayerNorm, Embedding, a custom module): the
   vector-Jacobian product of that module alone, vectorised over the samples (``torch.func``), from its input and
   output gradient.
 
 The loss of the pass is Σ_n ℓ_n, so the gradient that reaches a module's output is each sample's own. A model for
 which the module-local route is not exact — a parameter shared by two modules, a module called twice in one
-forward, a module with several tensor inputs or outputs (attention, nn.GRU) — falls back to whole-model ``vmap``
+forward, a module with several tensor inputs or outputs (attention) — falls back to whole-model ``vmap``
 (exact, slower; torch's "performance drop" message for ops without a batching rule is not passed on), and a
 model vmap cannot run at all (nn.GRU's kernel fails under it) to one ordinary backward per sample.
 """
@@ -198,23 +199,34 @@ def _layernorm(module: nn.LayerNorm, a: torch.Tensor, g: torch.Tensor, r, out: D
         out["bias"] = (r(b).sum(0), b.sum(0))
 
 
-def _lstm_served(module: nn.Module) -> bool:
-    """An ``nn.LSTM`` the written-out recurrence below reproduces (any layers, directions, batch_first, bias; not
-    projections)."""
-    return type(module) is nn.LSTM and module.proj_size == 0
+def _recurrent_served(module: nn.Module) -> bool:
+    """An ``nn.LSTM`` (without projections) or ``nn.GRU``: the recurrences written out below reproduce them (any
+    layers, directions, batch_first, bias)."""
+    return type(module) is nn.LSTM and module.proj_size == 0 or type(module) is nn.GRU
 
 
-def _lstm_forward(module: nn.LSTM, calls: list, leaves: List[torch.Tensor]) -> Callable:
-    """A stand-in for ``module.forward`` during the pass: the LSTM recurrence written out step by step (gates i, f,
-    g, o in nn.LSTM's order; the same values up to float rounding), recording for each layer and direction its
-    input sequence x, the hidden state h_{t−1} before each step and — by a hook on the input projection
-    x·W_ihᵀ + b, whose gradient at step t is the gradient G_t reaching the gates' pre-activations — G. Then
-    ∇W_ih ℓ_n = Σ_t G_{n,t} x_{n,t}ᵀ, ∇W_hh ℓ_n = Σ_t G_{n,t} h_{n,t−1}ᵀ and ∇b_ih ℓ_n = ∇b_hh ℓ_n = Σ_t G_{n,t}
-    (:func:`_lstm_sums`). (nn.LSTM's fused kernel has no batching rule for vmap: whole-model vmap ran it sample by
-    sample, about 40x the batch Fisher's time on excise's character LSTM.)"""
+def _recurrent_forward(module: nn.Module, calls: list, leaves: List[torch.Tensor]) -> Callable:
+    """A stand-in for an LSTM's or GRU's ``forward`` during the pass: the recurrence written out step by step in
+    nn.LSTM's gate order (i, f, g, o) or nn.GRU's (r, z, n), the same values up to float rounding. For each layer
+    and direction it records the input sequence x, the hidden state h_{t−1} before each step, and by hooks the
+    gradient G reaching the input projection x_t·W_ihᵀ + b_ih and — for the GRU, whose hidden projection enters
+    its candidate gate through r — H reaching the hidden projection h_{t−1}·W_hhᵀ + b_hh (for the LSTM the two
+    are the gates' pre-activation gradient). Then ∇W_ih ℓ_n = Σ_t G_{n,t} x_{n,t}ᵀ, ∇W_hh ℓ_n = Σ_t H_{n,t}
+    h_{n,t−1}ᵀ, ∇b_ih ℓ_n = Σ_t G_{n,t}, ∇b_hh ℓ_n = Σ_t H_{n,t} (:func:`_recurrent_sums`). (The fused kernels
+    have no vmap batching rule: whole-model vmap ran the LSTM sample by sample, 53x the batch Fisher's time on
+    excise's character LSTM, and fails on the GRU.)"""
+    gru = type(module) is nn.GRU
+
+    def as_leaf(t: torch.Tensor) -> torch.Tensor:  # nothing upstream carries a gradient: the graph starts here
+        if t.requires_grad:
+            return t
+        leaf = t.detach().requires_grad_(True)
+        leaves.append(leaf)
+        return leaf.clone()
+
     def forward(x, hx=None):
         if not isinstance(x, torch.Tensor) or x.dim() != 3:
-            raise _Fallback("an LSTM on packed or unbatched sequences")
+            raise _Fallback(f"{type(module).__name__} on packed or unbatched sequences")
         seq = x if module.batch_first else x.transpose(0, 1)
         n, steps = seq.shape[0], seq.shape[1]
         dirs = 2 if module.bidirectional else 1
@@ -222,8 +234,8 @@ def _lstm_forward(module: nn.LSTM, calls: list, leaves: List[torch.Tensor]) -> C
             h0 = seq.new_zeros(module.num_layers * dirs, n, module.hidden_size)
             c0 = torch.zeros_like(h0)
         else:
-            h0, c0 = hx
-        record: Dict[Tuple[int, int], Dict[str, torch.Tensor]] = {}
+            h0, c0 = (hx, None) if gru else hx
+        record: Dict[Tuple[int, int], Dict[str, object]] = {}
         calls.append(record)
         inp, h_last, c_last = seq, [], []
         for layer in range(module.num_layers):
@@ -231,23 +243,32 @@ def _lstm_forward(module: nn.LSTM, calls: list, leaves: List[torch.Tensor]) -> C
             for d in range(dirs):
                 sfx = f"_l{layer}" + ("_reverse" if d else "")
                 w_hh = getattr(module, "weight_hh" + sfx)
+                b_ih, b_hh = (getattr(module, "bias_ih" + sfx), getattr(module, "bias_hh" + sfx)) if module.bias \
+                    else (None, None)
                 xs = inp.flip(1) if d else inp
                 xw = xs @ getattr(module, "weight_ih" + sfx).t()
                 if module.bias:
-                    xw = xw + getattr(module, "bias_ih" + sfx) + getattr(module, "bias_hh" + sfx)
-                if not xw.requires_grad:  # nothing upstream carries a gradient: the graph starts here
-                    leaf = xw.detach().requires_grad_(True)
-                    leaves.append(leaf)
-                    xw = leaf.clone()
-                keep = {"x": xs.detach(), "g": None}
+                    xw = xw + b_ih if gru else xw + b_ih + b_hh
+                xw = as_leaf(xw)
+                keep: Dict[str, object] = {"x": xs.detach(), "g": None, "gh": [None] * steps if gru else None}
                 xw.register_hook(lambda g, keep=keep: keep.__setitem__("g", g.detach()))
-                h, c = h0[layer * dirs + d], c0[layer * dirs + d]
+                h = h0[layer * dirs + d]
+                c = None if gru else c0[layer * dirs + d]
                 hs, before = [], []
                 for t in range(steps):
                     before.append(h)
-                    i, f, g, o = (xw[:, t] + h @ w_hh.t()).chunk(4, 1)
-                    c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-                    h = torch.sigmoid(o) * torch.tanh(c)
+                    if gru:
+                        hw = h @ w_hh.t()
+                        hw = as_leaf(hw + b_hh if module.bias else hw)
+                        hw.register_hook(lambda g, keep=keep, t=t: keep["gh"].__setitem__(t, g.detach()))
+                        xr, xz, xn = xw[:, t].chunk(3, 1)
+                        hr, hz, hn = hw.chunk(3, 1)
+                        r, z = torch.sigmoid(xr + hr), torch.sigmoid(xz + hz)
+                        h = (1 - z) * torch.tanh(xn + r * hn) + z * h
+                    else:
+                        i, f, g, o = (xw[:, t] + h @ w_hh.t()).chunk(4, 1)
+                        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+                        h = torch.sigmoid(o) * torch.tanh(c)
                     hs.append(h)
                 keep["h"] = torch.stack(before, 1).detach()
                 record[(layer, d)] = keep
@@ -257,22 +278,23 @@ def _lstm_forward(module: nn.LSTM, calls: list, leaves: List[torch.Tensor]) -> C
                 c_last.append(c)
             inp = torch.cat(outs, -1) if dirs == 2 else outs[0]  # (dropout between layers: none in eval mode)
         out = inp if module.batch_first else inp.transpose(0, 1)
-        return out, (torch.stack(h_last), torch.stack(c_last))
+        return (out, torch.stack(h_last)) if gru else (out, (torch.stack(h_last), torch.stack(c_last)))
 
     return forward
 
 
-def _lstm_sums(module: nn.LSTM, record, inplace, out: Dict[str, Tuple]) -> None:
-    """Per-sample weight gradients of each layer and direction from what :func:`_lstm_forward` recorded."""
+def _recurrent_sums(module: nn.Module, record, inplace, out: Dict[str, Tuple]) -> None:
+    """Per-sample weight gradients of each layer and direction from what :func:`_recurrent_forward` recorded."""
     for (layer, d), keep in record.items():
         if keep["g"] is None:  # this direction's output never reached the loss
             continue
         sfx = f"_l{layer}" + ("_reverse" if d else "")
         g = keep["g"].float()
-        gt = g.transpose(1, 2)  # (N, 4H, T)
-        for name, a in (("weight_ih", keep["x"]), ("weight_hh", keep["h"])):
-            a = a.float()
-            plain = g.reshape(-1, g.shape[-1]).t() @ a.reshape(-1, a.shape[-1])  # Σ_n: one matmul over all steps
+        gh = g if keep["gh"] is None else torch.stack(
+            [t if t is not None else torch.zeros_like(g[:, 0]) for t in keep["gh"]], 1).float()
+        for name, grad, a in (("weight_ih", g, keep["x"]), ("weight_hh", gh, keep["h"])):
+            a, gt = a.float(), grad.transpose(1, 2)  # (N, T, in), (N, gates, T)
+            plain = grad.reshape(-1, grad.shape[-1]).t() @ a.reshape(-1, a.shape[-1])  # Σ_n: one matmul
             if inplace is torch.Tensor.square_ and plain.numel() >= _BY_SAMPLE and a.device.type == "cpu":
                 w, buf = torch.zeros_like(plain), torch.empty_like(plain)  # one sample at a time, sums in cache
                 for j in range(gt.shape[0]):
@@ -283,8 +305,8 @@ def _lstm_sums(module: nn.LSTM, record, inplace, out: Dict[str, Tuple]) -> None:
                         for i in range(0, gt.shape[0], _CHUNK))
             out[name + sfx] = (w, plain)
         if module.bias:
-            b = gt.sum(2)  # (N, 4H)
-            for name in ("bias_ih", "bias_hh"):
+            for name, grad in (("bias_ih", g), ("bias_hh", gh)):
+                b = grad.sum(1)  # (N, gates)
                 out[name + sfx] = (inplace(b.clone()).sum(0), b.sum(0))
 
 
@@ -396,13 +418,13 @@ def _hooked(model, loader, task, sample_losses, reduce, owners, named, counters,
     total = 0
     guard = NonFinite(_non_finite(desc, task))
     detached = [p for _, p in named]
-    lstms = {m: m.__dict__.get("forward") for m in owners if _lstm_served(m)}  # their own forward, if any
+    recurrent = {m: m.__dict__.get("forward") for m in owners if _recurrent_served(m)}  # their own forward, if any
     try:
         for prm in detached:
             prm.requires_grad_(False)
         for m in owners:
-            if m in lstms:
-                m.forward = _lstm_forward(m, inputs[m], leaves)
+            if m in recurrent:
+                m.forward = _recurrent_forward(m, inputs[m], leaves)
             else:
                 handles.append(m.register_forward_hook(fwd))
         with eval_mode(model):
@@ -422,8 +444,8 @@ def _hooked(model, loader, task, sample_losses, reduce, owners, named, counters,
                     if len(inputs[m]) != 1:
                         raise _Fallback(f"{type(m).__name__} ran {len(inputs[m])} times in one forward")
                     out: Dict[str, Tuple] = {}
-                    if m in lstms:
-                        _lstm_sums(m, inputs[m][0], _INPLACE[reduce], out)
+                    if m in recurrent:
+                        _recurrent_sums(m, inputs[m][0], _INPLACE[reduce], out)
                     elif not grads[m]:  # its output never reached the loss: no gradient for its parameters
                         continue
                     elif len(grads[m]) != 1:
@@ -436,7 +458,7 @@ def _hooked(model, loader, task, sample_losses, reduce, owners, named, counters,
                         else:
                             _generic(m, local, a, g, r, out)
                     for k, full in local.items():
-                        if k not in out:  # an LSTM direction whose output never reached the loss
+                        if k not in out:  # a recurrent direction whose output never reached the loss
                             continue
                         acc[full].add_(out[k][0].to(acc[full].dtype))
                         gsum[full].add_(out[k][1].to(gsum[full].dtype))
@@ -450,7 +472,7 @@ def _hooked(model, loader, task, sample_losses, reduce, owners, named, counters,
     finally:
         for h in handles:
             h.remove()
-        for m, own in lstms.items():
+        for m, own in recurrent.items():
             if own is None:
                 del m.forward
             else:
