@@ -299,16 +299,23 @@ def test_methods_that_re_initialise_cover_modules_without_reset_parameters(monke
 
     torch.manual_seed(0)
     model, req = Attending(), _attending_request()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.5)  # "trained" values, none of them an initialiser's (out_proj's bias starts at zero)
     trained = copy.deepcopy(model.state_dict())
     runs = []
     monkeypatch.setattr(training, "train", lambda *a, **k: runs.append(1))  # the re-initialisation alone
     with pytest.raises(ValueError, match="retrain cannot re-initialise pos: Attending has no reset_parameters"):
         unlearn(model, req, "retrain", checks=False)
     assert runs == []
-    model.pos.requires_grad_(False)  # frozen: a fixed part the retrained model keeps
+    model.pos.requires_grad_(False)  # frozen: a fixed part the retrained model keeps ...
+    model.attn.out_proj.requires_grad_(False)  # ... even where its parent's initialiser reaches (out_proj.bias)
     res = unlearn(model, req, "retrain", checks=False)
     assert runs == [1] and torch.equal(res.model.pos, trained["pos"])
-    for name in ("attn.in_proj_weight", "attn.out_proj.weight", "head.weight"):
+    assert torch.equal(res.model.attn.out_proj.bias, trained["attn.out_proj.bias"])
+    assert torch.equal(res.model.attn.out_proj.weight, trained["attn.out_proj.weight"])
+    model.attn.out_proj.requires_grad_(True)
+    for name in ("attn.in_proj_weight", "head.weight"):
         assert not torch.equal(res.model.get_parameter(name), trained[name]), name
     model.pos.requires_grad_(True)
 

@@ -280,19 +280,27 @@ def bad_teacher(model, request, ctx, temperature, **hp):
     return _result(model, _loop(model, ctx, task, retain, loss, _hp(hp), desc="bad teacher"))
 
 
-def _reset_keeping_frozen(module) -> None:
-    """The module's own initialiser (``reset_parameters()`` or ``_reset_parameters()``), then its frozen parameters
-    (and, when all of its own parameters are frozen, its own buffers) written back."""
-    own = dict(module.named_parameters(recurse=False))
-    frozen = {n: p.detach().clone() for n, p in own.items() if not p.requires_grad}
-    buffers = {n: b.detach().clone() for n, b in module.named_buffers(recurse=False)} \
-        if own and len(frozen) == len(own) else {}
-    initialiser(module)()
+def _reinitialise_keeping_frozen(model) -> None:
+    """Every module's own initialiser (``reset_parameters()`` or ``_reset_parameters()``), then every frozen
+    parameter (and the buffers of each module whose own parameters are all frozen) written back. Taken model-wide
+    before any initialiser runs: one may reach into its children (nn.MultiheadAttention's zeroes its out_proj's
+    bias, nn.Transformer's re-draws every matrix below it)."""
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    buffers = {}
+    for prefix, module in model.named_modules():
+        own = list(module.parameters(recurse=False))
+        if own and not any(p.requires_grad for p in own):
+            buffers.update({f"{prefix}.{n}" if prefix else n: b.detach().clone()
+                            for n, b in module.named_buffers(recurse=False)})
+    for module in model.modules():
+        init = initialiser(module)
+        if init is not None:
+            init()
     with torch.no_grad():
         for n, v in frozen.items():
-            own[n].copy_(v)
+            model.get_parameter(n).copy_(v)
         for n, v in buffers.items():
-            getattr(module, n).copy_(v)
+            model.get_buffer(n).copy_(v)
 
 
 @register("retrain", defaults=dict(epochs=3, lr=0.05, momentum=0.9, weight_decay=5e-4, batch_size=128,
@@ -330,9 +338,7 @@ def retrain(model, request, ctx, epochs, lr, momentum, weight_decay, batch_size,
                          schedule=schedule, optimizer=optimizer)
     with ctx.timer.phase("edit"), torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        for m in model.modules():
-            if initialiser(m) is not None:
-                _reset_keeping_frozen(m)
+        _reinitialise_keeping_frozen(model)
         loader = Context.reshuffled(request.retain, batch_size, seed)
         train(model, loader, recipe, task=request.task, seed=seed, progress=ctx.progress, desc="retrain")
     ctx.counters.forward_passes += epochs * len(loader)
