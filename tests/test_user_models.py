@@ -108,6 +108,16 @@ def _per_sample_reference(model, x, y):
     return out
 
 
+def _as_user_dict(samples):
+    """Collate into a dict-like that is not a dict (as a tokenizer's BatchEncoding is)."""
+    from collections import UserDict
+
+    from torch.utils.data import default_collate
+
+    inputs, labels = default_collate(samples)
+    return UserDict(inputs), labels
+
+
 @pytest.mark.parametrize("shared", [False, True])
 def test_dict_inputs_give_the_per_sample_sums_and_run_every_route(shared):
     x, y = _data(n=70)
@@ -117,6 +127,10 @@ def test_dict_inputs_give_the_per_sample_sums_and_run_every_route(shared):
     ref = _per_sample_reference(model, x, y)
     for n in ref:
         torch.testing.assert_close(second[n], ref[n], rtol=1e-5, atol=1e-8)
+    big = DataLoader(_DictData(x, y), batch_size=70, collate_fn=_as_user_dict)  # cut in parts through the UserDict
+    _, again = importance.gradient_moments(model, big)
+    for n in ref:
+        torch.testing.assert_close(again[n], ref[n], rtol=1e-5, atol=1e-8)
     if not shared:  # the tensor-input model on the same data: the same importance
         _same(_scores(_core(), DataLoader(TensorDataset(x, y), batch_size=64)), _scores(model, loader),
               prefix="core.")

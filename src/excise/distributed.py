@@ -28,9 +28,11 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Any, Iterable, Iterator, List, Optional, Sequence
+from typing import Any, Iterable, Iterator, List, Mapping, Optional, Sequence
 
 import torch
+
+from .tasks import first_tensor
 
 
 def active() -> bool:
@@ -218,7 +220,7 @@ class Batches:
         self.sums: List[torch.Tensor] = []
 
     def record(self, batch) -> None:
-        first = _first_tensor(batch)
+        first = first_tensor(batch)
         if first is None:
             self.sums.append(torch.zeros(2, dtype=torch.float64))
             return
@@ -240,19 +242,6 @@ class Batches:
                 f"{self.desc}: the loader yielded different batches on different ranks (a shuffled DataLoader "
                 "without a seeded generator?). Under torch.distributed every rank must see the same sequence: "
                 "pass DataLoader(..., generator=torch.Generator().manual_seed(s)) or do not shuffle")
-
-
-def _first_tensor(batch) -> Optional[torch.Tensor]:
-    if isinstance(batch, torch.Tensor):
-        return batch
-    if isinstance(batch, dict):
-        batch = list(batch.values())
-    if isinstance(batch, (list, tuple)):
-        for b in batch:
-            t = _first_tensor(b)
-            if t is not None:
-                return t
-    return None
 
 
 def check_same_length(loader, desc: str) -> None:
@@ -288,7 +277,7 @@ def part(batch, n: Optional[int] = None):
     the weight is then 0 and the caller skips the forward pass."""
     if not active():
         return batch, 1.0
-    first = _first_tensor(batch)
+    first = first_tensor(batch)
     n = int(first.shape[0]) if n is None else n
     r, size = rank(), world()
     lo, hi = r * n // size, (r + 1) * n // size
@@ -300,7 +289,7 @@ def cut(batch, lo: int, hi: int, n: int):
     (through tuples, named tuples, lists and dicts); anything else kept as it is."""
     if isinstance(batch, torch.Tensor):
         return batch[lo:hi] if batch.dim() and batch.shape[0] == n else batch
-    if isinstance(batch, dict):
+    if isinstance(batch, Mapping):  # a dict, or a dict-like such as a tokenizer's batch
         return type(batch)({k: cut(v, lo, hi, n) for k, v in batch.items()})
     if isinstance(batch, tuple) and hasattr(batch, "_fields"):
         return type(batch)(*(cut(v, lo, hi, n) for v in batch))

@@ -83,8 +83,8 @@ class Task:
             return batch.to(device, non_blocking=True)
         if isinstance(batch, (list, tuple)):
             return type(batch)(self.to(b, device) for b in batch)
-        if isinstance(batch, dict):
-            return {k: self.to(v, device) for k, v in batch.items()}
+        if isinstance(batch, Mapping):
+            return type(batch)({k: self.to(v, device) for k, v in batch.items()})
         return batch
 
     def read_output(self, out: Any) -> Any:

@@ -146,7 +146,8 @@ def squared_sample_grads(model: nn.Module, loader, task: Task, target_sets: Call
     """
     try:
         return _squared_sample_grads(model, loader, task, target_sets, counters, show, desc, chunk_size, False)
-    except (RuntimeError, NotImplementedError):  # vmap cannot run this model; a genuine error recurs below
+    except (RuntimeError, NotImplementedError, ValueError):  # vmap cannot run this model or batch container; a
+        # genuine error recurs below
         return _squared_sample_grads(model, loader, task, target_sets, counters, show, desc, chunk_size, True)
 
 

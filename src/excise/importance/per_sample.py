@@ -371,9 +371,9 @@ def _moments(model: nn.Module, loader, task: Task, sample_losses: Callable, redu
     except _Fallback:  # noqa: the hooks found a model the module-local route cannot serve exactly
         try:
             return _vmapped(model, loader, task, sample_losses, reduce, named, counters, show, desc)
-        except (RuntimeError, NotImplementedError):  # vmap cannot run this model (nn.GRU's kernel fails under
-            # it): one backward per sample, exact for anything that runs on a batch of one (a genuine error
-            # in the model is raised from there)
+        except (RuntimeError, NotImplementedError, ValueError):  # vmap cannot run this model (nn.GRU's kernel
+            # fails under it; a batch in a container vmap does not know, e.g. a UserDict): one backward per
+            # sample, exact for anything that runs on a batch of one (a genuine error is raised from there)
             return _vmapped(model, loader, task, sample_losses, reduce, named, counters, show, desc, looped=True)
 
 
