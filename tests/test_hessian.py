@@ -111,3 +111,28 @@ def test_backpack_backend_agrees_with_torch_func():
         hessian_diag(model, loader, method="hutchinson", backend="backpack")
     with pytest.raises(ValueError, match="unknown backend"):
         hessian_diag(model, loader, method="ggn_mc", backend="jax")
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_ggn_mc_with_one_sample_is_unbiased_through_the_module_local_pass(shared):
+    """mc_samples=1 (SAPS's default) runs the module-local per-sample pass with each part's labels drawn from its
+    output; a model that pass cannot serve (a layer used twice) takes the vmap route. Either way: the same draws
+    as the vmap route on the CPU (same parts, same generator), and on average over seeds the exact GGN."""
+    from excise.importance.common import squared_sample_grads
+    from excise.tasks import ClassificationTask
+
+    model = _mlp()
+    if shared:
+        lin = nn.Linear(36, 36)
+        model = nn.Sequential(nn.Flatten(), lin, nn.Tanh(), lin, nn.Tanh(), nn.Linear(36, 3))
+    loader = toy_loader(n=40, batch_size=16)
+    task = ClassificationTask()
+    one = hessian_diag(model, loader, method="ggn_mc", seed=4)
+    gen = torch.Generator().manual_seed(4)
+    by_vmap = squared_sample_grads(model, loader, task, lambda x, y, out: [(task.sample_targets(out, gen), None)],
+                                   None, False, "v")
+    for n in by_vmap:
+        torch.testing.assert_close(one[n], by_vmap[n], rtol=1e-5, atol=1e-10)
+    exact = hessian_diag(model, loader, method="ggn_exact")
+    mean = {n: sum(hessian_diag(model, loader, method="ggn_mc", seed=s)[n] for s in range(300)) / 300 for n in exact}
+    assert _rel_err(mean, exact) < 0.1

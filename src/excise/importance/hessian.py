@@ -60,6 +60,18 @@ def hessian_diag(model: nn.Module, loader, task: Optional[Task] = None, method: 
     if method == "ggn_mc":
         if mc_samples < 1:
             raise ValueError(f"ggn_mc needs mc_samples ≥ 1, got {mc_samples}")
+        if mc_samples == 1:  # one sampled label per input: the per-sample squared gradients of the module-local
+            # pass (as fast as the empirical Fisher's), with the targets drawn from each part's output
+            from .per_sample import module_local_sums
+
+            draw = torch.Generator(device=model_device(model)).manual_seed(seed)
+
+            def sampled_losses(out, batch):
+                return task.loss_from_output(out, task.sample_targets(out.detach(), draw), reduction="none")
+
+            fast = module_local_sums(model, loader, task, sampled_losses, counters, progress_bar, "ggn (monte carlo)")
+            if fast is not None:
+                return fast
         gen = torch.Generator(device=model_device(model)).manual_seed(seed)
 
         def sampled(x, y, out):

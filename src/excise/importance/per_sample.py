@@ -351,6 +351,18 @@ def per_sample_sums(model: nn.Module, loader, task: Task, sample_losses: Callabl
     return _moments(model, loader, task, sample_losses, reduce, counters, show, desc)[0]
 
 
+def module_local_sums(model: nn.Module, loader, task: Task, sample_losses: Callable, counters: Optional[Counters],
+                      show: bool, desc: str) -> Optional[Scores]:
+    """(1/N) Σ_n (∇θ ℓ_n)² by the module-local route alone; None for a model it cannot serve (the caller then
+    takes its own route: ``sample_losses`` may draw random targets, which a vmap route would draw again)."""
+    named = trainable(model)
+    try:
+        return _hooked(model, loader, task, sample_losses, "square", _owners(model, named), named, counters, show,
+                       desc)[0]
+    except _Fallback:  # noqa: a model the module-local route cannot serve exactly
+        return None
+
+
 def sample_moments(model: nn.Module, loader, task: Task, sample_losses: Callable, counters: Optional[Counters],
                    show: bool, desc: str) -> Tuple[Scores, Scores]:
     """``(mean, second)``: the per-sample gradients' mean (1/N) Σ_n ∇θ ℓ_n and second moment (1/N) Σ_n (∇θ ℓ_n)²,
