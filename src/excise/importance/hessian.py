@@ -18,8 +18,8 @@ diagonal (measured: relative error 4·10⁻⁷, benchmarks/results/saps.md); for
 though the largest entries largely coincide.
 
 ``backend="backpack"`` computes ``ggn_exact`` / ``ggn_mc`` with BackPACK
-(``pip install --no-deps backpack-for-pytorch unfoldNd einops``),
-5× faster than the torch.func path for ``ggn_exact`` on the SmallCNN (not for one-sample ``ggn_mc``); it supports ``nn.Sequential``-style models built from
+(``pip install --no-deps backpack-for-pytorch unfoldNd einops``), 5× faster than the torch.func path for
+``ggn_exact`` on the SmallCNN (not for one-sample ``ggn_mc``); it supports ``nn.Sequential``-style models built from
 the layers BackPACK knows (converted with ``use_converter=True``) and classification losses only.
 """
 
