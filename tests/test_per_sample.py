@@ -13,6 +13,8 @@ from excise.importance.per_sample import _Fallback, _hooked, _owners, _vmapped, 
 from excise.methods.ssd import SSD_DEFAULTS
 from excise.tasks import ClassificationTask
 
+from helpers import per_sample_squares
+
 
 class _Scale(nn.Module):  # a custom module with its own parameter: served by the generic (vmap-vjp) route
     def __init__(self):
@@ -140,17 +142,6 @@ class _Recurrent(nn.Module):
         return self.head((out if self.batch_first else out.transpose(0, 1))[:, -1])
 
 
-def _per_sample_reference(model, x, y):
-    """(1/N) Σ_n (∇θ ℓ_n)², one ordinary backward per sample."""
-    out = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
-    for i in range(len(x)):
-        model.zero_grad()
-        nn.functional.cross_entropy(model(x[i:i + 1]), y[i:i + 1]).backward()
-        for n, p in model.named_parameters():
-            out[n] += p.grad.pow(2) / len(x)
-    return out
-
-
 @pytest.mark.parametrize("cell", [nn.LSTM, nn.GRU])
 @pytest.mark.parametrize("kw", [{}, {"batch_first": False, "num_layers": 2}, {"bidirectional": True, "num_layers": 2},
                                 {"bias": False}])
@@ -172,7 +163,7 @@ def test_lstms_and_grus_are_served_by_their_written_out_recurrence(cell, kw):
     second, mean = _hooked(model, loader, task, losses, "square", _owners(model, named), named, None, False, "t")
     ref_second, ref_mean = _vmapped(model, loader, task, losses, "square", named, None, False, "t",
                                     looped=cell is nn.GRU)
-    by_hand = _per_sample_reference(model, x, y)
+    by_hand = per_sample_squares(model, x, y)
     for n in ref_second:
         torch.testing.assert_close(second[n], ref_second[n], rtol=1e-5, atol=1e-9)
         torch.testing.assert_close(mean[n], ref_mean[n], rtol=1e-5, atol=1e-7)  # means cancel: float noise
@@ -200,7 +191,7 @@ def test_vmaps_batching_rule_message_is_not_passed_on():
         warnings.simplefilter("always")
         _, second = importance.gradient_moments(model, DataLoader(TensorDataset(x, y), batch_size=3))
     assert not [w for w in caught if "batching rule" in str(w.message)], [str(w.message) for w in caught]
-    by_hand = _per_sample_reference(model, x, y)
+    by_hand = per_sample_squares(model, x, y)
     for n in by_hand:
         torch.testing.assert_close(second[n], by_hand[n], rtol=1e-5, atol=1e-9)
 
@@ -228,7 +219,7 @@ def test_a_model_vmap_cannot_run_gets_one_backward_per_sample(make):
     x, y = torch.randn(10, 4, 3), torch.randint(0, 2, (10,))
     loader = DataLoader(TensorDataset(x, y), batch_size=4)
     _, second = importance.gradient_moments(model, loader)
-    by_hand = _per_sample_reference(model, x, y)
+    by_hand = per_sample_squares(model, x, y)
     for n in by_hand:
         torch.testing.assert_close(second[n], by_hand[n], rtol=1e-5, atol=1e-9)
     ggn = importance.hessian_diag(model, loader, method="ggn_exact")

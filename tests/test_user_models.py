@@ -9,6 +9,8 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 from excise import UnlearningRequest, importance, unlearn
 from excise.checks import take
 
+from helpers import per_sample_squares
+
 
 class _Output:
     """What a transformers model returns: an object with ``.logits``."""
@@ -97,17 +99,6 @@ class DictIn(nn.Module):
         return self.core(d["a"])
 
 
-def _per_sample_reference(model, x, y):
-    """(1/N) Σ_n (∇θ ℓ_n)², one sample at a time."""
-    out = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
-    for i in range(len(x)):
-        model.zero_grad()
-        nn.functional.cross_entropy(model({"a": x[i:i + 1], "b": 2 * x[i:i + 1]}), y[i:i + 1]).backward()
-        for n, p in model.named_parameters():
-            out[n] += p.grad.pow(2) / len(x)
-    return out
-
-
 def _as_user_dict(samples):
     """Collate into a dict-like that is not a dict (as a tokenizer's BatchEncoding is)."""
     from collections import UserDict
@@ -124,7 +115,7 @@ def test_dict_inputs_give_the_per_sample_sums_and_run_every_route(shared):
     loader = DataLoader(_DictData(x, y), batch_size=64)  # > CPU_PART: the hooked pass cuts batches into parts
     model = DictIn(_core(), shared)
     _, second = importance.gradient_moments(model, loader)
-    ref = _per_sample_reference(model, x, y)
+    ref = per_sample_squares(model, x, y, wrap=lambda t: {"a": t, "b": 2 * t})
     for n in ref:
         torch.testing.assert_close(second[n], ref[n], rtol=1e-5, atol=1e-8)
     big = DataLoader(_DictData(x, y), batch_size=70, collate_fn=_as_user_dict)  # cut in parts through the UserDict

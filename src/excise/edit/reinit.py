@@ -31,6 +31,15 @@ def owners(model: nn.Module) -> Dict[str, Tuple[nn.Module, str]]:
     return out
 
 
+def initialise(model: nn.Module) -> List[str]:
+    """Run every module's own initialiser (:func:`initialiser`); return the parameters none covered."""
+    for module in model.modules():
+        init = initialiser(module)
+        if init is not None:
+            init()
+    return without_initialiser(model, [n for n, _ in model.named_parameters()])
+
+
 def without_initialiser(model: nn.Module, names=None) -> List[str]:
     """The parameters (of ``names``, default every trainable one) whose owning module has no initialiser."""
     own = owners(model)

@@ -99,6 +99,18 @@ def _add_samples(per: torch.Tensor, dim: int, inplace, w, plain):
     return (part if w is None else w.add_(part)), plain
 
 
+def _squares_by_sample(g: torch.Tensor, a: torch.Tensor, w: torch.Tensor, plain: Optional[torch.Tensor]) -> None:
+    """``w += Σ_j (g_j a_j)²`` (and ``plain += Σ_j g_j a_j`` unless None) over the samples j of ``g`` (N, O, L) and
+    ``a`` (N, L, K), one sample at a time into one buffer: its gradient and the sums stay in cache (the CPU's
+    route for large weights)."""
+    buf = torch.empty_like(w)
+    for j in range(g.shape[0]):
+        torch.mm(g[j], a[j], out=buf)
+        w.addcmul_(buf, buf)
+        if plain is not None:
+            plain.add_(buf)
+
+
 def _shifted(a: torch.Tensor, g: torch.Tensor, k, d, p, inplace) -> Tuple[torch.Tensor, torch.Tensor]:
     """A stride-1 convolution's per-sample weight gradients, one kernel offset at a time, with no column copy:
     (r-summed, summed), both (O, C, k, k). With the input padded and flattened row by row (width Wp) and the output
@@ -132,14 +144,10 @@ def _columned(a: torch.Tensor, gf: torch.Tensor, k, d, p, s, inplace, by_sample:
     chunk = _CHUNK // 2 if by_sample else _CHUNK
     for i in range(0, a.shape[0], chunk):
         cols = _columns(a[i:i + chunk], k, d, p, s)  # (n, C·k·k, L)
-        if by_sample:  # one sample at a time, into one buffer: its gradient and the sums stay in cache
+        if by_sample:
             if w is None:
-                buf = gf.new_empty(gf.shape[1], cols.shape[1])
-                w, plain = torch.zeros_like(buf), torch.zeros_like(buf)
-            for j in range(cols.shape[0]):
-                torch.mm(gf[i + j], cols[j].t(), out=buf)
-                w.addcmul_(buf, buf)
-                plain.add_(buf)
+                w, plain = gf.new_zeros(gf.shape[1], cols.shape[1]), gf.new_zeros(gf.shape[1], cols.shape[1])
+            _squares_by_sample(gf[i:i + chunk], cols.transpose(1, 2), w, plain)
             continue
         w, plain = _add_samples(torch.bmm(gf[i:i + chunk], cols.transpose(1, 2)), 0, inplace, w, plain)
     return w, plain
@@ -296,10 +304,8 @@ def _recurrent_sums(module: nn.Module, record, inplace, out: Dict[str, Tuple]) -
             a, gt = a.float(), grad.transpose(1, 2)  # (N, T, in), (N, gates, T)
             plain = grad.reshape(-1, grad.shape[-1]).t() @ a.reshape(-1, a.shape[-1])  # Σ_n: one matmul
             if inplace is torch.Tensor.square_ and plain.numel() >= _BY_SAMPLE and a.device.type == "cpu":
-                w, buf = torch.zeros_like(plain), torch.empty_like(plain)  # one sample at a time, sums in cache
-                for j in range(gt.shape[0]):
-                    torch.mm(gt[j], a[j], out=buf)
-                    w.addcmul_(buf, buf)
+                w = torch.zeros_like(plain)
+                _squares_by_sample(gt, a, w, None)
             else:
                 w = sum(inplace(torch.bmm(gt[i:i + _CHUNK], a[i:i + _CHUNK])).sum(0)
                         for i in range(0, gt.shape[0], _CHUNK))
@@ -549,11 +555,12 @@ def _vmapped(model, loader, task, sample_losses, reduce, named, counters, show, 
                         if g is not None:
                             acc[k].add_(r(g.float()))
                             gsum[k].add_(g.float())
-            for s in range(0, 0 if looped else n, chunk):
-                g = per_sample(params, cut(batch, s, min(s + chunk, n), n))
-                for k in acc:
-                    acc[k].add_(r(g[k].float()).sum(0))
-                    gsum[k].add_(g[k].float().sum(0))
+            else:
+                for s in range(0, n, chunk):
+                    g = per_sample(params, cut(batch, s, min(s + chunk, n), n))
+                    for k in acc:
+                        acc[k].add_(r(g[k].float()).sum(0))
+                        gsum[k].add_(g[k].float().sum(0))
             total += n
             if counters is not None:
                 counters.forward_passes += 1

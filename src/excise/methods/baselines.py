@@ -25,7 +25,7 @@ from typing import Callable, Optional
 import torch
 
 from .. import importance, selection
-from ..edit import Schedule, initialiser, masked_sgd, without_initialiser
+from ..edit import Schedule, initialise, masked_sgd, owners, without_initialiser
 from ..tasks import model_device
 from ..types import Mask, Scores, UnlearningResult
 from .registry import (COUNT, FRACTION, MAYBE_COUNT, MOMENTUM, NONNEG, POS, SEED, UNIT, Context, Int, Param, Real,
@@ -260,12 +260,9 @@ def bad_teacher(model, request, ctx, temperature, **hp):
     bad = _frozen_copy(model)
     with torch.random.fork_rng(devices=[]):  # seeded, and the caller's global RNG is left as it was
         torch.manual_seed(hp["seed"])
-        for m in bad.modules():
-            init = initialiser(m)
-            if init is not None:
-                init()
+        bare = initialise(bad)
         with torch.no_grad():  # a parameter no initialiser covers starts at zero in the incompetent teacher
-            for name in without_initialiser(bad, [n for n, _ in bad.named_parameters()]):
+            for name in bare:
                 bad.get_parameter(name).zero_()
     retain = _reshuffled(request.retain, hp["batch_size"], hp["seed"], "retain")
     forget = cycle(_reshuffled(request.forget, hp["batch_size"], hp["seed"] + 1, "forget"))
@@ -292,10 +289,7 @@ def _reinitialise_keeping_frozen(model) -> None:
         if own and not any(p.requires_grad for p in own):
             buffers.update({f"{prefix}.{n}" if prefix else n: b.detach().clone()
                             for n, b in module.named_buffers(recurse=False)})
-    for module in model.modules():
-        init = initialiser(module)
-        if init is not None:
-            init()
+    initialise(model)
     with torch.no_grad():
         for n, v in frozen.items():
             model.get_parameter(n).copy_(v)
@@ -326,8 +320,6 @@ def retrain(model, request, ctx, epochs, lr, momentum, weight_decay, batch_size,
         raise ValueError("retrain needs a retain loader")
     bare = without_initialiser(model)
     if bare:
-        from ..edit.reinit import owners
-
         kinds = sorted({type(owners(model)[n][0]).__name__ for n in bare})
         raise ValueError(f"retrain cannot re-initialise {', '.join(bare[:5])}{' …' if len(bare) > 5 else ''}: "
                          f"{' / '.join(kinds)} has no reset_parameters(), so a retrained model would start them from "
